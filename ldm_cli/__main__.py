@@ -1,0 +1,3 @@
+from ldm_cli.cli import main
+
+main()

@@ -1,0 +1,192 @@
+"""The command line: parse, call one library function, print. The only module importing typer/rich.
+
+Errors: library code raises LdmError; `main` prints it once as one line on stderr and exits with its
+code (2: bad input, 1: the work failed). `--debug` (or LDM_DEBUG=1) shows the traceback instead.
+"""
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ldm_cli.errors import USAGE, LdmError
+
+try:  # typer >= 0.26 carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Text-to-image latent diffusion: sample, img2img, info.")
+
+# ---- options shared by the commands (same names, same meaning everywhere) ----
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Diffusers folder, .safetensors file or hub id; default: the embedded model.")]
+Config = Annotated[Optional[str], typer.Option(help="For a single-file checkpoint: a diffusers folder or hub id with the component configs.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
+Unsafe = Annotated[bool, typer.Option("--allow-unsafe-pickle", help="Allow .ckpt/.bin/.pt weights (pickle can run code).")]
+Steps = Annotated[int, typer.Option(help="DDIM steps.")]
+Cfg = Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1: off).")]
+Negative = Annotated[str, typer.Option(help="Negative prompt.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed of the first image; image k uses seed + k. Default: random.")]
+NumImages = Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")]
+BatchSize = Annotated[int, typer.Option(help="Images per U-Net batch.")]
+Width = Annotated[Optional[int], typer.Option(help="Width in pixels (multiple of 8).")]
+Height = Annotated[Optional[int], typer.Option(help="Height in pixels (multiple of 8).")]
+Eta = Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like.")]
+PromptFile = Annotated[Optional[Path], typer.Option(help="Prompts, one per line ('prompt | seed=7 cfg=4'), or .jsonl.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+Grid = Annotated[bool, typer.Option(help="Also write a grid of all images.")]
+Overwrite = Annotated[bool, typer.Option(help="Number files from 0 and replace existing ones.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print written paths and parameters as JSON.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Debug = Annotated[bool, typer.Option(help="Show tracebacks.")]
+
+
+def _jobs_and_model(prompt, prompt_file, from_png, settings_kw, seed, num_images, model, init_images=(None,)):
+    from ldm_cli.config import Settings, build_jobs
+    from ldm_cli.images import read_png_job
+    from ldm_cli.prompts import read_prompt_file
+
+    if from_png is not None:
+        if prompt or prompt_file:
+            raise LdmError("--from-png redoes one image: give no PROMPT or --prompt-file with it")
+        job, png_model = read_png_job(from_png)
+        return [job], model or png_model
+    lines = [(p, {}, "PROMPT: ") for p in prompt or []]
+    if prompt_file is not None:
+        lines += read_prompt_file(prompt_file)
+    if not lines:
+        raise LdmError("no prompt: give PROMPT arguments or --prompt-file FILE")
+    seed = secrets.randbelow(2**32) if seed is None else seed
+    return build_jobs(lines, Settings(**settings_kw), seed, num_images, init_images), model
+
+
+def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, out, overwrite, grid, batch_size,
+         as_json, quiet):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ldm_cli.generate import Output, generate, load
+
+    err = Console(stderr=True, quiet=quiet)
+    with err.status("loading model", spinner="dots") if not quiet else _Null():
+        components = load(model, device, dtype, allow_unsafe_pickle, config)
+    output = Output(out, overwrite=overwrite, grid=grid)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=False, disable=quiet) as progress:
+        images_task = progress.add_task("images", total=len(jobs), rate="")
+        steps_task = progress.add_task("steps", total=None, rate="")
+        clock = {"t": None}
+
+        def on_step(done, total):
+            import time
+
+            now = time.perf_counter()
+            if done == 1:
+                clock["t"] = now
+            rate = f"{(done - 1) / (now - clock['t']):.2f} it/s" if done > 1 and now > clock["t"] else ""
+            progress.update(steps_task, completed=done, total=total, rate=rate)
+
+        written = generate(components, jobs, output, batch_size,
+                           on_image=lambda w: progress.advance(images_task), on_step=on_step)
+    if as_json:
+        print(json.dumps([w.to_dict() for w in written], indent=2))
+    elif not quiet:
+        for w in written:
+            err.print(f"wrote {w.path}", highlight=False)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@app.command()
+def sample(
+    prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompt(s); each is its own request.")] = None,
+    prompt_file: PromptFile = None, from_png: Annotated[Optional[Path], typer.Option(help="Redo the image this ldm PNG was made with.")] = None,
+    steps: Steps = 50, cfg: Cfg = 7.5, negative: Negative = "", seed: Seed = None, num_images: NumImages = 1,
+    batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
+    model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
+    allow_unsafe_pickle: Unsafe = False, out: Out = Path("outputs"), grid: Grid = False,
+    overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False, debug: Debug = False,
+):
+    """Generate images from text."""
+    kw = dict(steps=steps, cfg=cfg, eta=eta, width=width, height=height, negative=negative)
+    jobs, model = _jobs_and_model(prompt, prompt_file, from_png, kw, seed, num_images, model)
+    _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
+         out=out, overwrite=overwrite, grid=grid, batch_size=batch_size, as_json=as_json, quiet=quiet)
+
+
+@app.command()
+def img2img(
+    image: Annotated[Path, typer.Argument(help="Starting image, or a folder of them.")],
+    prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompt(s).")] = None,
+    strength: Annotated[float, typer.Option(help="0..1: how much of the image is replaced (1 = all).")] = 0.75,
+    prompt_file: PromptFile = None,
+    steps: Steps = 50, cfg: Cfg = 7.5, negative: Negative = "", seed: Seed = None, num_images: NumImages = 1,
+    batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
+    model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
+    allow_unsafe_pickle: Unsafe = False, out: Out = Path("outputs"), grid: Grid = False,
+    overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False, debug: Debug = False,
+):
+    """Generate images starting from an image (SDEdit)."""
+    from ldm_cli.images import list_images
+
+    kw = dict(steps=steps, cfg=cfg, eta=eta, width=width, height=height, negative=negative, strength=strength)
+    init_images = list_images(image)
+    jobs, model = _jobs_and_model(prompt, prompt_file, None, kw, seed, num_images, model, init_images)
+    _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
+         out=out, overwrite=overwrite, grid=grid, batch_size=batch_size, as_json=as_json, quiet=quiet)
+
+
+@app.command()
+def info(
+    model: Annotated[Optional[str], typer.Argument(help="Model to describe; default: the embedded model.")] = None,
+    config: Config = None, allow_unsafe_pickle: Unsafe = False, as_json: JsonOut = False, debug: Debug = False,
+):
+    """Show a model's components, parameter counts, scheduler, dtype and size on disk."""
+    from ldm_cli.generate import load
+    from ldm_cli.model_info import describe
+
+    facts = describe(load(model, "cpu", "auto", allow_unsafe_pickle, config))
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=facts["model"], show_header=False)
+    for key, value in facts.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("LDM_DEBUG", "") not in ("", "0")
+    try:
+        code = app(args=argv, prog_name="ldm", standalone_mode=False)
+    except LdmError as e:
+        if debug:
+            raise
+        print(f"ldm: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except ClickException as e:  # typer's own parsing errors: bad option values, unknown options
+        if debug:
+            raise
+        print(f"ldm: error: {e.format_message()} (see 'ldm --help')", file=sys.stderr)
+        sys.exit(e.exit_code if e.exit_code else USAGE)
+    except KeyboardInterrupt:
+        print("ldm: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

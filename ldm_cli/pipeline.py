@@ -1,0 +1,108 @@
+"""txt2img and img2img: wiring the models (models.py) to our sampler (sampling.py).
+
+Reproducibility: image k of a request has its own CPU generator seeded with its seed, from which
+it draws, in order, its initial latent (img2img: VAE posterior sample, then noise) and each DDIM
+step's noise when eta > 0. That is the order diffusers' pipelines draw in, so an image is the same
+made alone, in a batch, or by diffusers with `torch.Generator("cpu").manual_seed(seed)`.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from itertools import groupby
+
+import torch
+
+from ldm_cli import images
+from ldm_cli.config import Job, Settings
+from ldm_cli.models import Components, decode_latents, encode_image, encode_text, oom_error, unet_fn
+from ldm_cli.sampling import add_noise, guided, sample_ddim
+from ldm_cli.schedule import ddim_timesteps, img2img_start
+
+StepCallback = Callable[[int, int], None]  # (step done, steps in this batch)
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def randn_like_each(shape, gens: list[torch.Generator], c: Components) -> torch.Tensor:
+    """One N(0, I) draw per batch item from its own generator, on the CPU, then moved to the device."""
+    draws = [torch.randn((1, *shape[1:]), generator=g, dtype=c.dtype) for g in gens]
+    return torch.cat(draws).to(c.device)
+
+
+def denoise(c: Components, x: torch.Tensor, prompts: list[str], negatives: list[str], gens, s: Settings,
+            start: int = 0, on_step: StepCallback | None = None) -> torch.Tensor:
+    """Encode the prompts, run DDIM from step `start` of `s.steps`, decode to images in [0, 1]."""
+    cond = encode_text(c, prompts)
+    uncond = encode_text(c, negatives) if s.cfg > 1.0 else None
+    model = guided(unet_fn(c), cond, uncond, s.cfg)
+    timesteps = ddim_timesteps(c.schedule, s.steps)[start:]
+    stride = c.schedule.num_train_timesteps // s.steps
+
+    def callback(info):
+        if on_step is not None:
+            on_step(info["i"] + 1, len(timesteps))
+
+    with torch.no_grad():
+        x = sample_ddim(model, x, timesteps, stride, c.schedule, s.eta,
+                        noise_fn=lambda ref: randn_like_each(ref.shape, gens, c), callback=callback)
+        return decode_latents(c, x)
+
+
+def txt2img(c: Components, prompts: list[str], negatives: list[str], seeds: list[int], s: Settings,
+            on_step: StepCallback | None = None) -> torch.Tensor:
+    gens = generators(seeds)
+    shape = (len(seeds), c.unet.config.in_channels, s.height // c.vae_scale, s.width // c.vae_scale)
+    x_T = randn_like_each(shape, gens, c)  # DDIM's init noise sigma is 1
+    return denoise(c, x_T, prompts, negatives, gens, s, 0, on_step)
+
+
+def img2img(c: Components, pixels: list[torch.Tensor], prompts: list[str], negatives: list[str],
+            seeds: list[int], s: Settings, on_step: StepCallback | None = None) -> torch.Tensor:
+    """SDEdit (Meng et al. 2021): noise the image's latent to the level of step `start`, denoise from there."""
+    gens = generators(seeds)
+    start = img2img_start(s.steps, s.strength)
+    x0 = torch.cat([encode_image(c, p, g) for p, g in zip(pixels, gens)])
+    eps = randn_like_each(x0.shape, gens, c)
+    t_start = ddim_timesteps(c.schedule, s.steps)[start]
+    x_t = add_noise(x0, eps, c.schedule.alpha_bar[t_start])
+    return denoise(c, x_t, prompts, negatives, gens, s, start, on_step)
+
+
+def resolve_size(c: Components, job: Job) -> Job:
+    """Fill in width/height: the init image's size rounded down to the VAE's multiple, else the model's."""
+    s = job.settings
+    if s.width is not None and s.height is not None:
+        return job
+    if job.init_image is not None:
+        w, h = images.image_size(job.init_image)
+        w, h = w // c.vae_scale * c.vae_scale, h // c.vae_scale * c.vae_scale
+    else:
+        w = h = c.unet.config.sample_size * c.vae_scale
+    return replace(job, settings=replace(s, width=s.width or w, height=s.height or h))
+
+
+def run_jobs(c: Components, jobs: list[Job], batch_size: int,
+             on_step: StepCallback | None = None) -> Iterator[tuple[Job, torch.Tensor]]:
+    """Make the jobs' images, batching consecutive jobs with equal settings; yields (job, [3, H, W])."""
+    jobs = [resolve_size(c, j) for j in jobs]
+    for _, same in groupby(jobs, key=lambda j: (j.settings, j.init_image is None)):
+        same = list(same)
+        for i in range(0, len(same), batch_size):
+            batch = same[i:i + batch_size]
+            yield from zip(batch, _run_batch(c, batch, on_step))
+
+
+def _run_batch(c: Components, batch: list[Job], on_step) -> torch.Tensor:
+    s = batch[0].settings
+    prompts = [j.prompt for j in batch]
+    negatives = [j.settings.negative for j in batch]
+    seeds = [j.seed for j in batch]
+    try:
+        if batch[0].init_image is None:
+            return txt2img(c, prompts, negatives, seeds, s, on_step)
+        pixels = [images.pil_to_pixels(images.open_image(j.init_image), s.width, s.height) for j in batch]
+        return img2img(c, pixels, prompts, negatives, seeds, s, on_step)
+    except torch.OutOfMemoryError:
+        raise oom_error(len(batch)) from None

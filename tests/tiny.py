@@ -1,0 +1,70 @@
+"""Tiny random-weight Stable-Diffusion-shaped models, built offline (no hub) for the tests."""
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP byte-level alphabet: 256 printable stand-ins for the 256 bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: Path, max_length: int = 77):
+    """A CLIP BPE tokenizer with the byte alphabet and a few merges: enough to tokenize any text."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = bytes_to_unicode()
+    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("r", "e"), ("re", "d</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + SPECIAL
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    return tok
+
+
+def build_pipeline(prediction_type: str = "epsilon", seed: int = 0, tokenizer_dir: Path | None = None,
+                   **scheduler_kw):
+    """A diffusers StableDiffusionPipeline with tiny random weights (64x64 images, latents 4x32x32)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=64)
+    tokenizer = write_tokenizer(Path(tokenizer_dir or tempfile.mkdtemp()))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=77))
+    sched = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    scheduler = DDIMScheduler(**{**sched, **scheduler_kw})
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def save_tiny(folder: Path, **kw) -> Path:
+    pipe = build_pipeline(tokenizer_dir=folder.parent / (folder.name + "-tok"), **kw)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
