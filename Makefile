@@ -9,11 +9,12 @@ install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q --index-url https://download.pytorch.org/whl/cpu torch
+	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
 
 test:
-	$(BIN)/python -m pytest -n 2 tests
+	# One torch thread per pytest worker: two workers x two threads on two cores thrash.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 tests
 
 lint:
 	$(BIN)/ruff check ldm_cli tests bench

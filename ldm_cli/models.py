@@ -38,6 +38,13 @@ class Components:
     dtype: torch.dtype
 
     @property
+    def batch_invariant(self) -> bool:
+        """On CPU, run networks one image at a time: BLAS and oneDNN pick kernels by batch size (gemv for
+        one row, gemm for more), so a batched call can differ in the last bit from a single one. Batching
+        buys little on a CPU; bitwise reproducibility across --batch-size is worth more there."""
+        return self.device.type == "cpu"
+
+    @property
     def vae_scale(self) -> int:
         """Pixels per latent cell: 2 ** (number of VAE down blocks - 1), 8 for SD."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -214,6 +221,8 @@ def _diffusers_version() -> str:
 @torch.no_grad()
 def encode_text(c: Components, prompts: list[str]) -> torch.Tensor:
     """CLIP hidden states [B, 77, D] for prompts, padded to the tokenizer's max length (as SD was trained)."""
+    if c.batch_invariant and len(prompts) > 1:
+        return torch.cat([encode_text(c, [p]) for p in prompts])
     tok = c.tokenizer(prompts, padding="max_length", max_length=c.tokenizer.model_max_length,
                       truncation=True, return_tensors="pt")
     mask = tok.attention_mask.to(c.device) if getattr(c.text_encoder.config, "use_attention_mask", False) else None
@@ -224,6 +233,9 @@ def unet_fn(c: Components):
     """The U-Net as `f(x, t, context) -> output`, the signature sampling.guided expects."""
 
     def f(x, t, context):
+        if c.batch_invariant:
+            return torch.cat([c.unet(x[i:i + 1], t, encoder_hidden_states=context[i:i + 1], return_dict=False)[0]
+                              for i in range(len(x))])
         return c.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
 
     return f
@@ -242,6 +254,8 @@ def encode_image(c: Components, pixels: torch.Tensor, generator: torch.Generator
 @torch.no_grad()
 def decode_latents(c: Components, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], float32 [B, 3, H, W]."""
+    if c.batch_invariant and len(latents) > 1:
+        return torch.cat([decode_latents(c, x[None]) for x in latents])
     image = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
     return (image / 2 + 0.5).clamp(0, 1).float()
 

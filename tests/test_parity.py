@@ -1,5 +1,7 @@
 """Golden comparisons: our DDIM + guidance equals diffusers' own pipelines on the same tiny weights."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,12 @@ from ldm_cli.schedule import schedule_from_config
 TOL = 1e-5
 
 
+@functools.cache
+def ours_loaded(model_dir):
+    return load_components(str(model_dir), device="cpu", dtype="fp32")
+
+
+@functools.cache
 def reference(model_dir, cls=StableDiffusionPipeline):
     pipe = cls.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -22,7 +30,7 @@ def reference(model_dir, cls=StableDiffusionPipeline):
 
 
 def ours_vs_theirs(model_dir, prompt, negative, seed, steps, cfg, eta):
-    c = load_components(str(model_dir), device="cpu", dtype="fp32")
+    c = ours_loaded(model_dir)
     s = Settings(steps=steps, cfg=cfg, eta=eta, width=64, height=64, negative=negative)
     ours = pipeline.txt2img(c, [prompt], [negative], [seed], s)
     ours = ours.permute(0, 2, 3, 1).numpy()
@@ -63,7 +71,7 @@ def test_parity_is_not_vacuous(tiny_model):
 def test_img2img_matches_diffusers(tiny_model, strength, eta):
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    c = load_components(str(tiny_model), device="cpu", dtype="fp32")
+    c = ours_loaded(tiny_model)
     s = Settings(steps=20, cfg=7.5, eta=eta, width=64, height=64, negative="", strength=strength)
     from ldm_cli.images import pil_to_pixels
 
