@@ -57,7 +57,7 @@ def _jobs_and_model(prompt, prompt_file, from_png, settings_kw, seed, num_images
             raise LdmError("--from-png redoes one image: give no PROMPT or --prompt-file with it")
         job, png_model = read_png_job(from_png)
         return [job], model or png_model
-    lines = [(p, {}, "PROMPT: ") for p in prompt or []]
+    lines = [(p, {}, "") for p in prompt or []]
     if prompt_file is not None:
         lines += read_prompt_file(prompt_file)
     if not lines:
@@ -74,12 +74,13 @@ def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, out, overwr
     from ldm_cli.generate import Output, generate, load
 
     err = Console(stderr=True, quiet=quiet)
-    with err.status("loading model", spinner="dots") if not quiet else _Null():
+    show_progress = not quiet and err.is_terminal  # bars in a log file are noise
+    with err.status("loading model", spinner="dots") if show_progress else _Null():
         components = load(model, device, dtype, allow_unsafe_pickle, config)
     output = Output(out, overwrite=overwrite, grid=grid)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=False, disable=quiet) as progress:
+    with Progress(*columns, console=err, transient=False, disable=not show_progress) as progress:
         images_task = progress.add_task("images", total=len(jobs), rate="")
         steps_task = progress.add_task("steps", total=None, rate="")
         clock = {"t": None}

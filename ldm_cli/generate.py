@@ -41,6 +41,7 @@ def generate(c: Components, jobs: list[Job], out: Output, batch_size: int, on_im
     """Make every job's image and write it; returns the Written records (grid last, if asked)."""
     check(batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}")
     out_dir = images.ensure_dir(out.out_dir)
+    jobs = [pipeline.resolve_size(c, j) for j in jobs]  # reads image headers: bad images fail before any work
     index = 0 if out.overwrite else images.next_index(out_dir)
     pils = []
     for job, image in pipeline.run_jobs(c, jobs, batch_size, on_step):
@@ -52,10 +53,14 @@ def generate(c: Components, jobs: list[Job], out: Output, batch_size: int, on_im
         if on_image is not None:
             on_image(out.written[-1])
     if out.grid and len(pils) > 1:
-        if len({p.size for p in pils}) == 1:
-            first = out.written[0].job
-            grid_path = out_dir / f"{index:05d}-grid-{images.slug(first.prompt)}.png"
-            images.save_png(images.grid(pils), grid_path, overwrite=out.overwrite)
+        check(len({p.size for p in pils}) == 1, "--grid needs images of one size")
+        name = images.slug(out.written[0].job.prompt)
+        while True:
+            try:
+                images.save_png(images.grid(pils), out_dir / f"{index:05d}-grid-{name}.png", overwrite=out.overwrite)
+                break
+            except FileExistsError:
+                index += 1
     return out.written
 
 

@@ -147,7 +147,7 @@ def _load_folder(path: Path, allow_unsafe_pickle: bool):
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
     vae_class = _read_json(path / "vae" / "config.json").get("_class_name", "AutoencoderKL")
     vae_cls = AutoencoderTiny if vae_class == "AutoencoderTiny" else AutoencoderKL
-    safe = not allow_unsafe_pickle
+    safe = True if not allow_unsafe_pickle else None  # None: safetensors where present, else pickle
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=safe)
         vae = vae_cls.from_pretrained(path, subfolder="vae", use_safetensors=safe)

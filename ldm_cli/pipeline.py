@@ -71,13 +71,14 @@ def img2img(c: Components, pixels: list[torch.Tensor], prompts: list[str], negat
 
 
 def resolve_size(c: Components, job: Job) -> Job:
-    """Fill in width/height: the init image's size rounded down to the VAE's multiple, else the model's."""
+    """Fill in width/height: the init image's size rounded down to a multiple of 8, else the model's."""
     s = job.settings
     if s.width is not None and s.height is not None:
         return job
     if job.init_image is not None:
         w, h = images.image_size(job.init_image)
-        w, h = w // c.vae_scale * c.vae_scale, h // c.vae_scale * c.vae_scale
+        m = max(8, c.vae_scale)  # --width/--height must be multiples of 8 too
+        w, h = w // m * m, h // m * m
     else:
         w = h = c.unet.config.sample_size * c.vae_scale
     return replace(job, settings=replace(s, width=s.width or w, height=s.height or h))

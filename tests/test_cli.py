@@ -1,0 +1,95 @@
+"""The real console script, end to end, on the tiny model."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+
+def pngs(folder):
+    return sorted(p for p in folder.iterdir() if p.suffix == ".png")
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_sample_writes_png_with_metadata_and_json(ldm, tiny_model, tmp_path):
+    r = ldm("sample", "a red cat", "--model", tiny_model, "--steps", 3, "--seed", 5, "--negative", "blurry",
+            "--out", tmp_path, "--json")
+    assert r.returncode == 0, r.stderr
+    written = json.loads(r.stdout)
+    assert [w["seed"] for w in written] == [5]
+    path = tmp_path / "00000-5-a-red-cat.png"
+    assert written[0]["path"] == str(path) and pngs(tmp_path) == [path]
+    im = Image.open(path)
+    assert im.size == (64, 64)
+    params = im.text["parameters"].splitlines()
+    assert params[0] == "a red cat" and params[1] == "Negative prompt: blurry"
+    assert "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, Model: tiny-eps" in params[2]
+    meta = json.loads(im.text["ldm"])
+    assert meta["prompt"] == "a red cat" and meta["steps"] == 3 and meta["model"] == str(tiny_model)
+
+
+def test_batch_invariance_and_from_png_bitwise(ldm, tiny_model, tmp_path):
+    batch, single, redo = tmp_path / "batch", tmp_path / "single", tmp_path / "redo"
+    r = ldm("sample", "a dog", "--model", tiny_model, "--steps", 4, "--eta", 0.5, "--seed", 10, "-n", 4,
+            "--batch-size", 4, "--out", batch, "-q")
+    assert r.returncode == 0, r.stderr
+    r = ldm("sample", "a dog", "--model", tiny_model, "--steps", 4, "--eta", 0.5, "--seed", 12, "--out", single, "-q")
+    assert r.returncode == 0, r.stderr
+    made = pngs(batch)
+    assert [p.name.split("-")[1] for p in made] == ["10", "11", "12", "13"]
+    assert np.array_equal(pixels(made[2]), pixels(pngs(single)[0]))  # seed 12: 3rd of a batch == alone
+    assert not np.array_equal(pixels(made[0]), pixels(made[1]))
+    r = ldm("sample", "--from-png", made[3], "--out", redo, "-q")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(pixels(made[3]), pixels(pngs(redo)[0]))
+
+
+def test_never_overwrites_unless_asked(ldm, tiny_model, tmp_path):
+    args = ("sample", "x", "--model", tiny_model, "--steps", 1, "--seed", 1, "--out", tmp_path, "-q")
+    assert ldm(*args).returncode == 0
+    first = (tmp_path / "00000-1-x.png").read_bytes()
+    assert ldm(*args, "--cfg", 2).returncode == 0
+    assert [p.name for p in pngs(tmp_path)] == ["00000-1-x.png", "00001-1-x.png"]
+    assert (tmp_path / "00000-1-x.png").read_bytes() == first
+    assert ldm(*args, "--cfg", 3, "--overwrite").returncode == 0
+    assert (tmp_path / "00000-1-x.png").read_bytes() != first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_prompt_file_overrides_and_grid(ldm, tiny_model, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# two prompts\n\na red apple | seed=7 cfg=4 negative=blurry, dark\na cat face\n")
+    out = tmp_path / "out"
+    r = ldm("sample", "--prompt-file", f, "--model", tiny_model, "--steps", 2, "--seed", 100, "--out", out,
+            "--grid", "--json")
+    assert r.returncode == 0, r.stderr
+    written = json.loads(r.stdout)
+    assert [(w["prompt"], w["seed"], w["cfg"], w["negative"]) for w in written] == [
+        ("a red apple", 7, 4.0, "blurry, dark"), ("a cat face", 100, 7.5, "")]
+    assert (out / "00002-grid-a-red-apple.png").exists()
+
+
+def test_img2img_folder(ldm, tiny_model, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (70, 64), colour).save(src / f"{i}.png")  # 70 -> rounded down to 64
+    out = tmp_path / "out"
+    r = ldm("img2img", src, "a red cat", "--model", tiny_model, "--steps", 4, "--strength", 0.5, "--seed", 3,
+            "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    written = json.loads(r.stdout)
+    assert [w["init_image"] for w in written] == [str(src / "0.png"), str(src / "1.png")]
+    assert all(Image.open(w["path"]).size == (64, 64) for w in written)
+    assert "Denoising strength: 0.5" in Image.open(written[0]["path"]).text["parameters"]
+
+
+def test_info(ldm, tiny_model):
+    r = ldm("info", tiny_model, "--json")
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["unet"].startswith("UNet2DConditionModel, 985,444 parameters")
+    assert facts["prediction_type"] == "epsilon" and facts["native_size"] == "64px"
