@@ -31,11 +31,14 @@ def randn_like_each(shape, gens: list[torch.Generator], c: Components) -> torch.
     return torch.cat(draws).to(c.device)
 
 
-def denoise(c: Components, x: torch.Tensor, prompts: list[str], negatives: list[str], gens, s: Settings,
+def encode_prompts(c: Components, prompts: list[str], negatives: list[str], cfg: float):
+    """(cond, uncond) text embeddings; uncond only when guidance is on. Once per batch, outside the loop."""
+    return encode_text(c, prompts), encode_text(c, negatives) if cfg > 1.0 else None
+
+
+def denoise(c: Components, x: torch.Tensor, cond, uncond, gens, s: Settings,
             start: int = 0, on_step: StepCallback | None = None) -> torch.Tensor:
-    """Encode the prompts, run DDIM from step `start` of `s.steps`, decode to images in [0, 1]."""
-    cond = encode_text(c, prompts)
-    uncond = encode_text(c, negatives) if s.cfg > 1.0 else None
+    """Run DDIM from step `start` of `s.steps` with these embeddings, decode to images in [0, 1]."""
     model = guided(unet_fn(c), cond, uncond, s.cfg)
     timesteps = ddim_timesteps(c.schedule, s.steps)[start:]
     stride = c.schedule.num_train_timesteps // s.steps
@@ -55,7 +58,7 @@ def txt2img(c: Components, prompts: list[str], negatives: list[str], seeds: list
     gens = generators(seeds)
     shape = (len(seeds), c.unet.config.in_channels, s.height // c.vae_scale, s.width // c.vae_scale)
     x_T = randn_like_each(shape, gens, c)  # DDIM's init noise sigma is 1
-    return denoise(c, x_T, prompts, negatives, gens, s, 0, on_step)
+    return denoise(c, x_T, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, 0, on_step)
 
 
 def img2img(c: Components, pixels: list[torch.Tensor], prompts: list[str], negatives: list[str],
@@ -67,7 +70,7 @@ def img2img(c: Components, pixels: list[torch.Tensor], prompts: list[str], negat
     eps = randn_like_each(x0.shape, gens, c)
     t_start = ddim_timesteps(c.schedule, s.steps)[start]
     x_t = add_noise(x0, eps, c.schedule.alpha_bar[t_start])
-    return denoise(c, x_t, prompts, negatives, gens, s, start, on_step)
+    return denoise(c, x_t, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, start, on_step)
 
 
 def resolve_size(c: Components, job: Job) -> Job:

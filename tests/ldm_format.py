@@ -5,7 +5,6 @@ numbered (layers_per_block + 1) per level; the VAE decoder's levels count upward
 the mapping by loading the file back through diffusers' from_single_file and comparing outputs.
 """
 
-import torch
 from safetensors.torch import save_file
 
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),

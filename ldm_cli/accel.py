@@ -1,0 +1,88 @@
+"""GPU speed: channels_last, fused QKV, CUDA graphs for the U-Net, optional torch.compile.
+
+Why CUDA graphs: at batch 1 an SD-1.5 U-Net call is ~1,000 small kernels, and eager PyTorch spends
+longer launching them from Python than the GPU spends running them (diffusers' default: 44 ms per
+step on an H100, for ~10 ms of GPU work). A graph captured once per input shape replays every
+kernel with one launch. Capture costs about a second, not the ~100 s of torch.compile.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from ldm_cli.errors import check
+from ldm_cli.models import Components
+
+MODES = ("auto", "none", "graphs", "compile")
+
+
+class GraphedUNet:
+    """`f(x, t, context)` replaying one captured CUDA graph per (shape, dtype).
+
+    The returned tensor is a static buffer, overwritten by the next call: callers use it before
+    calling again (the sampler does: guidance and the DDIM step make new tensors from it).
+    """
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.graphs = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _forward(self, x, t, context):
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    def __call__(self, x, t, context):
+        key = (tuple(x.shape), tuple(context.shape), x.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, t, context)
+        graph, (x_in, t_in, ctx_in), out = self.graphs[key]
+        x_in.copy_(x)
+        t_in.copy_(t)
+        ctx_in.copy_(context)
+        graph.replay()
+        return out
+
+    @torch.no_grad()
+    def _capture(self, x, t, context):
+        inputs = (x.clone(), t.clone(), context.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: cuDNN/cuBLAS pick algorithms, lazy inits run
+            for _ in range(2):
+                self._forward(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(*inputs)
+        return graph, inputs, out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LDM_CACHE_DIR", Path.home() / ".cache" / "ldm"))
+
+
+def accelerate(c: Components, mode: str = "auto", channels_last: bool = True, fuse_qkv: bool = True) -> Components:
+    """Make `c` fast on its device; a no-op on CPU (where `auto` means `none`)."""
+    check(mode in MODES, f"--accel must be one of {', '.join(MODES)}, got {mode!r}")
+    if c.device.type != "cuda" or mode == "none":
+        check(mode in ("auto", "none"), f"--accel {mode} needs a CUDA device")
+        return c
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    if channels_last:  # cuDNN's fast fp16 convolutions are NHWC; NCHW costs a transpose per conv
+        c.unet.to(memory_format=torch.channels_last)
+        c.vae.to(memory_format=torch.channels_last)
+    if fuse_qkv and hasattr(c.unet, "fuse_qkv_projections"):
+        c.unet.fuse_qkv_projections()  # one (3x wider) matmul instead of three for q, k, v
+    unet = c.unet
+    if mode == "compile":
+        # Inductor's caches on disk make the second process compile from cache, not from scratch.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        unet = torch.compile(c.unet, fullgraph=True, dynamic=False)
+        c.vae.decode = torch.compile(c.vae.decode, fullgraph=True, dynamic=False)
+    c.unet_runner = GraphedUNet(unet)
+    return c
