@@ -6,6 +6,7 @@ on weight values. Prints one JSON line per setting and a table; writes $OUT/gpu_
 
     python bench/gpu_sample.py --modes diffusers,none,graphs   # eager rows + CUDA graphs
     python bench/gpu_sample.py --modes compile                  # torch.compile + graphs (slow first time)
+A mode ending in -nhwc also converts the U-Net and VAE to channels_last.
 """
 
 import argparse
@@ -141,7 +142,7 @@ def main():
                     output_type="pt").images, kind="img2img")
             continue
         t0 = time.perf_counter()
-        accelerate(c, mode)
+        accelerate(c, mode.removesuffix("-nhwc"), channels_last=mode.endswith("-nhwc"))
         for bs in batches:
             t1 = time.perf_counter()
             ours(bs)

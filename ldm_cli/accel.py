@@ -62,7 +62,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LDM_CACHE_DIR", Path.home() / ".cache" / "ldm"))
 
 
-def accelerate(c: Components, mode: str = "auto", channels_last: bool = True, fuse_qkv: bool = True) -> Components:
+def accelerate(c: Components, mode: str = "auto", channels_last: bool = False, fuse_qkv: bool = True) -> Components:
     """Make `c` fast on its device; a no-op on CPU (where `auto` means `none`)."""
     check(mode in MODES, f"--accel must be one of {', '.join(MODES)}, got {mode!r}")
     if c.device.type != "cuda" or mode == "none":
@@ -71,7 +71,9 @@ def accelerate(c: Components, mode: str = "auto", channels_last: bool = True, fu
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    if channels_last:  # cuDNN's fast fp16 convolutions are NHWC; NCHW costs a transpose per conv
+    # channels_last is off by default: on an H100 it made batch 8 slower (GroupNorm's NHWC kernels are
+    # slow in eager PyTorch), see bench/RESULTS.md.
+    if channels_last:
         c.unet.to(memory_format=torch.channels_last)
         c.vae.to(memory_format=torch.channels_last)
     if fuse_qkv and hasattr(c.unet, "fuse_qkv_projections"):

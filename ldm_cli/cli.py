@@ -45,6 +45,7 @@ Overwrite = Annotated[bool, typer.Option(help="Number files from 0 and replace e
 JsonOut = Annotated[bool, typer.Option("--json", help="Print written paths and parameters as JSON.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 Debug = Annotated[bool, typer.Option(help="Show tracebacks.")]
+Accel = Annotated[str, typer.Option(help="GPU speed-ups: auto (CUDA graphs on CUDA), none, graphs, compile (slow first run).")]
 
 
 def _jobs_and_model(prompt, prompt_file, from_png, settings_kw, seed, num_images, model, init_images=(None,)):
@@ -66,7 +67,7 @@ def _jobs_and_model(prompt, prompt_file, from_png, settings_kw, seed, num_images
     return build_jobs(lines, Settings(**settings_kw), seed, num_images, init_images), model
 
 
-def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, out, overwrite, grid, batch_size,
+def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, accel, out, overwrite, grid, batch_size,
          as_json, quiet):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -76,7 +77,7 @@ def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, out, overwr
     err = Console(stderr=True, quiet=quiet)
     show_progress = not quiet and err.is_terminal  # bars in a log file are noise
     with err.status("loading model", spinner="dots") if show_progress else _Null():
-        components = load(model, device, dtype, allow_unsafe_pickle, config)
+        components = load(model, device, dtype, allow_unsafe_pickle, config, accel)
     output = Output(out, overwrite=overwrite, grid=grid)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
@@ -118,13 +119,13 @@ def sample(
     steps: Steps = 50, cfg: Cfg = 7.5, negative: Negative = "", seed: Seed = None, num_images: NumImages = 1,
     batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
     model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
-    allow_unsafe_pickle: Unsafe = False, out: Out = Path("outputs"), grid: Grid = False,
+    allow_unsafe_pickle: Unsafe = False, accel: Accel = "auto", out: Out = Path("outputs"), grid: Grid = False,
     overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False, debug: Debug = False,
 ):
     """Generate images from text."""
     kw = dict(steps=steps, cfg=cfg, eta=eta, width=width, height=height, negative=negative)
     jobs, model = _jobs_and_model(prompt, prompt_file, from_png, kw, seed, num_images, model)
-    _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
+    _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, accel=accel,
          out=out, overwrite=overwrite, grid=grid, batch_size=batch_size, as_json=as_json, quiet=quiet)
 
 
@@ -137,7 +138,7 @@ def img2img(
     steps: Steps = 50, cfg: Cfg = 7.5, negative: Negative = "", seed: Seed = None, num_images: NumImages = 1,
     batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
     model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
-    allow_unsafe_pickle: Unsafe = False, out: Out = Path("outputs"), grid: Grid = False,
+    allow_unsafe_pickle: Unsafe = False, accel: Accel = "auto", out: Out = Path("outputs"), grid: Grid = False,
     overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False, debug: Debug = False,
 ):
     """Generate images starting from an image (SDEdit)."""
@@ -146,7 +147,7 @@ def img2img(
     kw = dict(steps=steps, cfg=cfg, eta=eta, width=width, height=height, negative=negative, strength=strength)
     init_images = list_images(image)
     jobs, model = _jobs_and_model(prompt, prompt_file, None, kw, seed, num_images, model, init_images)
-    _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle,
+    _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, accel=accel,
          out=out, overwrite=overwrite, grid=grid, batch_size=batch_size, as_json=as_json, quiet=quiet)
 
 

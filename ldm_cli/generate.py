@@ -64,6 +64,10 @@ def generate(c: Components, jobs: list[Job], out: Output, batch_size: int, on_im
     return out.written
 
 
-def load(model: str | None, device: str, dtype: str, allow_unsafe_pickle: bool, config: str | None) -> Components:
-    return load_components(model or default_model(), device=device, dtype=dtype,
-                           allow_unsafe_pickle=allow_unsafe_pickle, config=config)
+def load(model: str | None, device: str, dtype: str, allow_unsafe_pickle: bool, config: str | None,
+         accel: str = "auto") -> Components:
+    from ldm_cli.accel import accelerate
+
+    c = load_components(model or default_model(), device=device, dtype=dtype,
+                        allow_unsafe_pickle=allow_unsafe_pickle, config=config)
+    return accelerate(c, accel)
