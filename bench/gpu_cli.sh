@@ -20,4 +20,5 @@ PY
 for i in 1 2; do timeit "accel auto (graphs), process $i" sample "a cat" --model /tmp/sd15 --seed 1 --out /tmp/o -q; done
 for i in 1 2; do timeit "accel compile, process $i" sample "a cat" --model /tmp/sd15 --seed 1 --out /tmp/o -q --accel compile; done
 timeit "accel none, one image" sample "a cat" --model /tmp/sd15 --seed 1 --out /tmp/o -q --accel none
+python3 bench/ttfi_phases.py /tmp/sd15 auto 2>&1 | grep "^{"
 ls /tmp/o | head
