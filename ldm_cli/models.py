@@ -92,11 +92,11 @@ def load_components(model: str, device: str = "auto", dtype: str = "auto", allow
     _quiet_libraries()
     path = Path(model).expanduser()
     if path.is_dir():
-        parts = _load_folder(path, allow_unsafe_pickle, dt)
+        parts = _load_folder(path, allow_unsafe_pickle, dt, dev)
     elif path.is_file():
         parts = _load_single_file(path, allow_unsafe_pickle, config)
     elif _looks_like_hub_id(model):
-        parts = _load_folder(_hub_snapshot(model), allow_unsafe_pickle, dt)
+        parts = _load_folder(_hub_snapshot(model), allow_unsafe_pickle, dt, dev)
     else:
         raise LdmError(f"model {model!r} not found: give a diffusers folder, a .safetensors file or a hub id")
     unet, vae, text_encoder, tokenizer, scheduler_config = parts
@@ -131,7 +131,8 @@ def _read_json(path: Path) -> dict:
         raise LdmError(f"{path}: unreadable or not JSON ({type(e).__name__}); the model folder is damaged") from e
 
 
-def _load_folder(path: Path, allow_unsafe_pickle: bool, dtype: torch.dtype = torch.float32):
+def _load_folder(path: Path, allow_unsafe_pickle: bool, dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu")):
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -150,6 +151,8 @@ def _load_folder(path: Path, allow_unsafe_pickle: bool, dtype: torch.dtype = tor
     vae_cls = AutoencoderTiny if vae_class == "AutoencoderTiny" else AutoencoderKL
     safe = True if not allow_unsafe_pickle else None  # None: safetensors where present, else pickle
     kw = dict(use_safetensors=safe, torch_dtype=dtype)  # load in the target dtype: no fp32 round trip
+    if device.type == "cuda":
+        kw["device_map"] = str(device)  # safetensors straight to the GPU, no staging copy in CPU memory
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
         vae = vae_cls.from_pretrained(path, subfolder="vae", **kw)
