@@ -70,7 +70,9 @@ def accelerate(c: Components, mode: str = "auto", channels_last: bool = False, f
         return c
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    # cuDNN autotuning tries every algorithm for each new conv shape: seconds at start-up, which a
+    # one-image run never earns back. Worth it only where the process is long anyway (compile).
+    torch.backends.cudnn.benchmark = mode == "compile"
     # channels_last is off by default: on an H100 it made batch 8 slower (GroupNorm's NHWC kernels are
     # slow in eager PyTorch), see bench/RESULTS.md.
     if channels_last:
