@@ -185,8 +185,7 @@ def save_png(im: Image.Image, path: Path, info=None, overwrite: bool = False) ->
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # fails if path exists: no race between "exists?" and "write"
-            os.unlink(tmp)
+            _rename_no_replace(tmp, path)
     except FileExistsError:
         os.unlink(tmp)
         raise
@@ -195,6 +194,19 @@ def save_png(im: Image.Image, path: Path, info=None, overwrite: bool = False) ->
             os.unlink(tmp)
         raise LdmError(f"{path}: could not write image ({e.strerror or type(e).__name__})", RUNTIME) from None
     return path
+
+
+def _rename_no_replace(tmp: str, path: Path) -> None:
+    """Move tmp to path, raising FileExistsError if path exists (no race between check and write)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: claim the name exclusively, then replace it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def write_image(im: Image.Image, out_dir: Path, job: Job, info, overwrite: bool, index: int) -> tuple[Path, int]:

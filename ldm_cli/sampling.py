@@ -73,7 +73,7 @@ def sample_ddim(model: Model, x: torch.Tensor, timesteps: list[int], stride: int
 
     `stride` is num_train_timesteps // total_steps: DDIM's previous timestep is t - stride (this is
     diffusers' rule too, also for "trailing" spacing and for img2img, which runs a tail of the list).
-    `callback({"i", "t", "x", "x0_pred"?})` is called after each step.
+    `callback({"i": step index, "t": timestep, "x": x_{t-1}})` is called after each step.
     """
     if eta > 0 and noise_fn is None:
         raise ValueError("eta > 0 needs a noise_fn")
