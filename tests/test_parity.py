@@ -51,7 +51,10 @@ def test_txt2img_matches_diffusers_epsilon(tiny_model, steps, cfg, eta, negative
     assert np.abs(ours - theirs).max() <= TOL
 
 
-@pytest.mark.parametrize("steps,cfg,eta,negative", [(10, 7.5, 0.0, ""), (50, 7.5, 0.5, "dog"), (1, 1.0, 0.0, "")])
+@pytest.mark.parametrize("steps", [1, 10, 50])
+@pytest.mark.parametrize("cfg", [1.0, 7.5])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("negative", ["", "dog"])
 def test_txt2img_matches_diffusers_v_prediction(tiny_v_model, steps, cfg, eta, negative):
     ours, theirs = ours_vs_theirs(tiny_v_model, "a dog", negative, 7, steps, cfg, eta)
     assert np.abs(ours - theirs).max() <= TOL
