@@ -24,8 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Text-to-image latent diffusion: sample, img2img, info.")
 
 # ---- options shared by the commands (same names, same meaning everywhere) ----
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Diffusers folder, .safetensors file or hub id; default: the embedded model.")]
-Config = Annotated[Optional[str], typer.Option(help="For a single-file checkpoint: a diffusers folder or hub id with the component configs.")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Diffusers folder, .safetensors file or hub id.")]
+Config = Annotated[Optional[str], typer.Option(help="Single-file checkpoint: folder or hub id with the configs.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
 Unsafe = Annotated[bool, typer.Option("--allow-unsafe-pickle", help="Allow .ckpt/.bin/.pt weights (pickle can run code).")]
@@ -45,7 +45,7 @@ Overwrite = Annotated[bool, typer.Option(help="Number files from 0 and replace e
 JsonOut = Annotated[bool, typer.Option("--json", help="Print written paths and parameters as JSON.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 Debug = Annotated[bool, typer.Option(help="Show tracebacks.")]
-Accel = Annotated[str, typer.Option(help="GPU speed-ups: auto (CUDA graphs on CUDA), none, graphs, compile (slow first run).")]
+Accel = Annotated[str, typer.Option(help="auto (CUDA graphs on CUDA), none, graphs, compile.")]
 
 
 def _jobs_and_model(prompt, prompt_file, from_png, settings_kw, seed, num_images, model, init_images=(None,)):
@@ -115,7 +115,8 @@ class _Null:
 @app.command()
 def sample(
     prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompt(s); each is its own request.")] = None,
-    prompt_file: PromptFile = None, from_png: Annotated[Optional[Path], typer.Option(help="Redo the image this ldm PNG was made with.")] = None,
+    prompt_file: PromptFile = None,
+    from_png: Annotated[Optional[Path], typer.Option(help="Redo the image this ldm PNG was made with.")] = None,
     steps: Steps = 50, cfg: Cfg = 7.5, negative: Negative = "", seed: Seed = None, num_images: NumImages = 1,
     batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
     model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",

@@ -37,7 +37,13 @@ class Job:
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
         known = {f.name for f in fields(Settings)}
-        settings = Settings(**{k: v for k, v in d.items() if k in known})
+        kw = {}
+        for k, v in d.items():  # metadata may be hostile: coerce every value to its declared type
+            if k in known and not (v is None and k in ("width", "height", "strength")):
+                if isinstance(v, (bool, dict, list)):
+                    raise ValueError(f"{k} has the wrong type")
+                kw[k] = OVERRIDE_TYPES[k](v)
+        settings = Settings(**kw)
         return cls(prompt=str(d["prompt"]), seed=int(d["seed"]), settings=settings, init_image=d.get("init_image"))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from ldm_cli.config import Job
+from ldm_cli.config import MAX_SEED, Job, validate
 from ldm_cli.errors import RUNTIME, LdmError, check
 
 MAX_PIXELS = 8192 * 8192  # refuse larger images instead of decompressing them (decompression bombs)
@@ -143,8 +143,12 @@ def read_png_job(path: str | Path) -> tuple[Job, str]:
     try:
         data = json.loads(text)
         check(isinstance(data, dict), "not an object")
-        return Job.from_dict(data), str(data["model"])
-    except (ValueError, KeyError, TypeError, LdmError) as e:
+        job = Job.from_dict(data)
+        validate(job.settings)
+        check(isinstance(data["prompt"], str) and isinstance(data["model"], str), "prompt and model must be text")
+        check(isinstance(data["seed"], int) and 0 <= job.seed <= MAX_SEED, "seed out of range")
+        return job, data["model"]
+    except (ValueError, KeyError, TypeError, OverflowError, LdmError) as e:
         raise LdmError(f"{path}: ldm metadata is damaged ({_first_line(e)})") from None
 
 
