@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Text-to-image latent diffusion: sample, img2img, info.")
+                  rich_markup_mode=None, help="Text-to-image latent diffusion: sample, img2img, train, info.")
 
 # ---- options shared by the commands (same names, same meaning everywhere) ----
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Diffusers folder, .safetensors file or hub id.")]
@@ -172,6 +172,47 @@ def info(
     for key, value in facts.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     Console().print(table)
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of images with .txt captions or metadata.jsonl/.csv.")],
+    model: Model = None, out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/train"),
+    from_scratch: Annotated[bool, typer.Option(help="Train a new U-Net instead of fine-tuning the model's.")] = False,
+    unet_config: Annotated[str, typer.Option(help="With --from-scratch: tiny, small, sd15 or a config.json.")] = "tiny",
+    resolution: Annotated[int, typer.Option(help="Training resolution in pixels.")] = 512,
+    batch_size: BatchSize = 4, max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+    lr_scheduler: Annotated[str, typer.Option(help="constant, cosine, linear, ... (diffusers').")] = "constant",
+    seed: Annotated[int, typer.Option(help="Seed of data order, dropout and noise.")] = 0,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
+    gradient_accumulation: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    caption_dropout: Annotated[float, typer.Option(help="Share of empty captions (for CFG).")] = 0.1,
+    random_flip: Annotated[bool, typer.Option(help="Flip images left-right at random.")] = False,
+    random_crop: Annotated[bool, typer.Option(help="Random instead of centre crops.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: end only).")] = 0,
+    resume: Annotated[Optional[str], typer.Option(help="latest or a checkpoint folder.")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on unreadable or caption-less images.")] = False,
+    device: Device = "auto", quiet: Quiet = False, debug: Debug = False,
+):
+    """Fine-tune (or train from scratch) a U-Net on a folder of captioned images."""
+    from ldm_cli.generate import default_model
+    from ldm_cli.train import TrainConfig
+    from ldm_cli.train import train as run_training
+
+    cfg = TrainConfig(data_dir=str(data_dir), model=model or default_model(), out_dir=str(out),
+                      from_scratch=from_scratch, unet_config=unet_config, resolution=resolution,
+                      batch_size=batch_size, max_steps=max_steps, lr=lr, lr_scheduler=lr_scheduler, seed=seed,
+                      mixed_precision=mixed_precision, gradient_accumulation=gradient_accumulation,
+                      caption_dropout=caption_dropout, random_flip=random_flip, random_crop=random_crop,
+                      checkpoint_every=checkpoint_every, strict=strict, device=device)
+
+    def report(r):
+        if not quiet:
+            print(f"step {r['step']}/{max_steps} loss {r['loss']:.4f} lr {r['lr']:.2e}", file=sys.stderr)
+
+    model_dir = run_training(cfg, resume=resume, on_step=report)
+    print(model_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
