@@ -133,8 +133,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step=None) -> Path:
     check(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}")
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
+    examples, skipped = data.find_examples(cfg.data_dir, cfg.strict)  # bad data fails before anything is written
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    examples, skipped = data.find_examples(cfg.data_dir, cfg.strict)
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                               cpu=cfg.device == "cpu")

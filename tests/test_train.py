@@ -79,4 +79,6 @@ def test_train_cli(ldm, shapes, tiny_model, tmp_path):
     s = ldm("sample", "a red circle", "--model", tmp_path / "run" / "model", "--steps", 2, "--out", tmp_path / "o", "-q")
     assert s.returncode == 0, s.stderr
     bad = ldm("train", tmp_path / "nothing", "--model", tiny_model, "--out", tmp_path / "run2")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"ldm: error: {tmp_path / 'nothing'}: data folder not found"]
+    expected = f"ldm: error: {tmp_path / 'nothing'}: data folder not found"
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "run2").exists()
