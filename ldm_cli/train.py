@@ -90,8 +90,9 @@ def step_batch(examples, step: int, batch_size: int, seed: int) -> list:
 def diffusion_loss(unet, c: Components, latents, context, gen: torch.Generator):
     """DDPM's simple loss (Ho et al. eq. 14) with the model's prediction type: || target - net(x_t, t) ||^2."""
     noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
-    t = torch.randint(0, c.schedule.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)
-    alpha_bar = c.schedule.alpha_bar[t.cpu()]
+    t_cpu = torch.randint(0, c.schedule.num_train_timesteps, (len(latents),), generator=gen)
+    t = t_cpu.to(latents.device)
+    alpha_bar = c.schedule.alpha_bar[t_cpu]  # indexed on the CPU: no device->host sync
     x_t = add_noise(latents, noise, alpha_bar)
     if c.schedule.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
         a = alpha_bar.to(latents.device).reshape(-1, 1, 1, 1)
