@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -76,7 +77,7 @@ def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, accel, out,
 
     err = Console(stderr=True, quiet=quiet)
     show_progress = not quiet and err.is_terminal  # bars in a log file are noise
-    with err.status("loading model", spinner="dots") if show_progress else _Null():
+    with err.status("loading model", spinner="dots") if show_progress else nullcontext():
         components = load(model, device, dtype, allow_unsafe_pickle, config, accel)
     output = Output(out, overwrite=overwrite, grid=grid)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -102,14 +103,6 @@ def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, accel, out,
     elif not quiet:
         for w in written:
             err.print(f"wrote {w.path}", highlight=False)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @app.command()

@@ -47,20 +47,16 @@ def generate(c: Components, jobs: list[Job], out: Output, batch_size: int, on_im
     for job, image in pipeline.run_jobs(c, jobs, batch_size, on_step):
         pil = images.to_pil(image[None])[0]
         info = images.png_info(job, c.name, *pil.size)
-        path, index = images.write_image(pil, out_dir, job, info, out.overwrite, index)
+        name = f"{job.seed}-{images.slug(job.prompt)}"
+        path, index = images.write_image(pil, out_dir, name, info, out.overwrite, index)
         out.written.append(Written(path, job, *pil.size))
         pils.append(pil)
         if on_image is not None:
             on_image(out.written[-1])
     if out.grid and len(pils) > 1:
         check(len({p.size for p in pils}) == 1, "--grid needs images of one size")
-        name = images.slug(out.written[0].job.prompt)
-        while True:
-            try:
-                images.save_png(images.grid(pils), out_dir / f"{index:05d}-grid-{name}.png", overwrite=out.overwrite)
-                break
-            except FileExistsError:
-                index += 1
+        name = f"grid-{images.slug(out.written[0].job.prompt)}"
+        images.write_image(images.grid(pils), out_dir, name, None, out.overwrite, index)
     return out.written
 
 

@@ -213,10 +213,10 @@ def _rename_no_replace(tmp: str, path: Path) -> None:
     os.unlink(tmp)
 
 
-def write_image(im: Image.Image, out_dir: Path, job: Job, info, overwrite: bool, index: int) -> tuple[Path, int]:
-    """Save as {index:05d}-{seed}-{slug}.png at the first free index >= `index`; return (path, next index)."""
+def write_image(im: Image.Image, out_dir: Path, name: str, info, overwrite: bool, index: int) -> tuple[Path, int]:
+    """Save as {index:05d}-{name}.png at the first free index >= `index`; return (path, next index)."""
     while True:
-        path = out_dir / f"{index:05d}-{job.seed}-{slug(job.prompt)}.png"
+        path = out_dir / f"{index:05d}-{name}.png"
         try:
             return save_png(im, path, info, overwrite), index + 1
         except FileExistsError:

@@ -28,19 +28,14 @@ def unet_key(k: str, layers: int, up_has_attn: list[bool]) -> str:
     head = ".".join(p[:-1])
     if head in fixed:
         return f"{fixed[head]}.{p[-1]}"
-    if p[0] == "down_blocks":
-        i, kind = int(p[1]), p[2]
+    if p[0] in ("down_blocks", "up_blocks"):
+        i, kind, down = int(p[1]), p[2], p[0] == "down_blocks"
         if kind == "downsamplers":
             return f"input_blocks.{(i + 1) * n}.0.op." + ".".join(p[5:])
-        j, rest = int(p[3]), ".".join(p[4:])
-        block = f"input_blocks.{i * n + j + 1}"
-        return f"{block}.0.{_rename(rest, RESNET)}" if kind == "resnets" else f"{block}.1.{rest}"
-    if p[0] == "up_blocks":
-        i, kind = int(p[1]), p[2]
         if kind == "upsamplers":
             return f"output_blocks.{i * n + layers}.{2 if up_has_attn[i] else 1}." + ".".join(p[4:])
         j, rest = int(p[3]), ".".join(p[4:])
-        block = f"output_blocks.{i * n + j}"
+        block = f"input_blocks.{i * n + j + 1}" if down else f"output_blocks.{i * n + j}"
         return f"{block}.0.{_rename(rest, RESNET)}" if kind == "resnets" else f"{block}.1.{rest}"
     if p[0] == "mid_block":
         j, rest = int(p[2]), ".".join(p[3:])
