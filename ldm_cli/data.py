@@ -6,13 +6,17 @@ Unreadable or caption-less images are skipped and counted (`strict` makes them e
 """
 
 import csv
+import hashlib
 import json
+import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from ldm_cli.errors import LdmError, check
 from ldm_cli.images import IMAGE_SUFFIXES, open_image, pil_to_pixels
@@ -87,3 +91,71 @@ def load_pixels(ex: Example, resolution: int, rng: random.Random, random_crop: b
     if flip and rng.random() < 0.5:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return pil_to_pixels(im, resolution, resolution)[0]
+
+
+# ---- the latent cache --------------------------------------------------------------------------------
+# With frozen encoders, each image's VAE posterior and each caption's text embedding never change, so
+# they are computed once and kept on disk: <cache>/<settings key>/img/<image sha256>.safetensors and
+# .../txt/<caption sha256>.safetensors. The settings key covers the encoders' weights, the resolution
+# and the crop, so a change in any of them starts a new folder instead of reusing stale entries.
+# Stored: the posterior's parameters (mean and log-variance), not a sample, so every step still draws
+# a fresh latent from them exactly as the uncached path does: the two give the same losses.
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _write_atomic(tensors: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class EncodedData:
+    """In memory for the run: posterior parameters per image and embeddings per caption ('' included)."""
+    moments: dict[Path, torch.Tensor]
+    context: dict[str, torch.Tensor]
+    encoded: int  # entries computed in this run (0 when the cache had everything)
+    seconds: float
+
+
+def encode_dataset(examples: list[Example], folder: Path, resolution: int, encode_pixels, encode_captions,
+                   batch_size: int = 8) -> EncodedData:
+    """Load what `folder` has, encode (in batches) and store what it lacks, return it all."""
+    t0 = time.perf_counter()
+    moments, context, todo_img, encoded = {}, {}, [], 0
+    for ex in examples:
+        path = folder / "img" / f"{file_sha256(ex.path)}.safetensors"
+        if path.is_file():
+            moments[ex.path] = load_file(path)["moments"]
+        else:
+            todo_img.append((ex, path))
+    for i in range(0, len(todo_img), batch_size):
+        chunk = todo_img[i:i + batch_size]
+        pixels = torch.stack([load_pixels(ex, resolution, random.Random(0)) for ex, _ in chunk])
+        for (ex, path), m in zip(chunk, encode_pixels(pixels)):
+            _write_atomic({"moments": m}, path)
+            moments[ex.path] = m.cpu()
+        encoded += len(chunk)
+    captions = sorted({ex.caption for ex in examples} | {""})
+    todo_txt = []
+    for cap in captions:
+        path = folder / "txt" / f"{text_sha256(cap)}.safetensors"
+        if path.is_file():
+            context[cap] = load_file(path)["context"]
+        else:
+            todo_txt.append((cap, path))
+    for i in range(0, len(todo_txt), batch_size):
+        chunk = todo_txt[i:i + batch_size]
+        for (cap, path), e in zip(chunk, encode_captions([cap for cap, _ in chunk])):
+            _write_atomic({"context": e}, path)
+            context[cap] = e.cpu()
+        encoded += len(chunk)
+    return EncodedData(moments, context, encoded, time.perf_counter() - t0)

@@ -1,5 +1,6 @@
 """What `ldm sample` and `ldm img2img` do once their arguments are parsed: load, make, write."""
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def generate(c: Components, jobs: list[Job], out: Output, batch_size: int, on_im
     pils = []
     for job, image in pipeline.run_jobs(c, jobs, batch_size, on_step):
         pil = images.to_pil(image[None])[0]
-        info = images.png_info(job, c.name, *pil.size)
+        info = images.png_info(job, c.name, *pil.size, lora=c.lora)
         name = f"{job.seed}-{images.slug(job.prompt)}"
         path, index = images.write_image(pil, out_dir, name, info, out.overwrite, index)
         out.written.append(Written(path, job, *pil.size))
@@ -61,9 +62,15 @@ def generate(c: Components, jobs: list[Job], out: Output, batch_size: int, on_im
 
 
 def load(model: str | None, device: str, dtype: str, allow_unsafe_pickle: bool, config: str | None,
-         accel: str = "auto") -> Components:
+         accel: str = "auto", lora: str | None = None, lora_scale: float = 1.0) -> Components:
     from ldm_cli.accel import accelerate
 
     c = load_components(model or default_model(), device=device, dtype=dtype,
                         allow_unsafe_pickle=allow_unsafe_pickle, config=config)
+    if lora:
+        from ldm_cli.lora import apply_lora
+
+        check(math.isfinite(lora_scale), f"--lora-scale must be a finite number, got {lora_scale}")
+        apply_lora(c, lora, lora_scale, allow_unsafe_pickle)
+        c.lora = f"{lora}@{lora_scale:g}"
     return accelerate(c, accel)

@@ -107,24 +107,26 @@ def grid(images: list[Image.Image]) -> Image.Image:
 
 # ---- metadata ---------------------------------------------------------------------------------------
 
-def parameters_text(job: Job, model: str, width: int, height: int) -> str:
+def parameters_text(job: Job, model: str, width: int, height: int, lora: str = "") -> str:
     """A1111's `parameters` format, which image browsers and web UIs read."""
     s = job.settings
     lines = [job.prompt]
     if s.negative:
         lines.append(f"Negative prompt: {s.negative}")
     extra = f", Denoising strength: {s.strength}" if s.strength is not None else ""
+    extra += f", Lora: {lora}" if lora else ""
     lines.append(f"Steps: {s.steps}, Sampler: DDIM, CFG scale: {s.cfg}, Seed: {job.seed}, "
                  f"Size: {width}x{height}, Model: {Path(model).name or model}, Eta: {s.eta}{extra}")
     return "\n".join(lines)
 
 
-def png_info(job: Job, model: str, width: int, height: int) -> PngImagePlugin.PngInfo:
+def png_info(job: Job, model: str, width: int, height: int, lora: str = "") -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_itxt("parameters", parameters_text(job, model, width, height))
+    info.add_itxt("parameters", parameters_text(job, model, width, height, lora))
     from ldm_cli import __version__
 
-    info.add_itxt("ldm", json.dumps({"version": __version__, "model": model, **job.to_dict()}))
+    info.add_itxt("ldm", json.dumps({"version": __version__, "model": model, **job.to_dict(),
+                                     **({"lora": lora} if lora else {})}))
     return info
 
 

@@ -37,6 +37,7 @@ class Components:
     device: torch.device
     dtype: torch.dtype
     unet_runner: object = None  # a faster stand-in for unet_fn's call (accel.py: CUDA graphs), or None
+    lora: str = ""  # LoRA fused into the weights, "file@scale" (recorded in PNGs), or ""
 
     @property
     def batch_invariant(self) -> bool:

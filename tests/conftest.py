@@ -1,8 +1,10 @@
 import os
+import random
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
@@ -37,3 +39,24 @@ def run_ldm(*args, env=None, cwd=None):
 @pytest.fixture
 def ldm():
     return run_ldm
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """32 images: a coloured circle or square on white, kohya-style .txt captions (and 2 bad files)."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = random.Random(0)
+    for i in range(32):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(["circle", "square"])
+        im = Image.new("RGB", (72, 64), "white")
+        box = (16 + rng.randint(-4, 4), 12, 52 + rng.randint(-4, 4), 48)
+        (ImageDraw.Draw(im).ellipse if shape == "circle" else ImageDraw.Draw(im).rectangle)(box, fill=COLOURS[colour])
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        im.save(sub / f"{i}.png")
+        (sub / f"{i}.txt").write_text(f"a {colour} {shape}")
+    Image.new("RGB", (64, 64)).save(root / "no-caption.png")
+    return root

@@ -1,38 +1,17 @@
 """`ldm train` on a generated folder of coloured shapes with the tiny model (CPU)."""
 
 import json
-import random
+import os
 
 import numpy as np
-import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ldm_cli import pipeline
 from ldm_cli.config import Settings
 from ldm_cli.models import load_components
 from ldm_cli.train import TrainConfig, train
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """32 images: a coloured circle or square on white, kohya-style .txt captions (and 2 bad files)."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = random.Random(0)
-    for i in range(32):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(["circle", "square"])
-        im = Image.new("RGB", (72, 64), "white")
-        box = (16 + rng.randint(-4, 4), 12, 52 + rng.randint(-4, 4), 48)
-        (ImageDraw.Draw(im).ellipse if shape == "circle" else ImageDraw.Draw(im).rectangle)(box, fill=COLOURS[colour])
-        sub = root / ("a" if i % 2 else "b")
-        sub.mkdir(exist_ok=True)
-        im.save(sub / f"{i}.png")
-        (sub / f"{i}.txt").write_text(f"a {colour} {shape}")
-    Image.new("RGB", (64, 64)).save(root / "no-caption.png")
-    return root
 
 
 def losses(out):
@@ -41,7 +20,7 @@ def losses(out):
 
 def test_finetune_lowers_loss_and_loads_in_diffusers(shapes, tiny_model, tmp_path):
     cfg = TrainConfig(data_dir=str(shapes), model=str(tiny_model), out_dir=str(tmp_path / "run"), max_steps=60,
-                      batch_size=4, lr=1e-3, seed=1, device="cpu")
+                      batch_size=4, lr=1e-3, seed=1, device="cpu", cache_dir=str(tmp_path / "cache"))
     model_dir = train(cfg)
     ls = losses(tmp_path / "run")
     first, last = np.mean(ls[:10]), np.mean(ls[-10:])
@@ -58,27 +37,98 @@ def test_finetune_lowers_loss_and_loads_in_diffusers(shapes, tiny_model, tmp_pat
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() <= 1e-5
 
 
+def unet_weights(model_dir):
+    return load_components(str(model_dir), device="cpu").unet.state_dict()
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_from_scratch_and_resume_is_bitwise(shapes, tiny_model, tmp_path):
     base = dict(data_dir=str(shapes), model=str(tiny_model), from_scratch=True, unet_config="tiny", max_steps=8,
-                batch_size=2, lr=1e-3, seed=3, device="cpu", caption_dropout=0.25)
+                batch_size=2, lr=1e-3, seed=3, device="cpu", caption_dropout=0.25, cache_dir=str(tmp_path / "c"),
+                ema=True, noise_offset=0.05, min_snr_gamma=5.0, gradient_accumulation=2)
     straight = train(TrainConfig(out_dir=str(tmp_path / "straight"), **base))
     half = TrainConfig(out_dir=str(tmp_path / "resumed"), **{**base, "max_steps": 4})
     train(half)
     resumed = train(TrainConfig(out_dir=str(tmp_path / "resumed"), **base), resume="latest")
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
-    a = load_components(str(straight), device="cpu").unet.state_dict()
-    b = load_components(str(resumed), device="cpu").unet.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(unet_weights(straight), unet_weights(resumed))
+    assert same_weights(unet_weights(tmp_path / "straight" / "model-ema"), unet_weights(tmp_path / "resumed" / "model-ema"))
+    assert not same_weights(unet_weights(straight), unet_weights(tmp_path / "straight" / "model-ema"))
 
 
 def test_train_cli(ldm, shapes, tiny_model, tmp_path):
     r = ldm("train", shapes, "--model", tiny_model, "--out", tmp_path / "run", "--resolution", 64,
-            "--max-steps", 2, "--batch-size", 2, "--device", "cpu", "-q")
+            "--epochs", 0.25, "--batch-size", 2, "--device", "cpu", "-q", "--cache-dir", tmp_path / "c")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run" / "model")
+    assert len(losses(tmp_path / "run")) == 4  # a quarter of 32 examples in steps of 2
     s = ldm("sample", "a red circle", "--model", tmp_path / "run" / "model", "--steps", 2, "--out", tmp_path / "o", "-q")
     assert s.returncode == 0, s.stderr
     bad = ldm("train", tmp_path / "nothing", "--model", tiny_model, "--out", tmp_path / "run2")
     expected = f"ldm: error: {tmp_path / 'nothing'}: data folder not found"
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "run2").exists()
+
+
+def test_lora_trains_and_matches_diffusers_load_lora_weights(shapes, tiny_model, tmp_path, ldm):
+    from ldm_cli.generate import load
+
+    cfg = TrainConfig(data_dir=str(shapes), model=str(tiny_model), out_dir=str(tmp_path / "run"), lora_rank=4,
+                      max_steps=40, batch_size=4, lr=3e-3, seed=1, device="cpu", cache_dir=str(tmp_path / "c"))
+    lora_dir = train(cfg)
+    ls = losses(tmp_path / "run")
+    print(f"LoRA loss: first 10 steps {np.mean(ls[:10]):.4f}, last 10 steps {np.mean(ls[-10:]):.4f}")
+    assert np.mean(ls[-10:]) < np.mean(ls[:10])
+    lora_file = lora_dir / "pytorch_lora_weights.safetensors"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    base = pipe("a red circle", num_inference_steps=10, output_type="np", generator=torch.Generator().manual_seed(4))
+    pipe.load_lora_weights(str(lora_dir), weight_name=lora_file.name)
+    theirs = pipe("a red circle", num_inference_steps=10, output_type="np", cross_attention_kwargs={"scale": 0.7},
+                  generator=torch.Generator().manual_seed(4)).images
+    c = load(str(tiny_model), "cpu", "fp32", False, None, "none", str(lora_file), 0.7)
+    ours = pipeline.txt2img(c, ["a red circle"], [""], [4], Settings(steps=10, width=64, height=64))
+    ours = ours.permute(0, 2, 3, 1).numpy()
+    print(f"LoRA vs diffusers max abs diff {np.abs(ours - theirs).max():.2e}; "
+          f"LoRA effect {np.abs(ours - base.images).max():.3f}")
+    assert np.abs(ours - theirs).max() <= 1e-5 and np.abs(ours - base.images).max() > 1e-3
+    r = ldm("sample", "a red circle", "--model", tiny_model, "--lora", lora_dir, "--lora-scale", 0.7,
+            "--steps", 10, "--seed", 4, "--out", tmp_path / "o", "--json")
+    assert r.returncode == 0, r.stderr
+    png = Image.open(json.loads(r.stdout)[0]["path"])
+    assert f"Lora: {lora_dir}@0.7" in png.text["parameters"]
+    assert np.abs(np.asarray(png, dtype=np.float32) / 255 - ours[0]).max() <= 1 / 255 + 1e-6
+
+
+def test_latent_cache_is_reused_and_changes_nothing(shapes, tiny_model, tmp_path):
+    notes = []
+    base = dict(data_dir=str(shapes), model=str(tiny_model), max_steps=6, batch_size=4, lr=1e-3, seed=2,
+                device="cpu", cache_dir=str(tmp_path / "cache"))
+    for name in ("first", "second"):
+        train(TrainConfig(out_dir=str(tmp_path / name), **base), say=notes.append)
+    train(TrainConfig(out_dir=str(tmp_path / "uncached"), **{**base, "cache": False}), say=notes.append)
+    print("\n".join(notes))
+    assert "41 entries encoded, 0 reused" in notes[0]  # 32 images, 8 captions + the empty one
+    assert "0 entries encoded, 41 reused" in notes[1] and len(notes) == 2
+    assert losses(tmp_path / "first") == losses(tmp_path / "second") == losses(tmp_path / "uncached")
+
+
+def test_accelerate_launch_one_process_equals_plain_run(shapes, tiny_model, tmp_path, ldm):
+    import subprocess
+    import sys
+
+    args = [str(shapes), "--model", str(tiny_model), "--resolution", "64", "--max-steps", "3", "--batch-size", "2",
+            "--device", "cpu", "-q", "--cache-dir", str(tmp_path / "c")]
+    plain = ldm("train", *args, "--out", tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                               "--num_cpu_threads_per_process", "1",
+                               "-m", "ldm_cli", "train", *args, "--out", str(tmp_path / "launched")],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr
+    assert losses(tmp_path / "plain") == losses(tmp_path / "launched")
+    assert same_weights(unet_weights(tmp_path / "plain" / "model"), unet_weights(tmp_path / "launched" / "model"))

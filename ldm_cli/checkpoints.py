@@ -1,0 +1,112 @@
+"""Training checkpoints: written atomically, verified on load.
+
+A checkpoint is a folder `step-NNNNNNN/` holding
+  trainable.safetensors   the trained tensors (the whole U-Net, or only the LoRA adapters)
+  ema.safetensors         their exponential moving average, with --ema
+  state.pt                optimizer, lr scheduler, grad scaler and step (tensors and numbers only)
+  config.json             the TrainConfig and the U-Net config, for the record and for --from-scratch rebuilds
+  manifest.json           size and BLAKE2 digest of every file above, written last
+It is built in a hidden temp folder and renamed into place, so a kill at any moment leaves either
+the whole checkpoint or none. A checkpoint whose files do not match its manifest (a disk that lied,
+a copy cut short) is skipped with a warning and the one before it is used.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm_cli.errors import LdmError
+
+MANIFEST = "manifest.json"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(root: Path, step: int, trainable: dict, ema: dict | None, state: dict, config: dict,
+                    keep: int) -> Path:
+    """Write checkpoint `step` under root atomically; then delete all but the newest `keep`."""
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        if ema is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        files = {p.name: {"bytes": p.stat().st_size, "blake2b": _digest(p)} for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(files, indent=2))
+        _fsync_tree(tmp)  # the rename must not reach the disk before the data does
+        if final.exists():  # the same step saved twice (a resumed run that stopped on it): keep the first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LdmError(f"{final}: cannot write checkpoint ({e.strerror or e}); the previous checkpoint is "
+                       "intact: free some space and continue with --resume latest", 1) from None
+    for old in checkpoints(root)[:-keep]:  # renamed out of the listing first: a kill mid-delete hides nothing
+        doomed = root / f".tmp-delete-{old.name}-{os.getpid()}"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return final
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Completed checkpoint folders, oldest first (temp folders are never listed)."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir())
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if every file matches the manifest, else what is wrong."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest ({type(e).__name__})"
+    for name, want in files.items():
+        path = ckpt / name
+        if not path.is_file() or path.stat().st_size != want["bytes"] or _digest(path) != want["blake2b"]:
+            return f"{name} does not match the manifest"
+    return None
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged newer ones are reported on stderr and passed over."""
+    for ckpt in reversed(checkpoints(root)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"ldm: warning: {ckpt}: {problem}; using the one before it", file=sys.stderr)
+    return None
+
+
+def load_checkpoint(ckpt: Path) -> tuple[dict, dict | None, dict]:
+    """(trainable, ema or None, state) of a verified checkpoint."""
+    problem = verify(ckpt)
+    if problem is not None:
+        raise LdmError(f"{ckpt}: damaged checkpoint ({problem}); pass an older one or --resume latest")
+    ema = load_file(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").is_file() else None
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and numbers only: no code runs
+    return load_file(ckpt / "trainable.safetensors"), ema, state

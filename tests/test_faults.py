@@ -1,0 +1,129 @@
+"""Interrupted training never loses work: SIGKILL at random moments (also mid-save), Ctrl-C, a damaged
+latest checkpoint, a full disk. Real `ldm train` processes on the tiny model (CPU)."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import LDM
+from test_train import losses, same_weights, unet_weights
+
+from ldm_cli import checkpoints
+from ldm_cli.errors import LdmError
+from ldm_cli.train import TrainConfig, train
+
+STEPS = 60
+
+
+def train_args(shapes, model, out, cache):
+    return ["train", str(shapes), "--model", str(model), "--out", str(out), "--resolution", "64", "--batch-size", "2",
+            "--max-steps", str(STEPS), "--lr", "1e-3", "--seed", "5", "--device", "cpu", "--log-every", "1",
+            "--cache-dir", str(cache), "-q"]
+
+
+def start(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([LDM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def saved_steps(root):
+    return [int(p.name.split("-")[1]) for p in checkpoints.checkpoints(root)]
+
+
+def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path):
+    straight = subprocess.run([LDM, *train_args(shapes, tiny_model, tmp_path / "straight", tmp_path / "c")],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed"
+    root = out / "checkpoints"
+    args = train_args(shapes, tiny_model, out, tmp_path / "c") + ["--checkpoint-every", "1", "--keep-checkpoints", "2"]
+    rng = random.Random(0)
+    trials, during_save, lost, best = 20, 0, 0, 0
+    for trial in range(trials):
+        proc = start(args + (["--resume", "latest"] if saved_steps(root) else []))
+        deadline = time.monotonic() + 60
+        if trial % 2 == 0:  # kill the moment a checkpoint is being written (after one new one is complete)
+            while time.monotonic() < deadline and proc.poll() is None:
+                if root.is_dir() and any(p.name.startswith(".tmp-step") and int(p.name.split("-")[2]) > best + 1
+                                         for p in root.iterdir()):
+                    during_save += 1
+                    break
+                time.sleep(0.001)
+        else:  # kill at a random moment: loading takes ~6 s here, then a step and a checkpoint ~0.25 s
+            time.sleep(rng.uniform(4.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        steps = saved_steps(root)
+        assert all(checkpoints.verify(root / f"step-{s:07d}") is None for s in steps)  # never half-written
+        if steps and steps[-1] < best:
+            lost += 1
+        best = max([best, *steps])
+    final = start(args + ["--resume", "latest"])
+    _, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err
+    print(f"SIGKILL trials {trials}, during a checkpoint write {during_save}, checkpoints lost {lost}, "
+          f"last checkpoint before the final resume: step {best}/{STEPS}")
+    assert lost == 0 and during_save >= trials // 2 - 2
+    assert same_weights(unet_weights(tmp_path / "straight" / "model"), unet_weights(out / "model"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(shapes, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    proc = start(train_args(shapes, tiny_model, out, tmp_path / "c"))
+    while not (out / "log.jsonl").is_file() or len(losses(out)) < 3:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("ldm: error: interrupted at step ") and "--resume latest" in lines[0]
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert saved_steps(out / "checkpoints") == [step]
+    resumed = start(train_args(shapes, tiny_model, out, tmp_path / "c") + ["--resume", "latest"])
+    assert resumed.wait(timeout=300) == 0
+
+
+def small_cfg(shapes, model, tmp_path, **kw):
+    return TrainConfig(data_dir=str(shapes), model=str(model), out_dir=str(tmp_path / "run"), batch_size=2, lr=1e-3,
+                       device="cpu", cache_dir=str(tmp_path / "c"), checkpoint_every=2, keep_checkpoints=3,
+                       **kw)
+
+
+def test_damaged_latest_checkpoint_is_passed_over(shapes, tiny_model, tmp_path, capfd):
+    train(small_cfg(shapes, tiny_model, tmp_path, max_steps=5))
+    root = tmp_path / "run" / "checkpoints"
+    assert saved_steps(root) == [2, 4, 5]
+    blob = root / "step-0000005" / "trainable.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0xFF  # one flipped bit deep in the tensor data: still loads, but is wrong
+    blob.write_bytes(bytes(data))
+    assert checkpoints.latest_checkpoint(root) == root / "step-0000004"
+    assert "step-0000005: trainable.safetensors does not match the manifest" in capfd.readouterr().err
+    with pytest.raises(LdmError, match="damaged checkpoint"):
+        checkpoints.load_checkpoint(root / "step-0000005")
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(shapes, tiny_model, tmp_path, monkeypatch):
+    train(small_cfg(shapes, tiny_model, tmp_path, max_steps=2))
+    root = tmp_path / "run" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in (root / "step-0000002").iterdir()}
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):  # the optimizer state is the last big write of a checkpoint
+        real_save(obj, path, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(LdmError, match="No space left on device") as e:
+        train(small_cfg(shapes, tiny_model, tmp_path, max_steps=4), resume="latest")
+    assert e.value.exit_code == 1
+    assert saved_steps(root) == [2] and not list(root.glob(".tmp-*"))
+    assert {p.name: p.read_bytes() for p in (root / "step-0000002").iterdir()} == before
+    assert json.loads((root / "step-0000002" / "manifest.json").read_text())
