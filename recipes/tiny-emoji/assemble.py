@@ -1,0 +1,50 @@
+"""Put the recipe's parts together as a diffusers Stable Diffusion folder.
+
+    python assemble.py base VAE_DIR CLIP_DIR TOKENIZER_DIR OUT      # U-Net placeholder, for `ldm train --model`
+    python assemble.py final TRAINED_MODEL_DIR CLIP_DIR OUT         # fp16 copy to ship, with the image tower
+
+The scheduler is SD's DDIM setting (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon).
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def base(vae_dir: Path, clip_dir: Path, tok_dir: Path, out: Path) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    text = CLIPTextModel.from_pretrained(clip_dir / "text_encoder")
+    config = {k: v for k, v in json.loads((Path(__file__).parent / "unet.json").read_text()).items()}
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
+                                cross_attention_dim=text.config.hidden_size, **config)
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text,
+                                   tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def final(trained: Path, clip_dir: Path, out: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained, safety_checker=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    tower = CLIPVisionModelWithProjection.from_pretrained(clip_dir / "image_encoder").to(torch.float16)
+    tower.save_pretrained(out / "clip_image_tower")
+    shutil.copy(clip_dir / "image_encoder" / "text_projection.safetensors", out / "clip_image_tower")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"{out}: {size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    what, *paths = sys.argv[1:]
+    {"base": base, "final": final}[what](*map(Path, paths))
