@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--max-seconds", type=float, default=float("inf"), help="stop early after this long")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -78,6 +79,10 @@ def main():
         loss.backward()
         opt.step()
         sched.step()
+        if time.time() - t0 > args.max_seconds:
+            print(f"stopping at step {step}: --max-seconds reached", flush=True)
+            args.steps = step + 1
+            break
         if step % 500 == 0 or step == args.steps - 1:
             print(f"clip step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
     model.eval()

@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--max-seconds", type=float, default=float("inf"), help="stop early after this long")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -58,6 +59,10 @@ def main():
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
+        if time.time() - t0 > args.max_seconds:
+            print(f"stopping at step {step}: --max-seconds reached", flush=True)
+            args.steps = step + 1
+            break
         if step % 500 == 0 or step == args.steps - 1:
             print(f"vae step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
     vae.eval()
