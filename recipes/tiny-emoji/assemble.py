@@ -38,9 +38,10 @@ def final(trained: Path, clip_dir: Path, out: Path) -> None:
 
     pipe = StableDiffusionPipeline.from_pretrained(trained, safety_checker=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    tower = CLIPVisionModelWithProjection.from_pretrained(clip_dir / "image_encoder").to(torch.float16)
+    src = clip_dir / "image_encoder" if (clip_dir / "image_encoder").is_dir() else clip_dir  # or a shipped tower
+    tower = CLIPVisionModelWithProjection.from_pretrained(src).to(torch.float16)
     tower.save_pretrained(out / "clip_image_tower")
-    shutil.copy(clip_dir / "image_encoder" / "text_projection.safetensors", out / "clip_image_tower")
+    shutil.copy(src / "text_projection.safetensors", out / "clip_image_tower")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {size / 1e6:.1f} MB")
 

@@ -2,8 +2,10 @@
 
     python export_folder.py emoji.npz OUT_DIR [--backgrounds 4]
 
-Each training (emoji, style) appears on `backgrounds` different colours (chosen by a seeded RNG);
-held-out names are left out entirely.
+Each training (emoji, style) appears on `backgrounds` different colours (chosen by a seeded RNG),
+captioned in full ("cat face, 3d style, on a blue background") except for the last three copies,
+which get shorter captions ("cat face, 3d style", "a cat face", "cat face") so that short prompts
+work too. Held-out names are left out entirely.
 """
 
 import argparse
@@ -19,7 +21,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("npz", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--backgrounds", type=int, default=4)
+    ap.add_argument("--backgrounds", type=int, default=6)
     args = ap.parse_args()
     d = load(args.npz)
     rng = random.Random(0)
@@ -29,9 +31,12 @@ if __name__ == "__main__":
         bgs = rng.sample(range(len(BG_NAMES)), args.backgrounds)
         pix = compose(torch.from_numpy(d["rgba"][[i] * len(bgs)]), torch.tensor(bgs))
         arr = ((pix + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for bg, a in zip(bgs, arr):
+        name, style = d["name"][i], d["style"][i]
+        short = [f"{name}, {style} style", f"a {name}", name][:max(0, args.backgrounds - 1)]
+        captions = [caption(name, style, BG_NAMES[bg]) for bg in bgs[:len(bgs) - len(short)]] + short
+        for bg, a, text in zip(bgs, arr, captions):
             stem = args.out / f"{i:05d}-{bg}"
             Image.fromarray(a).save(stem.with_suffix(".png"))
-            stem.with_suffix(".txt").write_text(caption(d["name"][i], d["style"][i], BG_NAMES[bg]))
+            stem.with_suffix(".txt").write_text(text)
             n += 1
     print(f"wrote {n} training images to {args.out}")

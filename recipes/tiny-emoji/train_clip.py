@@ -43,8 +43,7 @@ def retrieval(model, rgba, ids, idx, dev) -> dict:
 
 
 def main():
-    from transformers import (CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer,
-                              CLIPVisionModelWithProjection)
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
     ap = argparse.ArgumentParser()
     ap.add_argument("npz", type=Path)
