@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint clean
+.PHONY: install test lint clean embedded-model
 
 install:
 	$(PY) -m venv $(VENV)
@@ -21,3 +21,12 @@ lint:
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The embedded model, rebuilt from scratch: the data needs npm (the registry), the training a CUDA GPU.
+EMBED_WORK ?= /tmp/ldm-embedded
+embedded-model:
+	mkdir -p $(EMBED_WORK)
+	$(BIN)/python recipes/tiny-emoji/make_dataset.py $(EMBED_WORK)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash recipes/tiny-emoji/run.sh $(EMBED_WORK) 640
+	PATH=$(CURDIR)/$(BIN):$$PATH bash recipes/tiny-emoji/finetune.sh $(EMBED_WORK)/emoji.npz $(EMBED_WORK)/embedded $(EMBED_WORK)/ft 200
+	rm -rf ldm_cli/embedded && cp -r $(EMBED_WORK)/ft/embedded ldm_cli/embedded

@@ -79,3 +79,17 @@ def test_hostile_metadata_is_refused(tmp_path, bad):
     path.write_bytes(png_with({"ldm": json.dumps({**good, **bad})}))
     with pytest.raises(LdmError, match="ldm metadata is damaged"):
         read_png_job(path)
+
+
+def test_no_unsafe_loading_in_source():
+    """No torch.load without weights_only=True, no trust_remote_code, no pickle module in ldm_cli."""
+    import re
+    from pathlib import Path
+
+    import ldm_cli
+
+    for path in Path(ldm_cli.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path.name}: {call}"
+        assert "trust_remote_code" not in text and "import pickle" not in text, path.name
