@@ -55,7 +55,8 @@ def validate(s: Settings, where: str = "") -> None:
     """Check ranges once, before any model work; `where` prefixes messages (e.g. 'prompts.txt:3: ')."""
     check(isinstance(s.steps, int) and s.steps >= 1, f"{where}steps must be >= 1, got {s.steps}")
     check(math.isfinite(s.cfg) and s.cfg >= 0, f"{where}cfg must be a finite number >= 0, got {s.cfg}")
-    check(math.isfinite(s.eta) and s.eta >= 0, f"{where}eta must be a finite number >= 0, got {s.eta}")
+    # eta > 1 makes DDIM's sigma exceed sqrt(1 - alpha_bar_prev): the direction term's root goes negative
+    check(math.isfinite(s.eta) and 0 <= s.eta <= 1, f"{where}eta must be a number in [0, 1], got {s.eta}")
     for name in ("width", "height"):
         v = getattr(s, name)
         check(v is None or (v >= 8 and v % 8 == 0 and v <= 8192),
@@ -77,7 +78,7 @@ def build_jobs(prompts: list[tuple[str, dict, str]], base: Settings, seed: int, 
         line_seed = over.pop("seed", seed)
         n = over.pop("num_images", num_images)
         check(0 <= line_seed <= MAX_SEED - n, f"{where}seed must be between 0 and {MAX_SEED}, got {line_seed}")
-        check(1 <= n <= 10000, f"{where}num_images must be between 1 and 10000, got {n}")
+        check(1 <= n <= 10000, f"{where}num-images must be between 1 and 10000, got {n}")
         settings = replace(base, **over)
         validate(settings, where)
         for image in init_images:

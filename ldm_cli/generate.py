@@ -65,6 +65,7 @@ def load(model: str | None, device: str, dtype: str, allow_unsafe_pickle: bool, 
          accel: str = "auto", lora: str | None = None, lora_scale: float = 1.0) -> Components:
     from ldm_cli.accel import accelerate
 
+    check(model is None or model.strip() != "", "--model is empty: give a folder, a .safetensors file or a hub id")
     c = load_components(model or default_model(), device=device, dtype=dtype,
                         allow_unsafe_pickle=allow_unsafe_pickle, config=config)
     if lora:

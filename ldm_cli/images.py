@@ -61,6 +61,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
+    except Image.DecompressionBombError:  # PIL refuses past 2x its own limit before we see the size
+        raise LdmError(f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first") from None
     except FileNotFoundError:
         raise LdmError(f"{path}: no such image file") from None
     except (OSError, ValueError, SyntaxError) as e:

@@ -1,0 +1,162 @@
+"""The bad-input matrix (issue 5): each row is a command with one bad option value, file or folder.
+
+Each must exit with the stated code, print exactly one line on stderr that names the culprit, show no
+traceback, and write nothing. Rows marked ok=True are unusual but valid input that must work.
+Run in-process through `cli.main` (the same code path as the console script, minus the start-up).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_cli import cli
+
+
+def build_inputs(tmp, tiny_model, shapes):
+    img = tmp / "img"
+    img.mkdir()
+    Image.new("RGB", (64, 64), "red").save(img / "good.png")
+    (img / "good.png").read_bytes()
+    (img / "truncated.png").write_bytes((img / "good.png").read_bytes()[:60])
+    (img / "zero.png").write_bytes(b"")
+    Image.new("RGB", (1, 1)).save(img / "one.png")
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(img / "cmyk.jpg")
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(img / "sixteen.png")
+    Image.new("P", (64, 64), 3).save(img / "palette.png")
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    frames[0].save(img / "animated.gif", save_all=True, append_images=frames[1:])
+    bomb = Image.new("1", (20000, 20000))  # 1-bit, compresses to almost nothing: a decompression bomb
+    bomb.save(img / "bomb.png")
+    p = tmp / "prompts"
+    p.mkdir()
+    (p / "nul.txt").write_bytes(b"a cat\x00 in a hat\n")
+    (p / "long.txt").write_text("a " * 500_000 + "\n")
+    (p / "many.txt").write_text("a cat\n" * 99_999 + "a dog | steps=0\n")
+    (p / "bad-override.txt").write_text("a cat | steps=abc\n")
+    (p / "bad.jsonl").write_text('{"prompt": "a cat", "seed": -5}\n')
+    m = tmp / "models"
+    m.mkdir()
+    import shutil
+
+    shutil.copytree(tiny_model, m / "no-unet")
+    shutil.rmtree(m / "no-unet" / "unet")
+    shutil.copytree(tiny_model, m / "shapes")
+    cfg = json.loads((m / "shapes" / "unet" / "config.json").read_text())
+    cfg["cross_attention_dim"] = 48  # the weights say 32
+    (m / "shapes" / "unet" / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(tiny_model, m / "header")
+    w = m / "header" / "vae" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes((10**9).to_bytes(8, "little") + b"{}" + w.read_bytes()[10:])  # header length past the end
+    (m / "lora.bin").write_bytes(b"\x80\x04 pickle")
+    (m / "unet.json").write_text("{not json")
+    d = tmp / "data"
+    d.mkdir()
+    os.symlink(d, d / "loop")  # a folder that contains itself
+    Image.new("RGB", (64, 64)).save(d / "a.png")
+    (d / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    Image.new("RGB", (64, 64)).save(d / "b.png")
+    (d / "b.txt").write_text("a black square")
+    return img, p, m, d
+
+
+def cases(tmp, tiny_model, shapes):
+    img, p, m, d = build_inputs(tmp, tiny_model, shapes)
+    tm = ("--model", str(tiny_model))
+    s = ("sample", "x", *tm, "--steps", "1")
+    i2i = ("img2img",)
+    tr = ("train", str(shapes), *tm, "--resolution", "64", "--max-steps", "1", "--device", "cpu", "-q")
+    return [
+        # (name, args, exit code, text in the message, or None when it must succeed)
+        ("sample -n 0", (*s, "-n", "0"), 2, "num-images"),
+        ("sample -n not a number", (*s, "-n", "two"), 2, "--num-images"),
+        ("sample --batch-size 0", (*s, "--batch-size", "0"), 2, "--batch-size must be >= 1"),
+        ("sample --seed negative", (*s, "--seed", "-1"), 2, "seed"),
+        ("sample --seed huge", (*s, "--seed", str(2**70)), 2, "seed"),
+        ("sample --eta nan", (*s, "--eta", "nan"), 2, "eta"),
+        ("sample --eta 2", (*s, "--eta", "2"), 2, "eta"),
+        ("sample --width huge", (*s, "--width", "65536"), 2, "width"),
+        ("sample --width empty", (*s, "--width", ""), 2, "--width"),
+        ("sample --dtype bad", (*s, "--dtype", "fp8"), 2, "dtype"),
+        ("sample --device bad", (*s, "--device", "tpu"), 2, "device"),
+        ("sample --accel bad", (*s, "--accel", "turbo"), 2, "accel"),
+        ("sample --lora missing", (*s, "--lora", str(m / "nope.safetensors")), 2, "--lora"),
+        ("sample --lora pickle", (*s, "--lora", str(m / "lora.bin")), 2, "--allow-unsafe-pickle"),
+        ("sample --lora-scale nan", (*s, "--lora", str(m / "lora.bin"), "--lora-scale", "nan"), 2, "lora-scale"),
+        ("sample empty prompt", ("sample", "", *tm), 2, "prompt"),
+        ("prompt file NUL byte", ("sample", "--prompt-file", str(p / "nul.txt"), *tm), 2, "nul.txt:1"),
+        ("prompt file 1 MB line", ("sample", "--prompt-file", str(p / "long.txt"), *tm), 2, "long.txt:1"),
+        ("prompt file 100k lines, bad last", ("sample", "--prompt-file", str(p / "many.txt"), *tm), 2,
+         "many.txt:100000"),
+        ("prompt file bad override", ("sample", "--prompt-file", str(p / "bad-override.txt"), *tm), 2, "bad-override.txt:1"),
+        ("prompt jsonl bad seed", ("sample", "--prompt-file", str(p / "bad.jsonl"), *tm), 2, "bad.jsonl:1"),
+        ("prompt file is a folder", ("sample", "--prompt-file", str(p), *tm), 2, str(p)),
+        ("image truncated", (*i2i, str(img / "truncated.png"), "x", *tm), 2, "truncated.png"),
+        ("image zero bytes", (*i2i, str(img / "zero.png"), "x", *tm), 2, "zero.png"),
+        ("image 1x1", (*i2i, str(img / "one.png"), "x", *tm), 2, "one.png"),
+        ("image decompression bomb", (*i2i, str(img / "bomb.png"), "x", *tm), 2, "bomb.png"),
+        ("image CMYK", (*i2i, str(img / "cmyk.jpg"), "x", *tm, "--steps", "2"), 0, None),
+        ("image 16-bit", (*i2i, str(img / "sixteen.png"), "x", *tm, "--steps", "2"), 0, None),
+        ("image palette", (*i2i, str(img / "palette.png"), "x", *tm, "--steps", "2"), 0, None),
+        ("image animated", (*i2i, str(img / "animated.gif"), "x", *tm, "--steps", "2"), 0, None),
+        ("img2img strength nan", (*i2i, str(img / "good.png"), "x", *tm, "--strength", "nan"), 2, "strength"),
+        ("model missing unet", ("sample", "x", "--model", str(m / "no-unet")), 2, "no-unet"),
+        ("model mismatched shapes", ("sample", "x", "--model", str(m / "shapes")), 2, "shapes"),
+        ("model corrupt header", ("sample", "x", "--model", str(m / "header")), 2, "header"),
+        ("model is an empty string", ("sample", "x", "--model", ""), 2, "model"),
+        ("info missing model", ("info", str(m / "nothing")), 2, "nothing"),
+        ("train --lr negative", (*tr, "--lr", "-1"), 2, "--lr"),
+        ("train --lr nan", (*tr, "--lr", "nan"), 2, "--lr"),
+        ("train --resolution 63", (*tr, "--resolution", "63"), 2, "--resolution"),
+        ("train --batch-size 0", (*tr, "--batch-size", "0"), 2, "--batch-size"),
+        ("train --max-steps -5", (*tr, "--max-steps", "-5"), 2, "--max-steps"),
+        ("train --max-steps and --epochs", (*tr, "--epochs", "1"), 2, "--epochs"),
+        ("train --mixed-precision bad", (*tr, "--mixed-precision", "fp4"), 2, "--mixed-precision"),
+        ("train --optimizer bad", (*tr, "--optimizer", "sgd"), 2, "--optimizer"),
+        ("train --caption-dropout 2", (*tr, "--caption-dropout", "2"), 2, "--caption-dropout"),
+        ("train --ema-decay 1", (*tr, "--ema-decay", "1"), 2, "--ema-decay"),
+        ("train --lora-rank with --from-scratch", (*tr, "--lora-rank", "4", "--from-scratch"), 2, "--lora-rank"),
+        ("train --unet-config bad JSON", (*tr, "--from-scratch", "--unet-config", str(m / "unet.json")), 2, "unet.json"),
+        ("train --resume missing", (*tr, "--resume", str(m / "nope")), 2, "--resume"),
+        ("train --resume latest, none", (*tr, "--resume", "latest"), 2, "no complete checkpoint"),
+        ("train data is a file", ("train", str(m / "unet.json"), *tm), 2, "unet.json"),
+        ("train data symlink loop + latin-1 caption, --strict", ("train", str(d), *tm, "--strict", "--max-steps", "1"),
+         2, "a.txt: caption is not UTF-8"),
+        ("train data symlink loop + latin-1 caption", ("train", str(d), *tm, "--resolution", "64", "--max-steps", "1",
+                                                       "--device", "cpu", "-q"), 0, None),
+    ]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, tiny_model, shapes):
+    return {c[0]: c[1:] for c in cases(tmp_path_factory.mktemp("bad-inputs"), tiny_model, shapes)}
+
+
+def _names():
+    import inspect
+
+    src = inspect.getsource(cases)
+    return [line.split('("', 1)[1].split('"', 1)[0] for line in src.splitlines() if line.strip().startswith('("')
+            and '", (' in line]
+
+
+@pytest.mark.parametrize("name", _names())
+def test_bad_input(name, table, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
+    args, code, text = table[name]
+    out = tmp_path / "out"
+    if args[0] != "info":
+        args = (*args, "--out", str(out))
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    if text is None:
+        assert e.value.code == 0, err
+        return
+    lines = err.strip().splitlines()
+    assert (e.value.code, len(lines)) == (code, 1), err
+    assert lines[0].startswith("ldm: error: ") and text in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not out.exists() or not any(out.rglob("*.png")) and not any(out.rglob("model_index.json"))
