@@ -126,36 +126,33 @@ class EncodedData:
     seconds: float
 
 
+def _load_or_encode(items: dict, key: str, encode, batch_size: int) -> tuple[dict, int]:
+    """items: {id: (cache file, input)}. Cached entries are loaded; the rest are encoded in batches of
+    inputs with `encode`, stored, and counted. Returns ({id: tensor}, number encoded)."""
+    out, todo = {}, []
+    for ident, (path, value) in items.items():
+        if path.is_file():
+            out[ident] = load_file(path)[key]
+        else:
+            todo.append((ident, path, value))
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        for (ident, path, _), tensor in zip(chunk, encode([value for _, _, value in chunk])):
+            _write_atomic({key: tensor}, path)
+            out[ident] = tensor.cpu()
+    return out, len(todo)
+
+
 def encode_dataset(examples: list[Example], folder: Path, resolution: int, encode_pixels, encode_captions,
                    batch_size: int = 8) -> EncodedData:
     """Load what `folder` has, encode (in batches) and store what it lacks, return it all."""
     t0 = time.perf_counter()
-    moments, context, todo_img, encoded = {}, {}, [], 0
-    for ex in examples:
-        path = folder / "img" / f"{file_sha256(ex.path)}.safetensors"
-        if path.is_file():
-            moments[ex.path] = load_file(path)["moments"]
-        else:
-            todo_img.append((ex, path))
-    for i in range(0, len(todo_img), batch_size):
-        chunk = todo_img[i:i + batch_size]
-        pixels = torch.stack([load_pixels(ex, resolution, random.Random(0)) for ex, _ in chunk])
-        for (ex, path), m in zip(chunk, encode_pixels(pixels)):
-            _write_atomic({"moments": m}, path)
-            moments[ex.path] = m.cpu()
-        encoded += len(chunk)
-    captions = sorted({ex.caption for ex in examples} | {""})
-    todo_txt = []
-    for cap in captions:
-        path = folder / "txt" / f"{text_sha256(cap)}.safetensors"
-        if path.is_file():
-            context[cap] = load_file(path)["context"]
-        else:
-            todo_txt.append((cap, path))
-    for i in range(0, len(todo_txt), batch_size):
-        chunk = todo_txt[i:i + batch_size]
-        for (cap, path), e in zip(chunk, encode_captions([cap for cap, _ in chunk])):
-            _write_atomic({"context": e}, path)
-            context[cap] = e.cpu()
-        encoded += len(chunk)
-    return EncodedData(moments, context, encoded, time.perf_counter() - t0)
+    images = {ex.path: (folder / "img" / f"{file_sha256(ex.path)}.safetensors", ex) for ex in examples}
+    moments, n_img = _load_or_encode(
+        images, "moments",
+        lambda exs: encode_pixels(torch.stack([load_pixels(ex, resolution, random.Random(0)) for ex in exs])),
+        batch_size)
+    captions = {cap: (folder / "txt" / f"{text_sha256(cap)}.safetensors", cap)
+                for cap in sorted({ex.caption for ex in examples} | {""})}
+    context, n_txt = _load_or_encode(captions, "context", encode_captions, batch_size)
+    return EncodedData(moments, context, n_img + n_txt, time.perf_counter() - t0)

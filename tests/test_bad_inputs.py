@@ -15,11 +15,10 @@ from PIL import Image
 from ldm_cli import cli
 
 
-def build_inputs(tmp, tiny_model, shapes):
+def build_inputs(tmp, tiny_model):
     img = tmp / "img"
     img.mkdir()
     Image.new("RGB", (64, 64), "red").save(img / "good.png")
-    (img / "good.png").read_bytes()
     (img / "truncated.png").write_bytes((img / "good.png").read_bytes()[:60])
     (img / "zero.png").write_bytes(b"")
     Image.new("RGB", (1, 1)).save(img / "one.png")
@@ -63,7 +62,7 @@ def build_inputs(tmp, tiny_model, shapes):
 
 
 def cases(tmp, tiny_model, shapes):
-    img, p, m, d = build_inputs(tmp, tiny_model, shapes)
+    img, p, m, d = build_inputs(tmp, tiny_model)
     tm = ("--model", str(tiny_model))
     s = ("sample", "x", *tm, "--steps", "1")
     i2i = ("img2img",)
