@@ -6,7 +6,8 @@ on weight values. Prints one JSON line per setting and a table; writes $OUT/gpu_
 
     python bench/gpu_sample.py --modes diffusers,none,graphs   # eager rows + CUDA graphs
     python bench/gpu_sample.py --modes compile                  # torch.compile + graphs (slow first time)
-A mode ending in -nhwc also converts the U-Net and VAE to channels_last.
+    python bench/gpu_sample.py --modes diffusers,diffusers-compile,compile   # acceptance: the anchor, same run
+A mode ending in -nhwc / -nchw forces channels_last on / off (default: on for compile only).
 """
 
 import argparse
@@ -69,6 +70,7 @@ def main():
     ap.add_argument("--img2img", action="store_true", help="also time img2img at strength 0.75")
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.float16
+    torch._dynamo.config.cache_size_limit = 64  # the anchor and ours compile the same U-Net code
     unet, vae, text = build(dev, dtype)
     with torch.no_grad():
         emb = text(torch.randint(0, 49408, (1, 77), device=dev))[0]
@@ -141,8 +143,34 @@ def main():
                     num_inference_steps=50, guidance_scale=7.5, generator=[torch.Generator("cpu").manual_seed(0)],
                     output_type="pt").images, kind="img2img")
             continue
+        if mode == "diffusers-compile":  # the anchor: ../shared/reference/anchor_diffusers.py's best setting
+            from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+            unet.to(memory_format=torch.channels_last)
+            vae.to(memory_format=torch.channels_last)
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet,
+                                           scheduler=DDIMScheduler.from_config(SCHED), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+            pipe.vae.decode = torch.compile(vae.decode, mode="reduce-overhead", fullgraph=True)
+            for bs in batches:
+                gens = lambda: [torch.Generator("cpu").manual_seed(i) for i in range(bs)]  # noqa: E731
+                run = lambda: pipe(  # noqa: E731
+                    prompt_embeds=emb.expand(bs, -1, -1), negative_prompt_embeds=neg.expand(bs, -1, -1),
+                    num_inference_steps=50, guidance_scale=7.5, generator=gens(), output_type="pt").images.clone()
+                t1 = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                record("diffusers channels_last + compile reduce-overhead", bs, run,
+                       first_call_s=round(time.perf_counter() - t1, 1))
+            del vae.decode  # ours must not run diffusers' compiled decode
+            unet.to(memory_format=torch.contiguous_format)
+            vae.to(memory_format=torch.contiguous_format)
+            continue
         t0 = time.perf_counter()
-        accelerate(c, mode.removesuffix("-nhwc"), channels_last=mode.endswith("-nhwc"))
+        layout = True if mode.endswith("-nhwc") else False if mode.endswith("-nchw") else None
+        accelerate(c, mode.removesuffix("-nhwc").removesuffix("-nchw"), channels_last=layout)
         for bs in batches:
             t1 = time.perf_counter()
             ours(bs)

@@ -62,8 +62,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LDM_CACHE_DIR", Path.home() / ".cache" / "ldm"))
 
 
-def accelerate(c: Components, mode: str = "auto", channels_last: bool = False, fuse_qkv: bool = True) -> Components:
-    """Make `c` fast on its device; a no-op on CPU (where `auto` means `none`)."""
+def accelerate(c: Components, mode: str = "auto", channels_last: bool | None = None,
+               fuse_qkv: bool = True) -> Components:
+    """Make `c` fast on its device; a no-op on CPU (where `auto` means `none`). channels_last=None:
+    on with compile (inductor writes NHWC GroupNorm kernels that eager PyTorch lacks), off otherwise."""
     check(mode in MODES, f"--accel must be one of {', '.join(MODES)}, got {mode!r}")
     if c.device.type != "cuda" or mode == "none":
         check(mode in ("auto", "none"), f"--accel {mode} needs a CUDA device")
@@ -73,9 +75,9 @@ def accelerate(c: Components, mode: str = "auto", channels_last: bool = False, f
     # cuDNN autotuning tries every algorithm for each new conv shape: seconds at start-up, which a
     # one-image run never earns back. Worth it only where the process is long anyway (compile).
     torch.backends.cudnn.benchmark = mode == "compile"
-    # channels_last is off by default: on an H100 it made batch 8 slower (GroupNorm's NHWC kernels are
+    # channels_last is off in eager modes: on an H100 it made batch 8 slower (GroupNorm's NHWC kernels are
     # slow in eager PyTorch), see bench/RESULTS.md.
-    if channels_last:
+    if channels_last if channels_last is not None else mode == "compile":
         c.unet.to(memory_format=torch.channels_last)
         c.vae.to(memory_format=torch.channels_last)
     if fuse_qkv and hasattr(c.unet, "fuse_qkv_projections"):
@@ -86,7 +88,20 @@ def accelerate(c: Components, mode: str = "auto", channels_last: bool = False, f
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        _tune_inductor()
         unet = torch.compile(c.unet, fullgraph=True, dynamic=False)
-        c.vae.decode = torch.compile(c.vae.decode, fullgraph=True, dynamic=False)
+        # The decoder module, not vae.decode: tiled decoding calls it once per (same-sized) tile.
+        c.vae.decoder = torch.compile(c.vae.decoder, fullgraph=True, dynamic=False)
     c.unet_runner = GraphedUNet(unet)
     return c
+
+
+def _tune_inductor() -> None:
+    """Inductor settings from PyTorch's "Diffusion, Fast" recipe that cost no compile time: 1x1
+    convolutions as matmuls (fusable with their neighbours), and no epilogue fusion into matmul
+    templates. Its coordinate-descent tuning of Triton block sizes is left off: on an H100 the first
+    compile at batch 1 had not finished after 400 s (bench/RESULTS.md)."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.epilogue_fusion = False

@@ -19,11 +19,21 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ldm_cli.errors import LdmError
 
 MANIFEST = "manifest.json"
+# What a failed write raises: safetensors reports a full disk as its own error type, not OSError.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def write_failed(what: Path, e: Exception) -> LdmError:
+    """The one-line error for a write that failed (disk full, quota, permissions)."""
+    reason = getattr(e, "strerror", None) or str(e).removeprefix("Error while serializing: ")
+    return LdmError(f"{what}: cannot write ({reason}); the last checkpoint is intact: free some space and "
+                    "continue with --resume latest", 1)
 
 
 def _digest(path: Path) -> str:
@@ -63,10 +73,9 @@ def save_checkpoint(root: Path, step: int, trainable: dict, ema: dict | None, st
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, final)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LdmError(f"{final}: cannot write checkpoint ({e.strerror or e}); the previous checkpoint is "
-                       "intact: free some space and continue with --resume latest", 1) from None
+        raise write_failed(final, e) from None
     for old in checkpoints(root)[:-keep]:  # renamed out of the listing first: a kill mid-delete hides nothing
         doomed = root / f".tmp-delete-{old.name}-{os.getpid()}"
         os.replace(old, doomed)

@@ -21,6 +21,13 @@ try:  # typer >= 0.26 carries its own copy of click
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
+# diffusers/transformers print advice and progress bars at import and on every save; ldm has its own
+# output. Set here, before the commands import them: what they print at import time comes too early
+# for their set_verbosity functions.
+for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                      ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+    os.environ.setdefault(_name, _value)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Text-to-image latent diffusion: sample, img2img, train, info.")
 
@@ -49,6 +56,7 @@ Debug = Annotated[bool, typer.Option(help="Show tracebacks.")]
 Accel = Annotated[str, typer.Option(help="auto (CUDA graphs on CUDA), none, graphs, compile.")]
 Lora = Annotated[Optional[str], typer.Option(help="LoRA file (or folder) to apply, e.g. OUT/lora from ldm train.")]
 LoraScale = Annotated[float, typer.Option(help="LoRA strength (1: as trained).")]
+VaeTiling = Annotated[str, typer.Option(help="Tiled VAE decode/encode: auto (above 1024x1024 pixels), on, off.")]
 
 
 def _jobs_and_model(prompt, prompt_file, from_png, settings_kw, seed, num_images, model, init_images=(None,)):
@@ -71,7 +79,7 @@ def _jobs_and_model(prompt, prompt_file, from_png, settings_kw, seed, num_images
 
 
 def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, accel, out, overwrite, grid, batch_size,
-         as_json, quiet, lora=None, lora_scale=1.0):
+         as_json, quiet, lora=None, lora_scale=1.0, vae_tiling="auto"):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -80,7 +88,7 @@ def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, accel, out,
     err = Console(stderr=True, quiet=quiet)
     show_progress = not quiet and err.is_terminal  # bars in a log file are noise
     with err.status("loading model", spinner="dots") if show_progress else nullcontext():
-        components = load(model, device, dtype, allow_unsafe_pickle, config, accel, lora, lora_scale)
+        components = load(model, device, dtype, allow_unsafe_pickle, config, accel, lora, lora_scale, vae_tiling)
     output = Output(out, overwrite=overwrite, grid=grid)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
@@ -116,7 +124,7 @@ def sample(
     batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
     model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
     allow_unsafe_pickle: Unsafe = False, accel: Accel = "auto", lora: Lora = None, lora_scale: LoraScale = 1.0,
-    out: Out = Path("outputs"), grid: Grid = False,
+    vae_tiling: VaeTiling = "auto", out: Out = Path("outputs"), grid: Grid = False,
     overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False, debug: Debug = False,
 ):
     """Generate images from text."""
@@ -124,7 +132,7 @@ def sample(
     jobs, model = _jobs_and_model(prompt, prompt_file, from_png, kw, seed, num_images, model)
     _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, accel=accel,
          out=out, overwrite=overwrite, grid=grid, batch_size=batch_size, as_json=as_json, quiet=quiet,
-         lora=lora, lora_scale=lora_scale)
+         lora=lora, lora_scale=lora_scale, vae_tiling=vae_tiling)
 
 
 @app.command()
@@ -137,7 +145,7 @@ def img2img(
     batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
     model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
     allow_unsafe_pickle: Unsafe = False, accel: Accel = "auto", lora: Lora = None, lora_scale: LoraScale = 1.0,
-    out: Out = Path("outputs"), grid: Grid = False,
+    vae_tiling: VaeTiling = "auto", out: Out = Path("outputs"), grid: Grid = False,
     overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False, debug: Debug = False,
 ):
     """Generate images starting from an image (SDEdit)."""
@@ -148,7 +156,7 @@ def img2img(
     jobs, model = _jobs_and_model(prompt, prompt_file, None, kw, seed, num_images, model, init_images)
     _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, accel=accel,
          out=out, overwrite=overwrite, grid=grid, batch_size=batch_size, as_json=as_json, quiet=quiet,
-         lora=lora, lora_scale=lora_scale)
+         lora=lora, lora_scale=lora_scale, vae_tiling=vae_tiling)
 
 
 @app.command()

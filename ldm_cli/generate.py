@@ -62,9 +62,12 @@ def generate(c: Components, jobs: list[Job], out: Output, batch_size: int, on_im
 
 
 def load(model: str | None, device: str, dtype: str, allow_unsafe_pickle: bool, config: str | None,
-         accel: str = "auto", lora: str | None = None, lora_scale: float = 1.0) -> Components:
+         accel: str = "auto", lora: str | None = None, lora_scale: float = 1.0,
+         vae_tiling: str = "auto") -> Components:
     from ldm_cli.accel import accelerate
+    from ldm_cli.models import VAE_TILING
 
+    check(vae_tiling in VAE_TILING, f"--vae-tiling must be auto, on or off, got {vae_tiling!r}")
     check(model is None or model.strip() != "", "--model is empty: give a folder, a .safetensors file or a hub id")
     c = load_components(model or default_model(), device=device, dtype=dtype,
                         allow_unsafe_pickle=allow_unsafe_pickle, config=config)
@@ -74,4 +77,5 @@ def load(model: str | None, device: str, dtype: str, allow_unsafe_pickle: bool, 
         check(math.isfinite(lora_scale), f"--lora-scale must be a finite number, got {lora_scale}")
         apply_lora(c, lora, lora_scale, allow_unsafe_pickle)
         c.lora = f"{lora}@{lora_scale:g}"
+    c.vae_tiling = vae_tiling
     return accelerate(c, accel)

@@ -3,9 +3,11 @@
 import json
 import os
 import re
+import struct
 import tempfile
 import unicodedata
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,9 @@ from ldm_cli.errors import RUNTIME, LdmError, check
 MAX_PIXELS = 8192 * 8192  # refuse larger images instead of decompressing them (decompression bombs)
 MAX_METADATA_BYTES = 1 << 20
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What PIL raises on damaged files besides OSError: a PNG with a cut-short header gives ValueError or
+# SyntaxError, a broken compressed stream zlib.error, a short chunk struct.error (all found by fuzzing).
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
@@ -36,7 +41,7 @@ def open_image(path: str | Path) -> Image.Image:
         raise LdmError(f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first") from None
     except FileNotFoundError:
         raise LdmError(f"{path}: no such image file") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
+    except UNREADABLE as e:
         raise LdmError(f"{path}: cannot read image ({_first_line(e)})") from None
 
 
@@ -59,13 +64,15 @@ def _first_line(e: BaseException) -> str:
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) from the header only, with the same errors as open_image."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
+        with warnings.catch_warnings():  # the header alone is read; the size is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
     except Image.DecompressionBombError:  # PIL refuses past 2x its own limit before we see the size
         raise LdmError(f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first") from None
     except FileNotFoundError:
         raise LdmError(f"{path}: no such image file") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except UNREADABLE as e:
         raise LdmError(f"{path}: cannot read image ({_first_line(e)})") from None
     check(w * h <= MAX_PIXELS, f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first")
     check(w >= 8 and h >= 8, f"{path}: image is {w}x{h}; img2img needs at least 8x8 pixels")
@@ -137,10 +144,14 @@ def read_png_job(path: str | Path) -> tuple[Job, str]:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with Image.open(path) as im:
-            check(im.format == "PNG", f"{path}: not a PNG file")
-            text = im.text.get("ldm") if hasattr(im, "text") else None
-    except OSError as e:
+        with warnings.catch_warnings():  # only the text chunks are read, never the pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check(im.format == "PNG", f"{path}: not a PNG file")
+                text = im.text.get("ldm") if hasattr(im, "text") else None
+    except Image.DecompressionBombError:
+        raise LdmError(f"{path}: image is larger than {MAX_PIXELS} pixels; not an ldm PNG") from None
+    except UNREADABLE as e:
         raise LdmError(f"{path}: cannot read PNG ({_first_line(e)})") from None
     check(size >= 0 and text is not None, f"{path}: PNG has no ldm metadata; was it made by ldm?")
     check(len(text) <= MAX_METADATA_BYTES, f"{path}: ldm metadata is too large")
@@ -152,7 +163,7 @@ def read_png_job(path: str | Path) -> tuple[Job, str]:
         check(isinstance(data["prompt"], str) and isinstance(data["model"], str), "prompt and model must be text")
         check(isinstance(data["seed"], int) and 0 <= job.seed <= MAX_SEED, "seed out of range")
         return job, data["model"]
-    except (ValueError, KeyError, TypeError, OverflowError, LdmError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, LdmError) as e:
         raise LdmError(f"{path}: ldm metadata is damaged ({_first_line(e)})") from None
 
 

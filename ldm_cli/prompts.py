@@ -80,6 +80,8 @@ def parse_json_line(line: str, where: str) -> tuple[str, dict]:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise LdmError(f"{where}not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # "[[[[..." thousands deep: Python's parser gives up before the line ends
+        raise LdmError(f"{where}JSON nested too deeply") from None
     check(isinstance(obj, dict) and isinstance(obj.get("prompt"), str),
           f"{where}expected a JSON object with a \"prompt\" string")
     return obj.pop("prompt"), {k: convert(k, v, where) for k, v in obj.items()}

@@ -347,11 +347,17 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
             record = {"step": step, "loss": value, "lr": lr, "elapsed_s": round(elapsed, 3),
                       "images_per_s": round(images_done / elapsed, 3) if elapsed > 0 else None}
             if log is not None:
-                log.write(json.dumps(record) + "\n")
+                try:
+                    log.write(json.dumps(record) + "\n")
+                except checkpoints.WRITE_ERRORS as e:
+                    raise checkpoints.write_failed(out / "log.jsonl", e) from None
                 if on_log is not None:
                     on_log(record, max_steps)
         if log is not None:
-            log.flush()
+            try:
+                log.flush()
+            except checkpoints.WRITE_ERRORS as e:
+                raise checkpoints.write_failed(out / "log.jsonl", e) from None
         pending.clear()
 
     _interrupt_on_sigterm()
@@ -416,15 +422,23 @@ def _write_outputs(unet, c: Components, cfg: TrainConfig, out: Path, name: str) 
     """OUT/model (a diffusers folder) or OUT/lora (diffusers' LoRA file), written atomically."""
     final, tmp = out / name, out / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.lora_rank:
-        from ldm_cli.lora import save_lora
+    try:
+        if cfg.lora_rank:
+            from ldm_cli.lora import save_lora
 
-        save_lora(unet, tmp)
+            save_lora(unet, tmp)
+        else:
+            save_components(replace(c, unet=unet), tmp)
+    except checkpoints.WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise checkpoints.write_failed(final, e) from None
+    if final.exists():  # renamed away before deletion: a kill in between leaves the new one in place
+        old = out / f".tmp-old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     else:
-        save_components(replace(c, unet=unet), tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        os.replace(tmp, final)
     return final
 
 

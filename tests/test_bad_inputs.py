@@ -81,6 +81,7 @@ def cases(tmp, tiny_model, shapes):
         ("sample --dtype bad", (*s, "--dtype", "fp8"), 2, "dtype"),
         ("sample --device bad", (*s, "--device", "tpu"), 2, "device"),
         ("sample --accel bad", (*s, "--accel", "turbo"), 2, "accel"),
+        ("sample --vae-tiling bad", (*s, "--vae-tiling", "sometimes"), 2, "vae-tiling"),
         ("sample --lora missing", (*s, "--lora", str(m / "nope.safetensors")), 2, "--lora"),
         ("sample --lora pickle", (*s, "--lora", str(m / "lora.bin")), 2, "--allow-unsafe-pickle"),
         ("sample --lora-scale nan", (*s, "--lora", str(m / "lora.bin"), "--lora-scale", "nan"), 2, "lora-scale"),

@@ -75,7 +75,10 @@ def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(shapes, tiny_model, tmp_path):
     out = tmp_path / "run"
-    proc = start(train_args(shapes, tiny_model, out, tmp_path / "c"))
+    # A run far longer than the test waits, so that a busy machine cannot let it finish before the
+    # signal (that raced once under two test workers: the run ended, then got a SIGINT it never saw).
+    long_run = [a if a != str(STEPS) else "100000" for a in train_args(shapes, tiny_model, out, tmp_path / "c")]
+    proc = start(long_run)
     while not (out / "log.jsonl").is_file() or len(losses(out)) < 3:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
@@ -86,8 +89,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(shapes, tiny_model, tmp_pat
     assert lines[0].startswith("ldm: error: interrupted at step ") and "--resume latest" in lines[0]
     step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
     assert saved_steps(out / "checkpoints") == [step]
-    resumed = start(train_args(shapes, tiny_model, out, tmp_path / "c") + ["--resume", "latest"])
-    assert resumed.wait(timeout=300) == 0
+    resumed = start([a if a != "100000" else str(step + 2) for a in long_run] + ["--resume", "latest"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())][-2:] == [step + 1, step + 2]
 
 
 def small_cfg(shapes, model, tmp_path, **kw):
@@ -127,3 +132,61 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(shapes, tiny_model,
     assert saved_steps(root) == [2] and not list(root.glob(".tmp-*"))
     assert {p.name: p.read_bytes() for p in (root / "step-0000002").iterdir()} == before
     assert json.loads((root / "step-0000002" / "manifest.json").read_text())
+
+
+FILL_A_REAL_DISK = r"""
+import json, os, shutil, subprocess, sys, time
+mount, copy_to, *cmd = sys.argv[1:]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mount], check=True)
+proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+root = os.path.join(mount, "run", "checkpoints")
+while proc.poll() is None and not os.path.isdir(os.path.join(root, "step-0000002")):
+    time.sleep(0.01)
+filled = 0
+try:  # another program takes every free byte while training goes on
+    with open(os.path.join(mount, "filler"), "wb") as f:
+        while True:
+            f.write(b"\0" * (1 << 16)); f.flush(); filled += 1 << 16
+except OSError:
+    pass
+out, err = proc.communicate(timeout=240)
+shutil.copytree(os.path.join(mount, "run"), copy_to, symlinks=True)
+json.dump({"rc": proc.returncode, "stderr": err, "filled": filled}, open(copy_to + ".json", "w"))
+"""
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoints(shapes, tiny_model, tmp_path):
+    """The output folder is a 64 MB tmpfs that another writer fills up mid-run (in a private mount
+    namespace, so no root is needed where user namespaces are allowed)."""
+    import shutil
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small tmpfs")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    args = train_args(shapes, tiny_model, mount / "run", tmp_path / "c") + [
+        "--checkpoint-every", "1", "--keep-checkpoints", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(["unshare", "-rm", sys.executable, "-c", FILL_A_REAL_DISK, str(mount), str(tmp_path / "after"),
+                    LDM, *args], check=True, env=env, timeout=300)
+    result = json.loads((tmp_path / "after.json").read_text())
+    lines = result["stderr"].strip().splitlines()
+    assert result["rc"] == 1 and len(lines) == 1 and "Traceback" not in result["stderr"], result
+    assert "No space left on device" in lines[0] and "--resume latest" in lines[0], lines[0]
+    root = tmp_path / "after" / "checkpoints"
+    steps = saved_steps(root)
+    assert steps and steps[-1] >= 2 and not list(root.glob(".tmp-*")), sorted(p.name for p in root.iterdir())
+    assert all(checkpoints.verify(root / f"step-{s:07d}") is None for s in steps)
+    # On a disk with room again, the run continues from the last checkpoint and ends where an
+    # uninterrupted run ends, bit for bit.
+    resumed = subprocess.run([LDM, *train_args(shapes, tiny_model, tmp_path / "after", tmp_path / "c"),
+                              "--resume", "latest"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = subprocess.run([LDM, *train_args(shapes, tiny_model, tmp_path / "straight", tmp_path / "c")],
+                              capture_output=True, text=True, env=env)
+    assert straight.returncode == 0 and straight.stderr == "", straight.stderr  # -q: nothing from the libraries
+    print(f"disk filled ({result['filled'] >> 20} MiB by another writer) after step {steps[-1]}; "
+          f"message: {lines[0]}")
+    assert same_weights(unet_weights(tmp_path / "straight" / "model"), unet_weights(tmp_path / "after" / "model"))

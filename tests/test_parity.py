@@ -103,3 +103,25 @@ def test_schedule_matches_diffusers(config, spacing, steps):
     assert torch.equal(ours.final_alpha_bar, ref.final_alpha_cumprod)
     ref.set_timesteps(steps)
     assert ddim_timesteps(ours, steps) == ref.timesteps.tolist()
+
+
+def test_tiled_vae_decode_matches_diffusers(tiny_model):
+    """--vae-tiling on equals diffusers' pipeline with vae.enable_tiling() (the tiny VAE tiles at 64 px, so a
+    160x128 image is 3x2 overlapping tiles), and differs from the untiled image only at the seams."""
+    c = ours_loaded(tiny_model)
+    s = Settings(steps=5, cfg=7.5, width=160, height=128)
+    pipe = reference(tiny_model)
+    try:
+        c.vae_tiling = "on"
+        tiled = pipeline.txt2img(c, ["a red cat"], [""], [3], s).permute(0, 2, 3, 1).numpy()
+        c.vae_tiling = "off"
+        untiled = pipeline.txt2img(c, ["a red cat"], [""], [3], s).permute(0, 2, 3, 1).numpy()
+        pipe.vae.enable_tiling()
+        theirs = pipe("a red cat", num_inference_steps=5, guidance_scale=7.5, height=128, width=160,
+                      generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
+    finally:
+        c.vae_tiling = "auto"
+        pipe.vae.disable_tiling()
+    assert np.abs(tiled - theirs).max() <= TOL
+    assert np.abs(tiled - untiled).max() > 100 * TOL  # tiling really happened
+    assert np.abs(tiled - untiled).mean() < 0.05
