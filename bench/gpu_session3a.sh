@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Session 3, device call 1: where loading spends its time, fresh `ldm sample` processes, tiled decode
 # at 1024 px, and the tuned compile at batch 1. Logs under $OUT.
+# LDM_FAST_LOAD switched a loader of our own that this call measured as no faster; it was removed after
+# it, so today both settings run the same diffusers loading.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LDM_CACHE_DIR=/tmp/ldm-cache
 python3 bench/make_sd15_random.py /tmp/sd15 > $OUT/make.log 2>&1

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Session 3, device call 2: the tuned compile at batch 1 and 8, then fresh `ldm sample` processes with
 # Python's bytecode cache writable (as any pip install has it). Logs under $OUT.
+# Mistake kept for the record: PYTHONPYCACHEPREFIX does not undo the device's PYTHONDONTWRITEBYTECODE=1 and
+# makes Python ignore the existing __pycache__ folders, so these processes were slower (32-37 s);
+# gpu_session3d.sh unsets PYTHONDONTWRITEBYTECODE instead.
 python3 -c "import sys, os; print('dont_write_bytecode', sys.dont_write_bytecode, 'prefix', sys.pycache_prefix, 'torch dir writable', os.access(__import__('torch').__path__[0], os.W_OK))" | tee $OUT/env.txt
 env | grep -i python | tee -a $OUT/env.txt
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

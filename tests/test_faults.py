@@ -27,9 +27,18 @@ def train_args(shapes, model, out, cache):
             "--cache-dir", str(cache), "-q"]
 
 
+def as_from_a_terminal():
+    """Ctrl-C as a shell delivers it: SIGINT at its default, not blocked. A pytest-xdist worker can hand
+    its children SIGINT ignored or blocked (seen in the full suite only), and a child that inherits
+    that rightly never sees the signal."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([LDM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([LDM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=as_from_a_terminal)
 
 
 def saved_steps(root):
