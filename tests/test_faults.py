@@ -92,7 +92,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(shapes, tiny_model, tmp_pat
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a 100,000-step run behind if the signal was not seen
     lines = err.strip().splitlines()
     assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("ldm: error: interrupted at step ") and "--resume latest" in lines[0]
