@@ -271,7 +271,6 @@ def use_vae_tiling(c: Components, height: int, width: int) -> None:
     SD, overlapping by 1/4 and blended) bound the decoder's activation memory, which otherwise grows
     with the image area (the 128-channel full-resolution maps are the largest tensors of sampling);
     the blended seams differ slightly from an untiled decode, so small images are not tiled."""
-    check(c.vae_tiling in VAE_TILING, f"--vae-tiling must be auto, on or off, got {c.vae_tiling!r}")
     if hasattr(c.vae, "use_tiling"):
         c.vae.use_tiling = c.vae_tiling == "on" or (c.vae_tiling == "auto" and height * width > TILE_ABOVE_PIXELS)
 

@@ -343,22 +343,20 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
             return
         values = torch.stack([loss for _, loss, _ in pending]).float().cpu().tolist()  # one sync per flush
         elapsed = time.perf_counter() - t_start
-        for (step, _, lr), value in zip(pending, values):
-            record = {"step": step, "loss": value, "lr": lr, "elapsed_s": round(elapsed, 3),
-                      "images_per_s": round(images_done / elapsed, 3) if elapsed > 0 else None}
-            if log is not None:
-                try:
-                    log.write(json.dumps(record) + "\n")
-                except checkpoints.WRITE_ERRORS as e:
-                    raise checkpoints.write_failed(out / "log.jsonl", e) from None
-                if on_log is not None:
-                    on_log(record, max_steps)
-        if log is not None:
-            try:
-                log.flush()
-            except checkpoints.WRITE_ERRORS as e:
-                raise checkpoints.write_failed(out / "log.jsonl", e) from None
+        records = [{"step": step, "loss": value, "lr": lr, "elapsed_s": round(elapsed, 3),
+                    "images_per_s": round(images_done / elapsed, 3) if elapsed > 0 else None}
+                   for (step, _, lr), value in zip(pending, values)]
         pending.clear()
+        if log is None:
+            return
+        try:
+            log.write("".join(json.dumps(r) + "\n" for r in records))
+            log.flush()
+        except checkpoints.WRITE_ERRORS as e:
+            raise checkpoints.write_failed(out / "log.jsonl", e) from None
+        if on_log is not None:
+            for r in records:
+                on_log(r, max_steps)
 
     _interrupt_on_sigterm()
     step = start
