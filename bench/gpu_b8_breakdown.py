@@ -1,0 +1,192 @@
+"""Where the time of one batch-8 (CFG batch 16) SD-1.5 U-Net call goes, and what changes it.
+
+On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.py's `build`):
+1. attention alone, per SD-1.5 attention shape at batch 16, for each SDPA backend (flash, efficient,
+   cuDNN): ms per call and TFLOP/s, and the attention time one U-Net call would spend with each;
+2. the U-Net compiled as `ldm --accel compile` compiles it, once per variant (`--variants`), each timed
+   over `--calls` calls and profiled: kernel time by kind (convolution, matmul, attention, Triton
+   fused kernels, other) and the top kernels. Variants: `base` (today's settings), `cudnn-attn`
+   (cuDNN attention first, flash where cuDNN declines), `freeze` (inductor freezing: weights become
+   constants, so convolution weights are laid out once), `autotune-mm` (inductor autotunes its
+   matmuls against Triton templates; slow to compile);
+3. the compiled VAE decoder at batch 8.
+Prints JSON lines and a table; writes $OUT/b8_breakdown.jsonl.
+
+    python bench/gpu_b8_breakdown.py --variants base,cudnn-attn,freeze
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_sample import build  # noqa: E402
+
+BATCH = 16  # batch 8 with classifier-free guidance
+# SD-1.5 attention per U-Net call: (query tokens, channels, how many transformer blocks at that size)
+LEVELS = [(4096, 320, 5), (1024, 640, 5), (256, 1280, 5), (64, 1280, 1)]
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}
+OUT_ROWS = []
+
+
+def emit(row):
+    OUT_ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def cuda_ms(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def attention_table(dev):
+    """SDPA alone, in diffusers' layout (B, L, H*D) viewed as (B, H, L, D)."""
+    per_call = {name: 0.0 for name in BACKENDS}
+    for tokens, channels, blocks in LEVELS:
+        for kind, keys in (("self", tokens), ("cross", 77)):
+            q = torch.randn(BATCH, tokens, channels, device=dev, dtype=torch.float16)
+            kv = torch.randn(BATCH, keys, channels, device=dev, dtype=torch.float16)
+            split = lambda t: t.view(BATCH, -1, 8, channels // 8).transpose(1, 2)  # noqa: E731
+            flops = 4 * BATCH * tokens * keys * channels
+            row = dict(attention=kind, tokens=tokens, keys=keys, head_dim=channels // 8, blocks=blocks)
+            for name, backend in BACKENDS.items():
+                try:
+                    with sdpa_kernel(backend):
+                        ms = cuda_ms(lambda: F.scaled_dot_product_attention(split(q), split(kv), split(kv)))
+                    row[f"{name}_ms"] = round(ms, 4)
+                    row[f"{name}_tflops"] = round(flops / ms / 1e9, 1)
+                    per_call[name] += ms * blocks
+                except RuntimeError as e:
+                    row[f"{name}_ms"] = None
+                    row[f"{name}_error"] = str(e).splitlines()[0][:80]
+                    per_call[name] = float("nan")
+            emit(row)
+    emit({"attention_ms_per_unet_call": {k: round(v, 3) for k, v in per_call.items()}})
+
+
+def kind_of(kernel):
+    k = kernel.lower()
+    if any(s in k for s in ("flash", "fmha", "sdpa", "attn", "attention")):
+        return "attention"
+    if k.startswith("triton") or "triton_" in k:
+        return "triton fused"
+    if any(s in k for s in ("conv", "fprop", "dgrad", "implicit", "winograd", "nchwtonhwc", "nhwctonchw")):
+        return "convolution"
+    if any(s in k for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas")):
+        return "matmul"
+    return "other"
+
+
+def profile_kinds(fn, calls=3):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.self_device_time_total / calls / 1000, e.count // calls)
+               for e in prof.key_averages() if e.self_device_time_total > 0]
+    kinds = {}
+    for name, ms, _ in kernels:
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0) + ms
+    top = sorted(kernels, key=lambda k: -k[1])[:15]
+    return ({k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            [(n[:90], round(ms, 3), count) for n, ms, count in top])
+
+
+def configure(variant):
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    inductor.conv_1x1_as_mm = True
+    inductor.epilogue_fusion = False
+    inductor.freezing = "freeze" in variant
+    inductor.max_autotune_gemm = "autotune-mm" in variant
+    inductor.max_autotune_gemm_backends = "ATEN,TRITON"
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH] if "cudnn-attn" in variant else [
+        SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="base,cudnn-attn,freeze")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--skip-vae", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    emit(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+              cudnn=torch.backends.cudnn.version()))
+    if not args.skip_attention:
+        attention_table(dev)
+    unet, vae, _ = build(dev, torch.float16)
+    unet.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)
+    unet.fuse_qkv_projections()
+    g = torch.Generator(dev).manual_seed(0)
+    x = torch.randn(BATCH, 4, 64, 64, device=dev, dtype=torch.float16, generator=g)
+    t = torch.full((BATCH,), 500, device=dev)
+    ctx = torch.randn(BATCH, 77, 768, device=dev, dtype=torch.float16, generator=g)
+    reference = None
+    for variant in args.variants.split(","):
+        with torch.no_grad(), configure(variant):
+            compiled = torch.compile(unet, fullgraph=True, dynamic=False)
+            call = lambda: compiled(x, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
+            t0 = time.perf_counter()
+            out = call().clone()
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            ms = cuda_ms(call, args.calls)
+            kinds, top = profile_kinds(call)
+        if reference is None:
+            reference = out
+        diff = (out.float() - reference.float()).abs()
+        emit(dict(variant=variant, compile_s=round(compile_s, 1), unet_ms_batch16=round(ms, 3),
+                  images_per_s_unet_only=round(8 / (50 * ms / 1000), 3), kinds_ms=kinds,
+                  max_abs_vs_first=round(diff.max().item(), 5), mean_abs_vs_first=round(diff.mean().item(), 6),
+                  top_kernels=top))
+    if not args.skip_vae:
+        with torch.no_grad(), configure("base"):
+            decoder = torch.compile(vae.decoder, fullgraph=True, dynamic=False)
+            z = torch.randn(8, 4, 64, 64, device=dev, dtype=torch.float16)
+            t0 = time.perf_counter()
+            decoder(z)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            ms = cuda_ms(lambda: decoder(z), 5)
+            kinds, top = profile_kinds(lambda: decoder(z), 1)
+        emit(dict(vae_decoder_batch8_ms=round(ms, 2), compile_s=round(compile_s, 1), kinds_ms=kinds, top_kernels=top[:8]))
+    print("\n| variant | compile s | U-Net ms (batch 16) | images/s (U-Net only) | kernel ms by kind |")
+    print("|---|---|---|---|---|")
+    for r in OUT_ROWS:
+        if "variant" in r:
+            print(f"| {r['variant']} | {r['compile_s']} | {r['unet_ms_batch16']} | {r['images_per_s_unet_only']} | "
+                  f"{r['kinds_ms']} |")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "b8_breakdown.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in OUT_ROWS)
+
+
+if __name__ == "__main__":
+    main()
