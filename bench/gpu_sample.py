@@ -7,9 +7,7 @@ on weight values. Prints one JSON line per setting and a table; writes $OUT/gpu_
     python bench/gpu_sample.py --modes diffusers,none,graphs   # eager rows + CUDA graphs
     python bench/gpu_sample.py --modes compile                  # torch.compile + graphs (slow first time)
     python bench/gpu_sample.py --modes diffusers,diffusers-compile,compile   # acceptance: the anchor, same run
-A mode ending in -nhwc / -nchw forces channels_last on / off (default: on for compile only); one with
--flash keeps PyTorch's default attention kernels (ldm prefers cuDNN's on Hopper).
-ldm modes run after diffusers ones: accelerate() changes the shared U-Net (fused QKV, processors).
+A mode ending in -nhwc / -nchw forces channels_last on / off (default: on for compile only).
 """
 
 import argparse
@@ -171,9 +169,8 @@ def main():
             vae.to(memory_format=torch.contiguous_format)
             continue
         t0 = time.perf_counter()
-        base, *flags = mode.split("-")
-        layout = True if "nhwc" in flags else False if "nchw" in flags else None
-        accelerate(c, base, channels_last=layout, cudnn_attention=False if "flash" in flags else None)
+        layout = True if mode.endswith("-nhwc") else False if mode.endswith("-nchw") else None
+        accelerate(c, mode.removesuffix("-nhwc").removesuffix("-nchw"), channels_last=layout)
         for bs in batches:
             t1 = time.perf_counter()
             ours(bs)

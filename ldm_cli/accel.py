@@ -1,4 +1,4 @@
-"""GPU speed: channels_last, fused QKV, cuDNN attention, CUDA graphs for the U-Net, optional torch.compile.
+"""GPU speed: channels_last, fused QKV, CUDA graphs for the U-Net, optional torch.compile.
 
 Why CUDA graphs: at batch 1 an SD-1.5 U-Net call is ~1,000 small kernels, and eager PyTorch spends
 longer launching them from Python than the GPU spends running them (diffusers' default: 44 ms per
@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm_cli.errors import check
 from ldm_cli.models import Components
@@ -59,47 +58,14 @@ class GraphedUNet:
         return graph, inputs, out
 
 
-class CudnnFirstAttention:
-    """A diffusers attention processor whose long attentions run on cuDNN's fused kernel.
-
-    Why: on an H100 SD-1.5's 4096-token self-attention (head dim 40) took 2.16 ms per batch-16 call
-    on PyTorch's default flash kernel (FlashAttention-2, which pads the head to 64) and 1.16 ms on
-    cuDNN's; attention was a third of a batch-8 U-Net call (bench/RESULTS.md, session 4). Below
-    `min_tokens` the default kernels were as fast or faster, so short attentions are left alone.
-    Where cuDNN declines a shape, SDPA falls back to the next backend in the priority list.
-    """
-
-    PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                SDPBackend.MATH]
-
-    def __init__(self, inner, min_tokens: int = 1024):
-        self.inner = inner
-        self.min_tokens = min_tokens
-
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
-        if tokens < self.min_tokens:
-            return self.inner(attn, hidden_states, *args, **kwargs)
-        with sdpa_kernel(self.PRIORITY, set_priority=True):  # torch.compile traces this choice
-            return self.inner(attn, hidden_states, *args, **kwargs)
-
-
-def prefer_cudnn_attention(unet, on: bool = True) -> None:
-    """Wrap (on) or unwrap (off) every attention processor of `unet`; call it after
-    fuse_qkv_projections, which replaces them."""
-    inner = {name: getattr(p, "inner", p) for name, p in unet.attn_processors.items()}
-    unet.set_attn_processor({name: CudnnFirstAttention(p) for name, p in inner.items()} if on else inner)
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("LDM_CACHE_DIR", Path.home() / ".cache" / "ldm"))
 
 
 def accelerate(c: Components, mode: str = "auto", channels_last: bool | None = None,
-               fuse_qkv: bool = True, cudnn_attention: bool | None = None) -> Components:
+               fuse_qkv: bool = True) -> Components:
     """Make `c` fast on its device; a no-op on CPU (where `auto` means `none`). channels_last=None:
-    on with compile (inductor writes NHWC GroupNorm kernels that eager PyTorch lacks), off otherwise.
-    cudnn_attention=None: on for Hopper and newer GPUs (measured on an H100 only)."""
+    on with compile (inductor writes NHWC GroupNorm kernels that eager PyTorch lacks), off otherwise."""
     check(mode in MODES, f"--accel must be one of {', '.join(MODES)}, got {mode!r}")
     if c.device.type != "cuda" or mode == "none":
         check(mode in ("auto", "none"), f"--accel {mode} needs a CUDA device")
@@ -116,9 +82,6 @@ def accelerate(c: Components, mode: str = "auto", channels_last: bool | None = N
         c.vae.to(memory_format=torch.channels_last)
     if fuse_qkv and hasattr(c.unet, "fuse_qkv_projections"):
         c.unet.fuse_qkv_projections()  # one (3x wider) matmul instead of three for q, k, v
-    if cudnn_attention is None:
-        cudnn_attention = torch.cuda.get_device_capability(c.device)[0] >= 9
-    prefer_cudnn_attention(c.unet, cudnn_attention)
     unet = c.unet
     if mode == "compile":
         # Inductor's caches on disk make the second process compile from cache, not from scratch.
