@@ -64,8 +64,14 @@ def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path
                     during_save += 1
                     break
                 time.sleep(0.001)
-        else:  # kill at a random moment: loading takes ~6 s here, then a step and a checkpoint ~0.25 s
-            time.sleep(rng.uniform(4.0, 9.0))
+        else:  # a random moment: while loading (k = 0), or k steps in plus a random part of a step. Counted in
+            # steps, not seconds, so that a fast machine cannot finish all 60 steps before the mid-save kills.
+            k = rng.randint(0, 3)
+            if k == 0:
+                time.sleep(rng.uniform(0.5, 3.0))
+            while k and time.monotonic() < deadline and proc.poll() is None and max(saved_steps(root), default=0) < best + k:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         steps = saved_steps(root)
