@@ -9,7 +9,10 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
    of attention kernel: cuDNN's on an H100 with torch 2.11), `flash` (FlashAttention-2 forced),
    `freeze` (inductor freezing: weights become constants, so convolution weights are laid out once),
    `autotune-mm` (inductor autotunes its matmuls against Triton templates, with epilogue fusion;
-   slow to compile). Variants combine with `+`;
+   slow to compile), `pw-autotune` (inductor autotunes its pointwise/reduction kernels' block sizes),
+   `coord` (coordinate-descent tuning of those block sizes), `combo` (horizontal fusion of independent
+   kernels), `bandwidth` (inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s
+   per kernel to $OUT/bandwidth-<variant>.txt). Variants combine with `+`;
 3. the compiled VAE decoder at batch 8.
 Prints JSON lines and a table; writes $OUT/b8_breakdown.jsonl.
 
@@ -107,9 +110,11 @@ def profile_kinds(fn, calls=3):
     kinds = {}
     for name, ms, _ in kernels:
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0) + ms
-    top = sorted(kernels, key=lambda k: -k[1])[:15]
+    top = sorted(kernels, key=lambda k: -k[1])
+    triton = [k for k in top if kind_of(k[0]) == "triton fused"][:40]
     return ({k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            [(n[:90], round(ms, 3), count) for n, ms, count in top])
+            [(n[:90], round(ms, 3), count) for n, ms, count in top[:15]],
+            [(n[:120], round(ms, 4), count) for n, ms, count in triton])
 
 
 def configure(variant):
@@ -123,6 +128,12 @@ def configure(variant):
     inductor.freezing = "freeze" in variant
     inductor.max_autotune_gemm = "autotune-mm" in variant
     inductor.max_autotune_gemm_backends = "ATEN,TRITON"
+    inductor.max_autotune_pointwise = "pw-autotune" in variant
+    inductor.coordinate_descent_tuning = "coord" in variant
+    inductor.combo_kernels = "combo" in variant
+    inductor.profile_bandwidth = "bandwidth" in variant
+    if "bandwidth" in variant:
+        inductor.profile_bandwidth_output = os.path.join(os.environ.get("OUT", "."), f"bandwidth-{variant}.txt")
     if "flash" in variant:
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION], set_priority=True)
     return contextlib.nullcontext()
@@ -161,15 +172,18 @@ def main():
             out = call().clone()
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
+            if "bandwidth" in variant:  # every launch was benchmarked: its timings are not comparable
+                print(f"bandwidth profile written after {compile_s:.0f} s", flush=True)
+                continue
             ms = cuda_ms(call, args.calls)
-            kinds, top = profile_kinds(call)
+            kinds, top, triton = profile_kinds(call)
         if reference is None:
             reference = out
         diff = (out.float() - reference.float()).abs()
         emit(dict(variant=variant, compile_s=round(compile_s, 1), unet_ms_batch16=round(ms, 3),
                   images_per_s_unet_only=round(8 / (50 * ms / 1000), 3), kinds_ms=kinds,
                   max_abs_vs_first=round(diff.max().item(), 5), mean_abs_vs_first=round(diff.mean().item(), 6),
-                  top_kernels=top))
+                  top_kernels=top, triton_kernels=triton))
     if not args.skip_vae:
         with torch.no_grad(), configure("base"):
             decoder = torch.compile(vae.decoder, fullgraph=True, dynamic=False)
@@ -179,7 +193,7 @@ def main():
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             ms = cuda_ms(lambda: decoder(z), 5)
-            kinds, top = profile_kinds(lambda: decoder(z), 1)
+            kinds, top, _ = profile_kinds(lambda: decoder(z), 1)
         emit(dict(vae_decoder_batch8_ms=round(ms, 2), compile_s=round(compile_s, 1), kinds_ms=kinds, top_kernels=top[:8]))
     print("\n| variant | compile s | U-Net ms (batch 16) | images/s (U-Net only) | kernel ms by kind |")
     print("|---|---|---|---|---|")
