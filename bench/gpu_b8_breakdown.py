@@ -4,15 +4,21 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
 1. attention alone, per SD-1.5 attention shape at batch 16, for each SDPA backend (flash, efficient,
    cuDNN): ms per call and TFLOP/s, and the attention time one U-Net call would spend with each;
 2. the U-Net compiled as `ldm --accel compile` compiles it, once per variant (`--variants`), each timed
-   over `--calls` calls and profiled: kernel time by kind (convolution, matmul, attention, Triton
-   fused kernels, other) and the top kernels. Variants: `base` (today's settings, PyTorch's own choice
-   of attention kernel: cuDNN's on an H100 with torch 2.11), `flash` (FlashAttention-2 forced),
-   `freeze` (inductor freezing: weights become constants, so convolution weights are laid out once),
-   `autotune-mm` (inductor autotunes its matmuls against Triton templates, with epilogue fusion;
-   slow to compile), `pw-autotune` (inductor autotunes its pointwise/reduction kernels' block sizes),
-   `coord` (coordinate-descent tuning of those block sizes), `combo` (horizontal fusion of independent
-   kernels), `bandwidth` (inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s
-   per kernel to $OUT/bandwidth-<variant>.txt). Variants combine with `+`;
+   over `--calls` calls replayed as one CUDA graph as the sampler runs it (and without the graph), and
+   profiled: kernel time by kind (convolution, matmul, attention, Triton fused kernels, other), the top
+   kernels and the top Triton kernels. Variants:
+   `base`         today's settings, PyTorch's own choice of attention kernel (cuDNN's on an H100, torch 2.11);
+   `flash`        FlashAttention-2 forced;
+   `freeze`       inductor freezing (weights become constants, convolution weights laid out once);
+   `autotune-mm`  inductor autotunes its matmuls against Triton templates, with epilogue fusion (slow);
+   `pw-autotune`  inductor autotunes its pointwise/reduction kernels' block sizes;
+   `coord`        coordinate-descent tuning of those block sizes;
+   `combo`        horizontal fusion of independent kernels;
+   `nd-tiling`    inductor's N-d tiling of pointwise kernels (for layout-changing ones);
+   `no-coalesce`  inductor's older tiling choice, without its coalescing analysis;
+   `bandwidth`    inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s per
+                  kernel to $OUT/bandwidth-<variant>.txt (it fails on torch 2.11 for this model).
+   Variants combine with `+`;
 3. the compiled VAE decoder at batch 8.
 Prints JSON lines and a table; writes $OUT/b8_breakdown.jsonl.
 
@@ -32,6 +38,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_sample import build  # noqa: E402
+
+from ldm_cli.accel import GraphedUNet  # noqa: E402
 
 BATCH = 16  # batch 8 with classifier-free guidance
 # SD-1.5 attention per U-Net call: (query tokens, channels, how many transformer blocks at that size)
@@ -131,6 +139,8 @@ def configure(variant):
     inductor.max_autotune_pointwise = "pw-autotune" in variant
     inductor.coordinate_descent_tuning = "coord" in variant
     inductor.combo_kernels = "combo" in variant
+    inductor.triton.prefer_nd_tiling = "nd-tiling" in variant
+    inductor.triton.coalesce_tiling_analysis = "no-coalesce" not in variant
     inductor.profile_bandwidth = "bandwidth" in variant
     if "bandwidth" in variant:
         inductor.profile_bandwidth_output = os.path.join(os.environ.get("OUT", "."), f"bandwidth-{variant}.txt")
@@ -176,12 +186,15 @@ def main():
                 print(f"bandwidth profile written after {compile_s:.0f} s", flush=True)
                 continue
             ms = cuda_ms(call, args.calls)
+            graphed = GraphedUNet(compiled)  # as the sampler runs it: one CUDA graph, no launch gaps
+            graphed_ms = cuda_ms(lambda: graphed(x, t, ctx), args.calls)
             kinds, top, triton = profile_kinds(call)
         if reference is None:
             reference = out
         diff = (out.float() - reference.float()).abs()
-        emit(dict(variant=variant, compile_s=round(compile_s, 1), unet_ms_batch16=round(ms, 3),
-                  images_per_s_unet_only=round(8 / (50 * ms / 1000), 3), kinds_ms=kinds,
+        emit(dict(variant=variant, compile_s=round(compile_s, 1), unet_ms_batch16=round(graphed_ms, 3),
+                  unet_ms_batch16_no_graph=round(ms, 3), images_per_s_unet_only=round(8 / (50 * graphed_ms / 1000), 3),
+                  kernel_sum_ms=round(sum(kinds.values()), 3), kinds_ms=kinds,
                   max_abs_vs_first=round(diff.max().item(), 5), mean_abs_vs_first=round(diff.mean().item(), 6),
                   top_kernels=top, triton_kernels=triton))
     if not args.skip_vae:
@@ -195,7 +208,7 @@ def main():
             ms = cuda_ms(lambda: decoder(z), 5)
             kinds, top, _ = profile_kinds(lambda: decoder(z), 1)
         emit(dict(vae_decoder_batch8_ms=round(ms, 2), compile_s=round(compile_s, 1), kinds_ms=kinds, top_kernels=top[:8]))
-    print("\n| variant | compile s | U-Net ms (batch 16) | images/s (U-Net only) | kernel ms by kind |")
+    print("\n| variant | compile s | U-Net ms (batch 16, CUDA graph) | images/s (U-Net only) | kernel ms by kind |")
     print("|---|---|---|---|---|")
     for r in OUT_ROWS:
         if "variant" in r:
