@@ -16,6 +16,9 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
    `combo`        horizontal fusion of independent kernels;
    `nd-tiling`    inductor's N-d tiling of pointwise kernels (for layout-changing ones);
    `no-coalesce`  inductor's older tiling choice, without its coalescing analysis;
+   `cl-cat`       ldm's graph pass keeping channels-last concatenations channels-last (accel.py; in `base`
+                  since session 5, so `base` runs without it here);
+   `pdl`          programmatic dependent launch between Triton kernels (Hopper);
    `bandwidth`    inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s per
                   kernel to $OUT/bandwidth-<variant>.txt (it fails on torch 2.11 for this model).
    Variants combine with `+`;
@@ -39,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_sample import build  # noqa: E402
 
-from ldm_cli.accel import GraphedUNet  # noqa: E402
+from ldm_cli.accel import GraphedUNet, channels_last_concat_pass  # noqa: E402
 
 BATCH = 16  # batch 8 with classifier-free guidance
 # SD-1.5 attention per U-Net call: (query tokens, channels, how many transformer blocks at that size)
@@ -141,6 +144,8 @@ def configure(variant):
     inductor.combo_kernels = "combo" in variant
     inductor.triton.prefer_nd_tiling = "nd-tiling" in variant
     inductor.triton.coalesce_tiling_analysis = "no-coalesce" not in variant
+    inductor.triton.enable_pdl = "pdl" in variant
+    inductor.post_grad_custom_post_pass = channels_last_concat_pass() if "cl-cat" in variant else None
     inductor.profile_bandwidth = "bandwidth" in variant
     if "bandwidth" in variant:
         inductor.profile_bandwidth_output = os.path.join(os.environ.get("OUT", "."), f"bandwidth-{variant}.txt")
