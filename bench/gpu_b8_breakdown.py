@@ -19,10 +19,11 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
    `cl-cat`       ldm's graph pass keeping channels-last concatenations channels-last (accel.py; in `base`
                   since session 5, so `base` runs without it here);
    `pdl`          programmatic dependent launch between Triton kernels (Hopper);
+   `cl-gn`        ldm's ChannelsLastGroupNorm in place of nn.GroupNorm (accel.py; per-channel sums first);
    `bandwidth`    inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s per
                   kernel to $OUT/bandwidth-<variant>.txt (it fails on torch 2.11 for this model).
    Variants combine with `+`;
-3. the compiled VAE decoder at batch 8.
+3. the compiled VAE decoder at batch 8, once per `--vae-variants` variant (same names).
 Prints JSON lines and a table; writes $OUT/b8_breakdown.jsonl.
 
     python bench/gpu_b8_breakdown.py --variants base,flash,freeze
@@ -42,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_sample import build  # noqa: E402
 
-from ldm_cli.accel import GraphedUNet, channels_last_concat_pass  # noqa: E402
+from ldm_cli.accel import ChannelsLastGroupNorm, GraphedUNet, channels_last_concat_pass  # noqa: E402
 
 BATCH = 16  # batch 8 with classifier-free guidance
 # SD-1.5 attention per U-Net call: (query tokens, channels, how many transformer blocks at that size)
@@ -154,12 +155,21 @@ def configure(variant):
     return contextlib.nullcontext()
 
 
+def set_group_norms(module, variant):
+    """ChannelsLastGroupNorm for the `cl-gn` variants, nn.GroupNorm otherwise (same parameters)."""
+    cls = ChannelsLastGroupNorm if "cl-gn" in variant else torch.nn.GroupNorm
+    for m in module.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.__class__ = cls
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="base,flash,freeze")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-vae", action="store_true")
+    ap.add_argument("--vae-variants", default="base")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
@@ -179,6 +189,7 @@ def main():
     ctx = torch.randn(BATCH, 77, 768, device=dev, dtype=torch.float16, generator=g)
     reference = None
     for variant in args.variants.split(","):
+        set_group_norms(unet, variant)
         with torch.no_grad(), configure(variant):
             compiled = torch.compile(unet, fullgraph=True, dynamic=False)
             call = lambda: compiled(x, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
@@ -202,17 +213,22 @@ def main():
                   kernel_sum_ms=round(sum(kinds.values()), 3), kinds_ms=kinds,
                   max_abs_vs_first=round(diff.max().item(), 5), mean_abs_vs_first=round(diff.mean().item(), 6),
                   top_kernels=top, triton_kernels=triton))
-    if not args.skip_vae:
-        with torch.no_grad(), configure("base"):
+    z = torch.randn(8, 4, 64, 64, device=dev, dtype=torch.float16, generator=g)
+    first_image = None
+    for variant in [] if args.skip_vae else args.vae_variants.split(","):
+        set_group_norms(vae, variant)
+        with torch.no_grad(), configure(variant):
             decoder = torch.compile(vae.decoder, fullgraph=True, dynamic=False)
-            z = torch.randn(8, 4, 64, 64, device=dev, dtype=torch.float16)
             t0 = time.perf_counter()
-            decoder(z)
+            image = decoder(z).clone()
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             ms = cuda_ms(lambda: decoder(z), 5)
             kinds, top, _ = profile_kinds(lambda: decoder(z), 1)
-        emit(dict(vae_decoder_batch8_ms=round(ms, 2), compile_s=round(compile_s, 1), kinds_ms=kinds, top_kernels=top[:8]))
+        first_image = image if first_image is None else first_image
+        diff = (image.float() - first_image.float()).abs()
+        emit(dict(vae_variant=variant, vae_decoder_batch8_ms=round(ms, 2), compile_s=round(compile_s, 1),
+                  max_abs_vs_first=round(diff.max().item(), 5), kinds_ms=kinds, top_kernels=top[:8]))
     print("\n| variant | compile s | U-Net ms (batch 16, CUDA graph) | images/s (U-Net only) | kernel ms by kind |")
     print("|---|---|---|---|---|")
     for r in OUT_ROWS:

@@ -83,3 +83,43 @@ def test_compiled_with_the_pass_equals_eager():
         torch.testing.assert_close(compiled(x, skip), m(x, skip), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     assert pinned == [1]
+
+
+def test_channels_last_group_norm_equals_group_norm():
+    from ldm_cli.accel import ChannelsLastGroupNorm
+
+    g = torch.Generator().manual_seed(0)
+    for shape, groups, affine in (((2, 12, 5, 7), 4, True), ((3, 8, 6), 2, True), ((1, 6, 4, 4), 3, False)):
+        norm = torch.nn.GroupNorm(groups, shape[1], eps=1e-6, affine=affine)
+        if affine:
+            torch.nn.init.normal_(norm.weight, generator=g)
+            torch.nn.init.normal_(norm.bias, generator=g)
+        x = torch.randn(*shape, generator=g) * 3 + 5  # an offset mean, where one-pass variance would lose digits
+        if x.dim() == 4:
+            x = x.to(memory_format=torch.channels_last)
+        expected = norm(x)
+        norm.__class__ = ChannelsLastGroupNorm
+        torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(norm(x.half()).float(), expected, rtol=0, atol=1e-2)  # fp16 in, fp16 out
+
+
+def test_swapped_group_norms_keep_a_models_output(tiny_model):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ldm_cli.accel import ChannelsLastGroupNorm, use_channels_last_group_norm
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(tiny_model / "vae").eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    context = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        before = unet(x, 10, encoder_hidden_states=context).sample, vae.decode(x[:, :vae.config.latent_channels]).sample
+        norms = sum(type(m) is torch.nn.GroupNorm for m in [*unet.modules(), *vae.modules()])
+        use_channels_last_group_norm(unet)
+        use_channels_last_group_norm(vae)
+        after = unet(x, 10, encoder_hidden_states=context).sample, vae.decode(x[:, :vae.config.latent_channels]).sample
+    assert norms > 0
+    assert sum(type(m) is ChannelsLastGroupNorm for m in [*unet.modules(), *vae.modules()]) == norms
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
