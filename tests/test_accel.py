@@ -39,19 +39,20 @@ def count(graph, target):
 
 
 def test_pass_pins_channels_last_concatenations_and_keeps_values():
+    graph_pass = channels_last_concat_pass()  # also registers the prim it inserts
+    force = torch.ops.prims.inductor_force_stride_order.default
     m, (x, skip) = model(), inputs()
     with torch.no_grad():
         gm = make_fx(m)(x, skip)
-        force = torch.ops.prims.inductor_force_stride_order.default if hasattr(
-            torch.ops.prims, "inductor_force_stride_order") else None
-        assert force is None or count(gm.graph, force) == 0
-        channels_last_concat_pass()(gm.graph)
+        assert count(gm.graph, force) == 0
+        graph_pass(gm.graph)
         gm.recompile()
-        force = torch.ops.prims.inductor_force_stride_order.default
         assert count(gm.graph, torch.ops.aten.cat.default) == 1
         assert count(gm.graph, force) == 1
         (cat,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default]
         assert [u.target for u in cat.users] == [force]  # GroupNorm and the shortcut now read the pinned one
+        (pinned,) = cat.users
+        assert pinned.args[1] == torch.empty(2, 12, 6, 6).to(memory_format=torch.channels_last).stride()
         assert torch.equal(gm(x, skip), m(x, skip))
 
 
@@ -84,3 +85,21 @@ def test_compiled_with_the_pass_equals_eager():
     torch._dynamo.reset()
     assert pinned == [1]
 
+
+
+def test_the_pass_keeps_inductors_graph_cache_working(tmp_path, monkeypatch):
+    """A second process must load the compiled U-Net from disk, not compile it again: the pass has a
+    cache key (uuid), so inductor's FX graph cache still hits."""
+    import torch._inductor.config as inductor
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    m, (x, skip) = model(), inputs()
+    counters.clear()
+    with torch.no_grad(), inductor.patch(post_grad_custom_post_pass=channels_last_concat_pass(), fx_graph_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            torch.compile(m, fullgraph=True, dynamic=False)(x, skip)
+    torch._dynamo.reset()
+    assert counters["inductor"]["fxgraph_cache_miss"] == 1
+    assert counters["inductor"]["fxgraph_cache_hit"] == 1
