@@ -16,8 +16,8 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
    `combo`        horizontal fusion of independent kernels;
    `nd-tiling`    inductor's N-d tiling of pointwise kernels (for layout-changing ones);
    `no-coalesce`  inductor's older tiling choice, without its coalescing analysis;
-   `cl-cat`       ldm's graph pass keeping channels-last concatenations channels-last (accel.py; in `base`
-                  since session 5, so `base` runs without it here);
+   `cl-cat`       ldm's graph pass keeping channels-last concatenations channels-last (accel.py; ldm's
+                  default since session 5, while `base` here keeps session 4's settings, without it);
    `pdl`          programmatic dependent launch between Triton kernels (Hopper);
    `cl-gn`        ChannelsLastGroupNorm (below) in place of nn.GroupNorm: per-channel sums first;
    `bandwidth`    inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s per

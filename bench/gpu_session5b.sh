@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 5, device calls 2-3: the compiled batch-16 U-Net's Triton kernels one by one with inductor's generated
+# Session 5, device calls 2-4 (variants as bench/RESULTS.md lists them): the compiled batch-16 U-Net's Triton kernels one by one with inductor's generated
 # code kept (gzipped, under $OUT/code), and variants of inductor's kernel generation. Logs under $OUT.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 5, device call 6 (the last of the budget): ldm's ChannelsLastGroupNorm, batch-16 U-Net (with the
+# Session 5, device call 6 (the last of the budget): the ChannelsLastGroupNorm experiment (in gpu_b8_breakdown.py), batch-16 U-Net (with the
 # concatenation pass; its baseline is results/s5-4's cl-cat row) and the batch-8 VAE
 # decoder (nn.GroupNorm, then ChannelsLastGroupNorm). Most important first: a cut-off run keeps what it printed.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
