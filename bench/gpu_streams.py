@@ -1,0 +1,125 @@
+"""Is one U-Net call faster as concurrent parts of its batch (CUDA streams forked inside one CUDA graph)?
+
+Why it might be: the compiled batch-16 SD-1.5 U-Net call is ~1,000 kernels whose sum is 1.5 ms below
+the graphed call's time (gaps and last partial waves), and 7 ms of it are bandwidth-bound Triton
+kernels. With classifier-free guidance the batch is two independent halves (unconditional, conditional):
+run on two streams, one half's compute-bound kernel can fill the SMs the other half leaves idle.
+
+On the GPU machine, one process, SD-1.5-shaped random weights (gpu_sample.py's `build`), fused QKV.
+For each mode (`eager`: ldm's default `auto` path, CUDA graphs without compile; `compile`: as
+`ldm --accel compile`) and U-Net batch (16 = batch 8 with guidance, 2 = batch 1), times the graphed
+call (accel.GraphedUNet) with the batch whole, in halves one after the other on one stream, and in
+halves (or quarters) on concurrent streams; rounds interleave the runners so drift hits all alike.
+Also times SDPA alone over head dims (is SD-1.5's head-dim-40 attention bound by its softmax?).
+Prints JSON lines and a table; writes $OUT/streams.jsonl.
+
+    python bench/gpu_streams.py --modes eager,compile --batches 16,2
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_b8_breakdown import cuda_ms  # noqa: E402
+from gpu_sample import build  # noqa: E402
+
+from ldm_cli.accel import GraphedUNet, _tune_inductor  # noqa: E402
+
+ROWS = []
+
+
+def emit(row):
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+class Halves(torch.nn.Module):
+    """The U-Net called on each half of the batch in turn, on one stream: the batch-size effect alone."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, encoder_hidden_states, return_dict=False):
+        h = len(x) // 2
+        return (torch.cat([self.unet(x[:h], t, encoder_hidden_states=encoder_hidden_states[:h], return_dict=False)[0],
+                           self.unet(x[h:], t, encoder_hidden_states=encoder_hidden_states[h:], return_dict=False)[0]]),)
+
+
+def head_dim_sweep(dev):
+    """cuDNN/default SDPA at SD-1.5's 64x64 self-attention shape (batch 16, 8 heads, 4096 tokens) over head dims."""
+    for d in (32, 40, 48, 64, 80, 128):
+        q, k, v = (torch.randn(16, 8, 4096, d, device=dev, dtype=torch.float16) for _ in range(3))
+        ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v), 10)
+        emit(dict(sdpa_head_dim=d, ms=round(ms, 4), tflops=round(4 * 16 * 8 * 4096**2 * d / ms / 1e9, 1),
+                  scores_per_ns=round(16 * 8 * 4096**2 / ms / 1e6, 1)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--batches", default="16,2")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    emit(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__))
+    head_dim_sweep(dev)
+    unet, _, _ = build(dev, torch.float16)
+    unet.fuse_qkv_projections()
+    for mode in args.modes.split(","):
+        fn = unet
+        if mode == "compile":  # as accel.accelerate(mode="compile") sets it up
+            torch.backends.cudnn.benchmark = True
+            unet.to(memory_format=torch.channels_last)
+            _tune_inductor()
+            fn = torch.compile(unet, fullgraph=True, dynamic=False)
+        for batch in map(int, args.batches.split(",")):
+            g = torch.Generator(dev).manual_seed(0)
+            x = torch.randn(batch // 2, 4, 64, 64, device=dev, dtype=torch.float16, generator=g).repeat(2, 1, 1, 1)
+            t = torch.tensor(500, device=dev)
+            ctx = torch.randn(batch, 77, 768, device=dev, dtype=torch.float16, generator=g)
+            runners = {"whole": GraphedUNet(fn), "halves, one stream": GraphedUNet(Halves(fn)),
+                       "halves, 2 streams": GraphedUNet(fn, streams=2)}
+            if batch >= 8:
+                runners["quarters, 4 streams"] = GraphedUNet(fn, streams=4)
+            first, outs = {}, {}
+            for name, runner in runners.items():
+                t0 = time.perf_counter()
+                outs[name] = runner(x, t, ctx).clone()
+                torch.cuda.synchronize()
+                first[name] = time.perf_counter() - t0
+                print(f"{mode} batch {batch} {name}: first call {first[name]:.1f} s", flush=True)
+            times = {name: [] for name in runners}
+            for _ in range(args.rounds):
+                for name, runner in runners.items():
+                    times[name].append(cuda_ms(lambda: runner(x, t, ctx), args.calls))
+            for name in runners:
+                diff = (outs[name].float() - outs["whole"].float()).abs()
+                best = min(times[name])
+                emit(dict(mode=mode, unet_batch=batch, runner=name, ms=round(best, 3),
+                          ms_rounds=[round(v, 3) for v in times[name]],
+                          speedup_vs_whole=round(min(times["whole"]) / best, 4), first_call_s=round(first[name], 1),
+                          max_abs_vs_whole=round(diff.max().item(), 5), mean_abs_vs_whole=round(diff.mean().item(), 6)))
+            del runners
+            torch.cuda.empty_cache()
+    print("\n| mode | U-Net batch | runner | ms per call (best round) | vs whole | max abs vs whole |")
+    print("|---|---|---|---|---|---|")
+    for r in ROWS:
+        if "runner" in r:
+            print(f"| {r['mode']} | {r['unet_batch']} | {r['runner']} | {r['ms']} | {r['speedup_vs_whole']}x | "
+                  f"{r['max_abs_vs_whole']} |")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "streams.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in ROWS)
+
+
+if __name__ == "__main__":
+    main()
