@@ -19,8 +19,7 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
    `cl-cat`       ldm's graph pass keeping channels-last concatenations channels-last (accel.py; ldm's
                   default since session 5, while `base` here keeps session 4's settings, without it);
    `pdl`          programmatic dependent launch between Triton kernels (Hopper);
-   `cl-gn`        accel.ChannelsLastGroupNorm in place of nn.GroupNorm: per-channel sums first (ldm uses
-                  it for the VAE decoder under --accel compile since session 6, not for the U-Net);
+   `cl-gn`        ChannelsLastGroupNorm (below) in place of nn.GroupNorm: per-channel sums first;
    `bandwidth`    inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s per
                   kernel to $OUT/bandwidth-<variant>.txt (it fails on torch 2.11 for this model).
    Variants combine with `+`;
@@ -44,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_sample import build  # noqa: E402
 
-from ldm_cli.accel import ChannelsLastGroupNorm, GraphedUNet, channels_last_concat_pass  # noqa: E402
+from ldm_cli.accel import GraphedUNet, channels_last_concat_pass  # noqa: E402
 
 BATCH = 16  # batch 8 with classifier-free guidance
 # SD-1.5 attention per U-Net call: (query tokens, channels, how many transformer blocks at that size)
@@ -154,6 +153,40 @@ def configure(variant):
     if "flash" in variant:
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION], set_priority=True)
     return contextlib.nullcontext()
+
+
+class ChannelsLastGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm whose statistics inductor reads coalesced from a channels-last tensor.
+
+    Same parameters and math as `nn.GroupNorm` (fp32 statistics, two-pass variance); only the order
+    of the sums differs. Why: inductor reduces each (sample, group) over a channels-last tensor where
+    a group is 4-10 adjacent channels out of 128-1280 per pixel, so its reduction kernels read a few
+    bytes out of every row (2.7 ms for one GroupNorm of the batch-8 VAE decoder at 512 px, a 537 MB
+    tensor: ~0.4 TB/s). Summing over pixels per channel first reads whole rows; the per-group sums are
+    then tiny. An experiment (the `cl-gn` variants), not in ldm: measured in session 5, the batch-8 VAE
+    decoder went 67.0 -> 54.8 ms, the U-Net did not clearly gain, and the full pipeline's agreement with
+    diffusers was not measured (bench/RESULTS.md). Its CPU parity tests are in commit 'accel:
+    ChannelsLastGroupNorm under --accel compile'."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        per_group = c // self.num_groups
+        pixels = tuple(range(2, x.dim()))
+        count = x[0, 0].numel() * per_group
+        broadcast = (n, c) + (1,) * len(pixels)
+
+        def per_channel(group_values):  # (n, groups) -> (n, c, 1, ...)
+            return group_values[:, :, None].expand(n, self.num_groups, per_group).reshape(broadcast)
+
+        x32 = x.float()
+        mean = x32.sum(pixels).view(n, self.num_groups, per_group).sum(-1) / count
+        centered = x32 - per_channel(mean)
+        var = centered.square().sum(pixels).view(n, self.num_groups, per_group).sum(-1) / count
+        y = centered * per_channel(torch.rsqrt(var + self.eps))
+        if self.affine:
+            shape = (1, c) + (1,) * len(pixels)
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return y.to(x.dtype)
 
 
 def set_group_norms(module, variant):

@@ -58,45 +58,6 @@ class GraphedUNet:
         return graph, inputs, out
 
 
-class ChannelsLastGroupNorm(torch.nn.GroupNorm):
-    """GroupNorm whose statistics inductor reads coalesced from a channels-last tensor.
-
-    Same parameters and math as `nn.GroupNorm` (fp32 statistics, two-pass variance); only the order
-    of the sums differs. Why: inductor reduces each (sample, group) over a channels-last tensor where
-    a group is 4 adjacent channels out of 128-512 per pixel, so its reduction kernels read a few bytes
-    out of every row (2.7 ms for one GroupNorm of the batch-8 VAE decoder at 512 px, a 537 MB tensor:
-    ~0.4 TB/s). Summing over pixels per channel first reads whole rows; the per-group sums are then
-    tiny. Used for the VAE decoder under `--accel compile`: batch-8 decode 67.0 -> 54.8 ms on an H100;
-    the U-Net's GroupNorms, over fewer pixels, did not clearly gain (bench/RESULTS.md, session 5)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        per_group = c // self.num_groups
-        pixels = tuple(range(2, x.dim()))
-        count = x[0, 0].numel() * per_group
-        broadcast = (n, c) + (1,) * len(pixels)
-
-        def per_channel(group_values):  # (n, groups) -> (n, c, 1, ...)
-            return group_values[:, :, None].expand(n, self.num_groups, per_group).reshape(broadcast)
-
-        x32 = x.float()
-        mean = x32.sum(pixels).view(n, self.num_groups, per_group).sum(-1) / count
-        centered = x32 - per_channel(mean)
-        var = centered.square().sum(pixels).view(n, self.num_groups, per_group).sum(-1) / count
-        y = centered * per_channel(torch.rsqrt(var + self.eps))
-        if self.affine:
-            shape = (1, c) + (1,) * len(pixels)
-            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
-        return y.to(x.dtype)
-
-
-def use_channels_last_group_norm(module: torch.nn.Module) -> None:
-    """Swap every `nn.GroupNorm` in `module` for `ChannelsLastGroupNorm` (same parameters, in place)."""
-    for m in module.modules():
-        if type(m) is torch.nn.GroupNorm:
-            m.__class__ = ChannelsLastGroupNorm
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("LDM_CACHE_DIR", Path.home() / ".cache" / "ldm"))
 
@@ -129,7 +90,6 @@ def accelerate(c: Components, mode: str = "auto", channels_last: bool | None = N
         os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
         _tune_inductor()
         unet = torch.compile(c.unet, fullgraph=True, dynamic=False)
-        use_channels_last_group_norm(c.vae.decoder)  # only compiled code gains from it
         # The decoder module, not vae.decode: tiled decoding calls it once per (same-sized) tile.
         c.vae.decoder = torch.compile(c.vae.decoder, fullgraph=True, dynamic=False)
     c.unet_runner = GraphedUNet(unet)

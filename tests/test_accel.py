@@ -103,39 +103,3 @@ def test_the_pass_keeps_inductors_graph_cache_working(tmp_path, monkeypatch):
     torch._dynamo.reset()
     assert counters["inductor"]["fxgraph_cache_miss"] == 1
     assert counters["inductor"]["fxgraph_cache_hit"] == 1
-
-
-def test_channels_last_group_norm_equals_group_norm():
-    from ldm_cli.accel import ChannelsLastGroupNorm
-
-    g = torch.Generator().manual_seed(0)
-    for shape, groups, affine in (((2, 12, 5, 7), 4, True), ((3, 8, 6), 2, True), ((1, 6, 4, 4), 3, False)):
-        norm = torch.nn.GroupNorm(groups, shape[1], eps=1e-6, affine=affine)
-        if affine:
-            torch.nn.init.normal_(norm.weight, generator=g)
-            torch.nn.init.normal_(norm.bias, generator=g)
-        x = torch.randn(*shape, generator=g) * 3 + 5  # an offset mean, where one-pass variance would lose digits
-        if x.dim() == 4:
-            x = x.to(memory_format=torch.channels_last)
-        expected = norm(x)
-        norm.__class__ = ChannelsLastGroupNorm
-        torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(norm(x.half()).float(), expected, rtol=0, atol=1e-2)  # fp16 in, fp16 out
-
-
-def test_swapped_group_norms_keep_the_decoders_output(tiny_model):
-    from diffusers import AutoencoderKL
-
-    from ldm_cli.accel import ChannelsLastGroupNorm, use_channels_last_group_norm
-
-    vae = AutoencoderKL.from_pretrained(tiny_model / "vae").eval()
-    z = torch.randn(2, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        before = vae.decode(z).sample
-        norms = sum(type(m) is torch.nn.GroupNorm for m in vae.decoder.modules())
-        use_channels_last_group_norm(vae.decoder)
-        after = vae.decode(z).sample
-    assert norms > 0
-    assert sum(type(m) is ChannelsLastGroupNorm for m in vae.decoder.modules()) == norms
-    assert not any(type(m) is ChannelsLastGroupNorm for m in vae.encoder.modules())
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
