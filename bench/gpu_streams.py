@@ -1,4 +1,5 @@
-"""Is one U-Net call faster as concurrent parts of its batch (CUDA streams forked inside one CUDA graph)?
+"""Ways to run one guided U-Net call: as concurrent parts of its batch (CUDA streams forked inside one
+CUDA graph)? With the first self-attention shared by the two halves (models.call_unet)?
 
 Why it might be: the compiled batch-16 SD-1.5 U-Net call is ~1,000 kernels whose sum is 1.5 ms below
 the graphed call's time (gaps and last partial waves), and 7 ms of it are bandwidth-bound Triton
@@ -8,12 +9,14 @@ run on two streams, one half's compute-bound kernel can fill the SMs the other h
 On the GPU machine, one process, SD-1.5-shaped random weights (gpu_sample.py's `build`), fused QKV.
 For each mode (`eager`: ldm's default `auto` path, CUDA graphs without compile; `compile`: as
 `ldm --accel compile`) and U-Net batch (16 = batch 8 with guidance, 2 = batch 1), times the graphed
-call (accel.GraphedUNet) with the batch whole, in halves one after the other on one stream, and in
-halves (or quarters) on concurrent streams; rounds interleave the runners so drift hits all alike.
+call (accel.GraphedUNet) with the batch whole, in halves one after the other on one stream, in
+halves (or quarters) on concurrent streams, and given each latent once with the first self-attention
+shared by both halves; rounds interleave the runners so drift hits all alike.
 Also times SDPA alone over head dims (is SD-1.5's head-dim-40 attention bound by its softmax?).
 Prints JSON lines and a table; writes $OUT/streams.jsonl.
 
     python bench/gpu_streams.py --modes eager,compile --batches 16,2
+    python bench/gpu_streams.py --skip-head-dims --runners "first self-attention shared"
 """
 
 import argparse
@@ -88,11 +91,15 @@ def main():
     ap.add_argument("--batches", default="16,2")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runners", default="halves, one stream,halves, 2 streams,quarters, 4 streams",
+                    help="besides 'whole': any of these, or 'first self-attention shared' (session 6b)")
+    ap.add_argument("--skip-head-dims", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     emit(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__))
-    head_dim_sweep(dev)
+    if not args.skip_head_dims:
+        head_dim_sweep(dev)
     unet, _, _ = build(dev, torch.float16)
     unet.fuse_qkv_projections()
     for mode in args.modes.split(","):
@@ -107,10 +114,13 @@ def main():
             x = torch.randn(batch // 2, 4, 64, 64, device=dev, dtype=torch.float16, generator=g).repeat(2, 1, 1, 1)
             t = torch.tensor(500, device=dev)
             ctx = torch.randn(batch, 77, 768, device=dev, dtype=torch.float16, generator=g)
+            shared = GraphedUNet(fn)  # given the latents once: call_unet shares the first self-attention
             runners = {"whole": GraphedUNet(fn), "halves, one stream": GraphedUNet(Halves(fn)),
-                       "halves, 2 streams": StreamsGraphedUNet(fn, 2)}
-            if batch >= 8:
-                runners["quarters, 4 streams"] = StreamsGraphedUNet(fn, 4)
+                       "halves, 2 streams": StreamsGraphedUNet(fn, 2), "quarters, 4 streams": StreamsGraphedUNet(fn, 4),
+                       "first self-attention shared": lambda x, t, ctx: shared(x[:len(x) // 2], t, ctx)}
+            runners = {k: v for k, v in runners.items() if k == "whole" or k in args.runners.split(",")}
+            if batch < 8:
+                runners.pop("quarters, 4 streams", None)
             first, outs = {}, {}
             for name, runner in runners.items():
                 t0 = time.perf_counter()

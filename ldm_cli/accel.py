@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import check
-from ldm_cli.models import Components
+from ldm_cli.models import Components, call_unet
 
 MODES = ("auto", "none", "graphs", "compile")
 
@@ -30,7 +30,7 @@ class GraphedUNet:
         self.pool = torch.cuda.graph_pool_handle()
 
     def _forward(self, x, t, context):
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        return call_unet(self.unet, x, t, context)
 
     def __call__(self, x, t, context):
         key = (tuple(x.shape), tuple(context.shape), x.dtype)

@@ -24,8 +24,9 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # returns fresh N(0, I) noise 
 def guided(unet: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = uncond + cfg_scale * (cond - uncond).
 
-    `unet(x, t, context)` is the conditional network. Both branches go through one batched call
-    ([uncond, cond] stacked), so guidance costs one U-Net call per step, at twice the batch.
+    `unet(x, t, context)` is the conditional network; given twice as many contexts as latents it
+    evaluates each latent under both halves of `context` (models.call_unet). Both branches go through one
+    batched call ([uncond, cond] stacked), so guidance costs one U-Net call per step, at twice the batch.
     With cfg_scale <= 1 (as in diffusers) or no uncond, this is the bare conditional model.
     """
     if uncond is None or cfg_scale <= 1.0:
@@ -33,7 +34,7 @@ def guided(unet: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_
     context = torch.cat([uncond, cond])
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out_uncond, out_cond = unet(torch.cat([x, x]), t, context).chunk(2)
+        out_uncond, out_cond = unet(x, t, context).chunk(2)
         return out_uncond + cfg_scale * (out_cond - out_uncond)
 
     return model

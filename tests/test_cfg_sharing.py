@@ -1,0 +1,81 @@
+"""Guidance's two halves share the U-Net's first self-attention (models.call_unet): same output, half the work."""
+
+import pytest
+import torch
+
+from ldm_cli.models import SharedHalvesAttention, call_unet, first_self_attention
+
+
+@pytest.fixture
+def unet(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
+
+
+def inputs(unet, batch=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, unet.config.in_channels, 16, 16, generator=g)
+    context = torch.randn(2 * batch, 7, unet.config.cross_attention_dim, generator=g)  # [uncond; cond]
+    return x, torch.tensor(10), context
+
+
+class BatchSpy:
+    """Wraps an attention processor and records the batch sizes it is called with."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.batches.append(len(hidden_states))
+        return self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def first_attn1(unet):
+    return next(b for b in unet.down_blocks if getattr(b, "attentions", None)).attentions[0].transformer_blocks[0].attn1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True])
+def test_shared_first_self_attention_keeps_the_output_and_halves_its_batch(unet, fused):
+    if fused:
+        unet.fuse_qkv_projections()  # replaces every processor: the wrapper must come back
+    x, t, context = inputs(unet)
+    expected = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+    shared = first_self_attention(unet)
+    assert isinstance(shared, SharedHalvesAttention)
+    spy = shared.inner = BatchSpy(shared.inner)
+    out = call_unet(unet, x, t, context)
+    assert spy.batches == [len(x)]  # not 2 * len(x): the first self-attention ran once for both halves
+    assert not shared.halves_equal  # reset after the call
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    # other self-attentions still see the whole batch
+    later = [m for m in unet.modules() if hasattr(m, "attn1") and m.attn1 is not first_attn1(unet)]
+    assert later and all(not isinstance(m.attn1.processor, SharedHalvesAttention) for m in later)
+
+
+@torch.no_grad()
+def test_one_context_per_latent_shares_nothing(unet):
+    x, t, context = inputs(unet)
+    context = context[:len(x)]
+    spy = BatchSpy(first_attn1(unet).processor)
+    first_attn1(unet).set_processor(spy)
+    out = call_unet(unet, x, t, context)
+    assert spy.batches == [len(x)]
+    torch.testing.assert_close(out, unet(x, t, encoder_hidden_states=context).sample, rtol=0, atol=0)
+
+
+def test_a_context_batch_that_is_not_a_multiple_is_refused(unet):
+    x, t, context = inputs(unet)
+    with pytest.raises(ValueError, match="not a multiple"):
+        call_unet(unet, x, t, context[:-1])
+
+
+def test_not_shared_where_the_context_reaches_the_network_before_it(unet):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(unet.config)
+    config.update(class_embed_type="timestep")  # a class embedding added to the time embedding: halves differ
+    other = UNet2DConditionModel.from_config(config)
+    assert first_self_attention(other) is None
+    assert isinstance(first_self_attention(unet), SharedHalvesAttention)
