@@ -18,7 +18,7 @@ MODES = ("auto", "none", "graphs", "compile")
 
 
 class GraphedUNet:
-    """`f(x, t, context)` replaying one captured CUDA graph per (shape, dtype).
+    """`f(x, t, context)` (as models.call_unet) replaying one captured CUDA graph per (shapes, dtype).
 
     The returned tensor is a static buffer, overwritten by the next call: callers use it before
     calling again (the sampler does: guidance and the DDIM step make new tensors from it).

@@ -57,12 +57,14 @@ def test_shared_first_self_attention_keeps_the_output_and_halves_its_batch(unet,
 @torch.no_grad()
 def test_one_context_per_latent_shares_nothing(unet):
     x, t, context = inputs(unet)
+    x = torch.cat([x[:2], torch.randn_like(x[:1])])  # its first and second half differ
     context = context[:len(x)]
-    spy = BatchSpy(first_attn1(unet).processor)
-    first_attn1(unet).set_processor(spy)
+    expected = unet(x, t, encoder_hidden_states=context).sample
+    shared = first_self_attention(unet)  # installed, as after a guided call
+    spy = shared.inner = BatchSpy(shared.inner)
     out = call_unet(unet, x, t, context)
     assert spy.batches == [len(x)]
-    torch.testing.assert_close(out, unet(x, t, encoder_hidden_states=context).sample, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_a_context_batch_that_is_not_a_multiple_is_refused(unet):
@@ -79,3 +81,25 @@ def test_not_shared_where_the_context_reaches_the_network_before_it(unet):
     other = UNet2DConditionModel.from_config(config)
     assert first_self_attention(other) is None
     assert isinstance(first_self_attention(unet), SharedHalvesAttention)
+
+
+@torch.no_grad()
+def test_compiled_unet_shares_and_recompiles_when_not_shared(unet):
+    """As `--accel compile` runs it (fullgraph): dynamo traces through the wrapper, and a later call
+    without shared halves must not replay the shared graph (its guard on `halves_equal`)."""
+    unet.fuse_qkv_projections()
+    x, t, context = inputs(unet, batch=2)
+    different = torch.cat([x, torch.randn_like(x)])  # halves that differ, same shapes as the shared call's
+    expected = [unet(batch, t, encoder_hidden_states=context).sample for batch in (torch.cat([x, x]), different)]
+    compiled = torch.compile(unet, fullgraph=True, dynamic=False, backend="aot_eager")
+    try:
+        shared = call_unet(compiled, x, t, context)
+        unshared = call_unet(compiled, different, t, context)  # one context per latent: nothing shared
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(shared, expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(unshared, expected[1], rtol=0, atol=1e-5)
+    spy = BatchSpy(first_self_attention(unet).inner)
+    first_self_attention(unet).inner = spy
+    call_unet(unet, x, t, context)
+    assert spy.batches == [len(x)]
