@@ -26,11 +26,15 @@ Prints JSON lines and a table; writes $OUT/attention_kernel.jsonl.
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_b8_breakdown import cuda_ms  # noqa: E402
 
 ROWS = []
 CONFIGS = ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 128, 8, 3),
@@ -122,18 +126,6 @@ def attention(q, k, v, head_dim, fp16_exp, ones_column, block_m, block_n, warps,
                         num_warps=warps,
                         num_stages=stages)
     return out
-
-
-def cuda_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main():
