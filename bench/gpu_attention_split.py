@@ -36,14 +36,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
+from gpu_attention_kernel import ROWS, attention, emit  # noqa: E402  (session 6's kernel: the control)
 
-ROWS = []
 CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
-
-
-def emit(row):
-    ROWS.append(row)
-    print(json.dumps(row), flush=True)
 
 
 @triton.jit
@@ -199,7 +194,6 @@ VARIANTS = (  # name, (ones_column, tma, ftz, poly, pipeline)
 
 
 def main():
-    from gpu_attention_kernel import attention  # session 6's kernel (64-wide heads), the control
     from gpu_b8_breakdown import cuda_ms
 
     dev = torch.device("cuda")
