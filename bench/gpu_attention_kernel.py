@@ -23,7 +23,6 @@ Prints JSON lines and a table; writes $OUT/attention_kernel.jsonl.
     python bench/gpu_attention_kernel.py
 """
 
-import json
 import math
 import os
 import sys
@@ -35,15 +34,10 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_b8_breakdown import cuda_ms  # noqa: E402
+from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
 
-ROWS = []
 CONFIGS = ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 128, 8, 3),
            (128, 64, 8, 4))
-
-
-def emit(row):
-    ROWS.append(row)
-    print(json.dumps(row), flush=True)
 
 
 @triton.jit
@@ -179,15 +173,11 @@ def main():
                       tflops=round(flops / ms / 1e9, 1), vs_sdpa=round(sdpa_ms / ms, 3),
                       max_abs_vs_fp32=round((out - ref).abs().max().item(), 5),
                       mean_abs_vs_fp32=round((out - ref).abs().mean().item(), 6)))
-    print("\n| tokens | head dim | kernel | best config (M, N, warps, stages) | ms | TFLOP/s | vs SDPA | max abs vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in ROWS:
-        if "kernel" in r:
-            print(f"| {r['tokens']} | {r['head_dim']} | {r['kernel']} | {r.get('config', '-')} | {r['ms']} | "
-                  f"{r.get('tflops')} | {r.get('vs_sdpa', '-')} | {r.get('max_abs_vs_fp32')} |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "attention_kernel.jsonl"), "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in ROWS)
+    print_table(("tokens", "head dim", "kernel", "best config (M, N, warps, stages)", "ms", "TFLOP/s", "vs SDPA",
+                 "max abs vs fp32"), ROWS,
+                lambda r: [r["tokens"], r["head_dim"], r["kernel"], r.get("config", "-"), r["ms"], r.get("tflops"),
+                           r.get("vs_sdpa", "-"), r.get("max_abs_vs_fp32")] if "kernel" in r else None)
+    save_jsonl("attention_kernel.jsonl", ROWS)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ checked against an fp32 reference. Prints JSON lines and a table; writes $OUT/at
     python bench/gpu_attention_split.py
 """
 
-import json
 import math
 import os
 import sys
@@ -36,7 +35,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_attention_kernel import ROWS, attention, emit  # noqa: E402  (session 6's kernel: the control)
+from gpu_attention_kernel import attention  # noqa: E402  (session 6's kernel: the control)
+from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
 
 CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
 
@@ -234,17 +234,12 @@ def main():
             continue
         cfg = best[1]
         row(name, lambda n: attention_48(*(a[:n] for a in args), d, *flags, *cfg), cfg)
-    print("\n| kernel (4096 tokens, head dim 40, batch 16, 8 heads) | best config (M, N, warps, stages) | ms | "
-          "TFLOP/s | vs SDPA | max abs vs fp32 |")
-    print("|---|---|---|---|---|---|")
-    for r in ROWS:
-        if "kernel" in r:
-            vs = round(sdpa_ms / r["ms"], 3) if r.get("ms") else "-"
-            print(f"| {r['kernel']} | {r.get('config') or '-'} | {r['ms']} | {r.get('tflops')} | {vs} | "
-                  f"{r.get('max_abs_vs_fp32')} |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "attention_split.jsonl"), "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in ROWS)
+    print_table(("kernel (4096 tokens, head dim 40, batch 16, 8 heads)", "best config (M, N, warps, stages)", "ms",
+                 "TFLOP/s", "vs SDPA", "max abs vs fp32"), ROWS,
+                lambda r: [r["kernel"], r.get("config") or "-", r["ms"], r.get("tflops"),
+                           round(sdpa_ms / r["ms"], 3) if r.get("ms") else "-", r.get("max_abs_vs_fp32")]
+                if "kernel" in r else None)
+    save_jsonl("attention_split.jsonl", ROWS)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Prints JSON lines and a table; writes $OUT/b8_breakdown.jsonl.
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_sample import build  # noqa: E402
+from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
 
 from ldm_cli.accel import GraphedUNet, channels_last_concat_pass  # noqa: E402
 
@@ -50,12 +50,6 @@ BATCH = 16  # batch 8 with classifier-free guidance
 LEVELS = [(4096, 320, 5), (1024, 640, 5), (256, 1280, 5), (64, 1280, 1)]
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION}
-OUT_ROWS = []
-
-
-def emit(row):
-    OUT_ROWS.append(row)
-    print(json.dumps(row), flush=True)
 
 
 def cuda_ms(fn, reps=20):
@@ -263,15 +257,11 @@ def main():
         diff = (image.float() - first_image.float()).abs()
         emit(dict(vae_variant=variant, vae_decoder_batch8_ms=round(ms, 2), compile_s=round(compile_s, 1),
                   max_abs_vs_first=round(diff.max().item(), 5), kinds_ms=kinds, top_kernels=top[:8]))
-    print("\n| variant | compile s | U-Net ms (batch 16, CUDA graph) | images/s (U-Net only) | kernel ms by kind |")
-    print("|---|---|---|---|---|")
-    for r in OUT_ROWS:
-        if "variant" in r:
-            print(f"| {r['variant']} | {r['compile_s']} | {r['unet_ms_batch16']} | {r['images_per_s_unet_only']} | "
-                  f"{r['kinds_ms']} |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "b8_breakdown.jsonl"), "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in OUT_ROWS)
+    print_table(("variant", "compile s", "U-Net ms (batch 16, CUDA graph)", "images/s (U-Net only)",
+                 "kernel ms by kind"), ROWS,
+                lambda r: [r["variant"], r["compile_s"], r["unet_ms_batch16"], r["images_per_s_unet_only"],
+                           r["kinds_ms"]] if "variant" in r else None)
+    save_jsonl("b8_breakdown.jsonl", ROWS)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ A mode ending in -nhwc / -nchw forces channels_last on / off (default: on for co
 
 import argparse
 import json
-import os
 import time
 
 import torch
+from report import print_table, save_jsonl  # bench/report.py (this script's folder is on sys.path)
 
 from ldm_cli import pipeline
 from ldm_cli.accel import accelerate
@@ -188,15 +188,10 @@ def main():
                        mean_abs=round(d.mean().item(), 5))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| setting | kind | batch | s/image | images/s | U-Net it/s | MFU | peak GiB | first call s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "label" in r:
-            print(f"| {r['label']} | {r['kind']} | {r['batch']} | {r['s_per_image']} | {r['images_per_s']} | "
-                  f"{r['unet_it_per_s']} | {r['mfu_vs_989T']:.1%} | {r['peak_mem_gib']} | {r['first_call_s']} |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"gpu_sample-{args.modes.replace(',', '-')}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print_table(("setting", "kind", "batch", "s/image", "images/s", "U-Net it/s", "MFU", "peak GiB", "first call s"), rows,
+                lambda r: [r["label"], r["kind"], r["batch"], r["s_per_image"], r["images_per_s"], r["unet_it_per_s"],
+                           f"{r['mfu_vs_989T']:.1%}", r["peak_mem_gib"], r["first_call_s"]] if "label" in r else None)
+    save_jsonl(f"gpu_sample-{args.modes.replace(',', '-')}.jsonl", rows, mode="w")
 
 
 if __name__ == "__main__":

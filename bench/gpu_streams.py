@@ -20,7 +20,6 @@ Prints JSON lines and a table; writes $OUT/streams.jsonl.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,15 +30,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_b8_breakdown import cuda_ms  # noqa: E402
 from gpu_sample import build  # noqa: E402
+from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
 
 from ldm_cli.accel import GraphedUNet, _tune_inductor  # noqa: E402
-
-ROWS = []
-
-
-def emit(row):
-    ROWS.append(row)
-    print(json.dumps(row), flush=True)
 
 
 class StreamsGraphedUNet(GraphedUNet):
@@ -141,15 +134,10 @@ def main():
                           max_abs_vs_whole=round(diff.max().item(), 5), mean_abs_vs_whole=round(diff.mean().item(), 6)))
             del runners
             torch.cuda.empty_cache()
-    print("\n| mode | U-Net batch | runner | ms per call (best round) | vs whole | max abs vs whole |")
-    print("|---|---|---|---|---|---|")
-    for r in ROWS:
-        if "runner" in r:
-            print(f"| {r['mode']} | {r['unet_batch']} | {r['runner']} | {r['ms']} | {r['speedup_vs_whole']}x | "
-                  f"{r['max_abs_vs_whole']} |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "streams.jsonl"), "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in ROWS)
+    print_table(("mode", "U-Net batch", "runner", "ms per call (best round)", "vs whole", "max abs vs whole"), ROWS,
+                lambda r: [r["mode"], r["unet_batch"], r["runner"], r["ms"], f"{r['speedup_vs_whole']}x",
+                           r["max_abs_vs_whole"]] if "runner" in r else None)
+    save_jsonl("streams.jsonl", ROWS)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,6 @@ def test_compiled_with_the_pass_equals_eager():
     assert pinned == [1]
 
 
-
 def test_the_pass_keeps_inductors_graph_cache_working(tmp_path, monkeypatch):
     """A second process must load the compiled U-Net from disk, not compile it again: the pass has a
     cache key (uuid), so inductor's FX graph cache still hits."""
