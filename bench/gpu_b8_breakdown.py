@@ -1,5 +1,7 @@
 """Where the time of one batch-8 (CFG batch 16) SD-1.5 U-Net call goes, and what changes it.
 
+`--batch` sets the U-Net batch (16 = batch 8 with guidance, the default; 2 = batch 1).
+
 On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.py's `build`):
 1. attention alone, per SD-1.5 attention shape at batch 16, for each SDPA backend (flash, efficient,
    cuDNN): ms per call and TFLOP/s, and the attention time one U-Net call would spend with each;
@@ -64,15 +66,15 @@ def cuda_ms(fn, reps=20):
     return start.elapsed_time(end) / reps
 
 
-def attention_table(dev):
+def attention_table(dev, batch):
     """SDPA alone, in diffusers' layout (B, L, H*D) viewed as (B, H, L, D)."""
     per_call = {name: 0.0 for name in BACKENDS}
     for tokens, channels, blocks in LEVELS:
         for kind, keys in (("self", tokens), ("cross", 77)):
-            q = torch.randn(BATCH, tokens, channels, device=dev, dtype=torch.float16)
-            kv = torch.randn(BATCH, keys, channels, device=dev, dtype=torch.float16)
-            split = lambda t: t.view(BATCH, -1, 8, channels // 8).transpose(1, 2)  # noqa: E731
-            flops = 4 * BATCH * tokens * keys * channels
+            q = torch.randn(batch, tokens, channels, device=dev, dtype=torch.float16)
+            kv = torch.randn(batch, keys, channels, device=dev, dtype=torch.float16)
+            split = lambda t: t.view(batch, -1, 8, channels // 8).transpose(1, 2)  # noqa: E731
+            flops = 4 * batch * tokens * keys * channels
             row = dict(attention=kind, tokens=tokens, keys=keys, head_dim=channels // 8, blocks=blocks)
             for name, backend in BACKENDS.items():
                 try:
@@ -120,7 +122,8 @@ def profile_kinds(fn, calls=3):
     triton = [k for k in top if kind_of(k[0]) == "triton fused"][:40]
     return ({k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             [(n[:90], round(ms, 3), count) for n, ms, count in top[:15]],
-            [(n[:120], round(ms, 4), count) for n, ms, count in triton])
+            [(n[:120], round(ms, 4), count) for n, ms, count in triton],
+            sum(count for _, _, count in kernels))
 
 
 def configure(variant):
@@ -195,6 +198,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="base,flash,freeze")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=BATCH, help="U-Net batch (2 x images under guidance)")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-vae", action="store_true")
     ap.add_argument("--vae-variants", default="base")
@@ -206,15 +210,15 @@ def main():
     emit(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
               cudnn=torch.backends.cudnn.version()))
     if not args.skip_attention:
-        attention_table(dev)
+        attention_table(dev, args.batch)
     unet, vae, _ = build(dev, torch.float16)
     unet.to(memory_format=torch.channels_last)
     vae.to(memory_format=torch.channels_last)
     unet.fuse_qkv_projections()
     g = torch.Generator(dev).manual_seed(0)
-    x = torch.randn(BATCH, 4, 64, 64, device=dev, dtype=torch.float16, generator=g)
-    t = torch.full((BATCH,), 500, device=dev)
-    ctx = torch.randn(BATCH, 77, 768, device=dev, dtype=torch.float16, generator=g)
+    x = torch.randn(args.batch, 4, 64, 64, device=dev, dtype=torch.float16, generator=g)
+    t = torch.full((args.batch,), 500, device=dev)
+    ctx = torch.randn(args.batch, 77, 768, device=dev, dtype=torch.float16, generator=g)
     reference = None
     for variant in args.variants.split(","):
         set_group_norms(unet, variant)
@@ -232,13 +236,14 @@ def main():
             ms = cuda_ms(call, args.calls)
             graphed = GraphedUNet(compiled)  # as the sampler runs it: one CUDA graph, no launch gaps
             graphed_ms = cuda_ms(lambda: graphed(x, t, ctx), args.calls)
-            kinds, top, triton = profile_kinds(call)
+            kinds, top, triton, launches = profile_kinds(call)
         if reference is None:
             reference = out
         diff = (out.float() - reference.float()).abs()
-        emit(dict(variant=variant, compile_s=round(compile_s, 1), unet_ms_batch16=round(graphed_ms, 3),
-                  unet_ms_batch16_no_graph=round(ms, 3), images_per_s_unet_only=round(8 / (50 * graphed_ms / 1000), 3),
-                  kernel_sum_ms=round(sum(kinds.values()), 3), kinds_ms=kinds,
+        emit(dict(variant=variant, batch=args.batch, compile_s=round(compile_s, 1), unet_ms=round(graphed_ms, 3),
+                  unet_ms_no_graph=round(ms, 3),
+                  images_per_s_unet_only=round(args.batch / 2 / (50 * graphed_ms / 1000), 3),
+                  kernel_sum_ms=round(sum(kinds.values()), 3), kernel_launches=launches, kinds_ms=kinds,
                   max_abs_vs_first=round(diff.max().item(), 5), mean_abs_vs_first=round(diff.mean().item(), 6),
                   top_kernels=top, triton_kernels=triton))
     z = torch.randn(8, 4, 64, 64, device=dev, dtype=torch.float16, generator=g)
@@ -252,15 +257,15 @@ def main():
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             ms = cuda_ms(lambda: decoder(z), 5)
-            kinds, top, _ = profile_kinds(lambda: decoder(z), 1)
+            kinds, top, _, _ = profile_kinds(lambda: decoder(z), 1)
         first_image = image if first_image is None else first_image
         diff = (image.float() - first_image.float()).abs()
         emit(dict(vae_variant=variant, vae_decoder_batch8_ms=round(ms, 2), compile_s=round(compile_s, 1),
                   max_abs_vs_first=round(diff.max().item(), 5), kinds_ms=kinds, top_kernels=top[:8]))
-    print_table(("variant", "compile s", "U-Net ms (batch 16, CUDA graph)", "images/s (U-Net only)",
-                 "kernel ms by kind"), ROWS,
-                lambda r: [r["variant"], r["compile_s"], r["unet_ms_batch16"], r["images_per_s_unet_only"],
-                           r["kinds_ms"]] if "variant" in r else None)
+    print_table(("variant", "U-Net batch", "compile s", "U-Net ms (CUDA graph)", "images/s (U-Net only)",
+                 "kernel sum ms", "kernels", "kernel ms by kind"), ROWS,
+                lambda r: [r["variant"], r["batch"], r["compile_s"], r["unet_ms"], r["images_per_s_unet_only"],
+                           r["kernel_sum_ms"], r["kernel_launches"], r["kinds_ms"]] if "variant" in r else None)
     save_jsonl("b8_breakdown.jsonl", ROWS)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared in session 7, not yet run: item 3's "defaults must not make a one-image run slower than the
+# Session 7 (run in session 8, from gpu_session8a.sh): item 3's "defaults must not make a one-image run slower than the
 # uncompiled path", with the processes alternating (auto, none, auto, none, ...) so that the variation in
 # load time between processes (6.1-8.5 s in results/s7-3) falls on both alike; medians at the end.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

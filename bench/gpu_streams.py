@@ -11,15 +11,19 @@ For each mode (`eager`: ldm's default `auto` path, CUDA graphs without compile; 
 `ldm --accel compile`) and U-Net batch (16 = batch 8 with guidance, 2 = batch 1), times the graphed
 call (accel.GraphedUNet) with the batch whole, in halves one after the other on one stream, in
 halves (or quarters) on concurrent streams, and given each latent once with the first self-attention
-shared by both halves; rounds interleave the runners so drift hits all alike.
+shared by both halves, and (session 8) that plus the projections that share an input run as one matmul
+each (accel.group_shared_input_projections, on a copy of the U-Net); rounds interleave the runners so
+drift hits all alike.
 Also times SDPA alone over head dims (is SD-1.5's head-dim-40 attention bound by its softmax?).
 Prints JSON lines and a table; writes $OUT/streams.jsonl.
 
     python bench/gpu_streams.py --modes eager,compile --batches 16,2
     python bench/gpu_streams.py --skip-head-dims --runners "first self-attention shared"
+    python bench/gpu_streams.py --skip-head-dims --runners "first self-attention shared,+ projections grouped"
 """
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -32,7 +36,7 @@ from gpu_b8_breakdown import cuda_ms  # noqa: E402
 from gpu_sample import build  # noqa: E402
 from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
 
-from ldm_cli.accel import GraphedUNet, _tune_inductor  # noqa: E402
+from ldm_cli.accel import GraphedUNet, _tune_inductor, group_shared_input_projections  # noqa: E402
 
 
 class StreamsGraphedUNet(GraphedUNet):
@@ -85,7 +89,9 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runners", default="halves, one stream,halves, 2 streams,quarters, 4 streams",
-                    help="besides 'whole': any of these, or 'first self-attention shared' (session 6b)")
+                    help="besides --base: any of these, or 'first self-attention shared' (session 6b), "
+                         "'+ projections grouped' (session 8)")
+    ap.add_argument("--base", default="whole", help="the runner the others are compared with")
     ap.add_argument("--skip-head-dims", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -95,23 +101,31 @@ def main():
         head_dim_sweep(dev)
     unet, _, _ = build(dev, torch.float16)
     unet.fuse_qkv_projections()
+    grouped = copy.deepcopy(unet) if "+ projections grouped" in args.runners else None
+    if grouped is not None:
+        emit(dict(projection_groups=[len(g.weight) for g in group_shared_input_projections(grouped)]))
     for mode in args.modes.split(","):
-        fn = unet
+        fn, fn_grouped = unet, grouped
         if mode == "compile":  # as accel.accelerate(mode="compile") sets it up
             torch.backends.cudnn.benchmark = True
-            unet.to(memory_format=torch.channels_last)
             _tune_inductor()
+            for m in (unet, grouped):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
             fn = torch.compile(unet, fullgraph=True, dynamic=False)
+            fn_grouped = None if grouped is None else torch.compile(grouped, fullgraph=True, dynamic=False)
         for batch in map(int, args.batches.split(",")):
             g = torch.Generator(dev).manual_seed(0)
             x = torch.randn(batch // 2, 4, 64, 64, device=dev, dtype=torch.float16, generator=g).repeat(2, 1, 1, 1)
             t = torch.tensor(500, device=dev)
             ctx = torch.randn(batch, 77, 768, device=dev, dtype=torch.float16, generator=g)
             shared = GraphedUNet(fn)  # given the latents once: call_unet shares the first self-attention
+            shared_grouped = None if fn_grouped is None else GraphedUNet(fn_grouped)
             runners = {"whole": GraphedUNet(fn), "halves, one stream": GraphedUNet(Halves(fn)),
                        "halves, 2 streams": StreamsGraphedUNet(fn, 2), "quarters, 4 streams": StreamsGraphedUNet(fn, 4),
-                       "first self-attention shared": lambda x, t, ctx: shared(x[:len(x) // 2], t, ctx)}
-            runners = {k: v for k, v in runners.items() if k == "whole" or k in args.runners.split(",")}
+                       "first self-attention shared": lambda x, t, ctx: shared(x[:len(x) // 2], t, ctx),
+                       "+ projections grouped": lambda x, t, ctx: shared_grouped(x[:len(x) // 2], t, ctx)}
+            runners = {k: v for k, v in runners.items() if k == args.base or k in args.runners.split(",")}
             if batch < 8:
                 runners.pop("quarters, 4 streams", None)
             first, outs = {}, {}
@@ -126,17 +140,18 @@ def main():
                 for name, runner in runners.items():
                     times[name].append(cuda_ms(lambda: runner(x, t, ctx), args.calls))
             for name in runners:
-                diff = (outs[name].float() - outs["whole"].float()).abs()
+                diff = (outs[name].float() - outs[args.base].float()).abs()
                 best = min(times[name])
                 emit(dict(mode=mode, unet_batch=batch, runner=name, ms=round(best, 3),
                           ms_rounds=[round(v, 3) for v in times[name]],
-                          speedup_vs_whole=round(min(times["whole"]) / best, 4), first_call_s=round(first[name], 1),
-                          max_abs_vs_whole=round(diff.max().item(), 5), mean_abs_vs_whole=round(diff.mean().item(), 6)))
+                          base=args.base, speedup_vs_base=round(min(times[args.base]) / best, 4),
+                          first_call_s=round(first[name], 1),
+                          max_abs_vs_base=round(diff.max().item(), 5), mean_abs_vs_base=round(diff.mean().item(), 6)))
             del runners
             torch.cuda.empty_cache()
-    print_table(("mode", "U-Net batch", "runner", "ms per call (best round)", "vs whole", "max abs vs whole"), ROWS,
-                lambda r: [r["mode"], r["unet_batch"], r["runner"], r["ms"], f"{r['speedup_vs_whole']}x",
-                           r["max_abs_vs_whole"]] if "runner" in r else None)
+    print_table(("mode", "U-Net batch", "runner", "ms per call (best round)", "vs base", "max abs vs base"), ROWS,
+                lambda r: [r["mode"], r["unet_batch"], r["runner"], r["ms"], f"{r['speedup_vs_base']}x",
+                           r["max_abs_vs_base"]] if "runner" in r else None)
     save_jsonl("streams.jsonl", ROWS)
 
 
