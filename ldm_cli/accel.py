@@ -64,9 +64,10 @@ def cache_dir() -> Path:
 
 
 def accelerate(c: Components, mode: str = "auto", channels_last: bool | None = None,
-               fuse_qkv: bool = True, group_projections: bool = True) -> Components:
+               fuse_qkv: bool = True, group_projections: bool | None = None) -> Components:
     """Make `c` fast on its device; a no-op on CPU (where `auto` means `none`). channels_last=None:
-    on with compile (inductor writes NHWC GroupNorm kernels that eager PyTorch lacks), off otherwise."""
+    on with compile (inductor writes NHWC GroupNorm kernels that eager PyTorch lacks), off otherwise.
+    group_projections=None: on with compile, see group_shared_input_projections."""
     check(mode in MODES, f"--accel must be one of {', '.join(MODES)}, got {mode!r}")
     if c.device.type != "cuda" or mode == "none":
         check(mode in ("auto", "none"), f"--accel {mode} needs a CUDA device")
@@ -83,7 +84,9 @@ def accelerate(c: Components, mode: str = "auto", channels_last: bool | None = N
         c.vae.to(memory_format=torch.channels_last)
     if fuse_qkv and hasattr(c.unet, "fuse_qkv_projections"):
         c.unet.fuse_qkv_projections()  # one (3x wider) matmul instead of three for q, k, v
-    if group_projections:
+    # Its probe forward costs ~1 s in a fresh process (every kernel's first use) for ~5 ms per image
+    # uncompiled, ~8 ms compiled (bench/RESULTS.md, session 8): worth it where the process is long anyway.
+    if group_projections if group_projections is not None else mode == "compile":
         group_shared_input_projections(c.unet)
     unet = c.unet
     if mode == "compile":
