@@ -19,6 +19,14 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-eps")
 
 
+@pytest.fixture
+def unet(tiny_model):
+    """The tiny model's U-Net, loaded fresh for each test (tests change its processors and layers)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_v_model(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("models") / "tiny-v", prediction_type="v_prediction", seed=1)

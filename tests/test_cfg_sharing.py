@@ -2,22 +2,9 @@
 
 import pytest
 import torch
+from tiny import guided_inputs
 
 from ldm_cli.models import SharedHalvesAttention, call_unet, first_self_attention
-
-
-@pytest.fixture
-def unet(tiny_model):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
-
-
-def inputs(unet, batch=3):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, unet.config.in_channels, 16, 16, generator=g)
-    context = torch.randn(2 * batch, 7, unet.config.cross_attention_dim, generator=g)  # [uncond; cond]
-    return x, torch.tensor(10), context
 
 
 class BatchSpy:
@@ -40,7 +27,7 @@ def first_attn1(unet):
 def test_shared_first_self_attention_keeps_the_output_and_halves_its_batch(unet, fused):
     if fused:
         unet.fuse_qkv_projections()  # replaces every processor: the wrapper must come back
-    x, t, context = inputs(unet)
+    x, t, context = guided_inputs(unet, 3)
     expected = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
     shared = first_self_attention(unet)
     assert isinstance(shared, SharedHalvesAttention)
@@ -56,7 +43,7 @@ def test_shared_first_self_attention_keeps_the_output_and_halves_its_batch(unet,
 
 @torch.no_grad()
 def test_one_context_per_latent_shares_nothing(unet):
-    x, t, context = inputs(unet)
+    x, t, context = guided_inputs(unet, 3)
     x = torch.cat([x[:2], torch.randn_like(x[:1])])  # its first and second half differ
     context = context[:len(x)]
     expected = unet(x, t, encoder_hidden_states=context).sample
@@ -68,7 +55,7 @@ def test_one_context_per_latent_shares_nothing(unet):
 
 
 def test_a_context_batch_that_is_not_a_multiple_is_refused(unet):
-    x, t, context = inputs(unet)
+    x, t, context = guided_inputs(unet, 3)
     with pytest.raises(ValueError, match="not a multiple"):
         call_unet(unet, x, t, context[:-1])
 
@@ -88,7 +75,7 @@ def test_compiled_unet_shares_and_recompiles_when_not_shared(unet):
     """As `--accel compile` runs it (fullgraph): dynamo traces through the wrapper, and a later call
     without shared halves must not replay the shared graph (its guard on `halves_equal`)."""
     unet.fuse_qkv_projections()
-    x, t, context = inputs(unet, batch=2)
+    x, t, context = guided_inputs(unet, 2)
     different = torch.cat([x, torch.randn_like(x)])  # halves that differ, same shapes as the shared call's
     expected = [unet(batch, t, encoder_hidden_states=context).sample for batch in (torch.cat([x, x]), different)]
     compiled = torch.compile(unet, fullgraph=True, dynamic=False, backend="aot_eager")

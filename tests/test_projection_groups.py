@@ -4,23 +4,10 @@ import copy
 
 import pytest
 import torch
+from tiny import guided_inputs
 
 from ldm_cli.accel import GroupedLinear, group_shared_input_projections
 from ldm_cli.models import call_unet
-
-
-@pytest.fixture
-def unet(tiny_model):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
-
-
-def inputs(unet, batch=2):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, unet.config.in_channels, 16, 16, generator=g)
-    context = torch.randn(2 * batch, 7, unet.config.cross_attention_dim, generator=g)  # [uncond; cond]
-    return x, torch.tensor(10), context
 
 
 class LinearCount:
@@ -47,7 +34,7 @@ def test_grouped_projections_keep_the_output_with_one_matmul_per_group(unet, fus
     if fused:
         unet.fuse_qkv_projections()
     before = copy.deepcopy(unet)
-    x, t, context = inputs(unet)
+    x, t, context = guided_inputs(unet, 2)
     cross = [m for m in unet.modules() if getattr(m, "is_cross_attention", False)]
     resnets = [m for m in unet.modules() if hasattr(m, "time_emb_proj")]
 
@@ -98,7 +85,7 @@ def test_compiled_unet_with_groups_matches_eager(unet):
     """As `--accel compile` runs it (fullgraph): dynamo traces the hooks and the group's shared output."""
     unet.fuse_qkv_projections()
     before = copy.deepcopy(unet)
-    x, t, context = inputs(unet)
+    x, t, context = guided_inputs(unet, 2)
     expected = call_unet(before, x, t, context)
     groups = group_shared_input_projections(unet)
     linears = []

@@ -68,3 +68,12 @@ def save_tiny(folder: Path, **kw) -> Path:
     pipe = build_pipeline(tokenizer_dir=folder.parent / (folder.name + "-tok"), **kw)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def guided_inputs(unet, batch: int):
+    """Seeded U-Net inputs as guidance calls it: `batch` latents (16x16), a timestep, and 2 x batch
+    contexts [uncond; cond] of 7 tokens."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, unet.config.in_channels, 16, 16, generator=g)
+    context = torch.randn(2 * batch, 7, unet.config.cross_attention_dim, generator=g)
+    return x, torch.tensor(10), context
