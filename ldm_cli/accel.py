@@ -189,7 +189,7 @@ def group_shared_input_projections(unet) -> list[ProjectionGroup]:
             return hook
 
         unet.register_forward_pre_hook(switch(True))
-        unet.register_forward_hook(switch(False))
+        unet.register_forward_hook(switch(False), always_call=True)  # off even when the forward raises
     return groups
 
 

@@ -105,3 +105,12 @@ def test_compiled_unet_with_groups_matches_eager(unet):
     torch.testing.assert_close(traced, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
     assert all(not g.active and g.output is None for g in groups)
+
+
+@torch.no_grad()
+def test_groups_are_off_after_a_forward_that_raises(unet):
+    groups = group_shared_input_projections(unet)
+    x, t, context = guided_inputs(unet, 2)
+    with pytest.raises(RuntimeError):
+        call_unet(unet, x, t, context[..., :-1])  # a context one channel short: the first key projection fails
+    assert groups and all(not g.active and g.output is None for g in groups)
