@@ -22,6 +22,8 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
                   default since session 5, while `base` here keeps session 4's settings, without it);
    `pdl`          programmatic dependent launch between Triton kernels (Hopper);
    `cl-gn`        ChannelsLastGroupNorm (below) in place of nn.GroupNorm: per-channel sums first;
+   `geglu`        the feed-forwards' GEGLU as bench/gpu_geglu.py's fused kernel (on a copy of the U-Net);
+   `coop`         inductor's cooperative reductions (one kernel where it would split a reduction in two);
    `bandwidth`    inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s per
                   kernel to $OUT/bandwidth-<variant>.txt (it fails on torch 2.11 for this model).
    Variants combine with `+`;
@@ -33,6 +35,7 @@ Prints JSON lines and a table; writes $OUT/b8_breakdown.jsonl.
 
 import argparse
 import contextlib
+import copy
 import os
 import sys
 import time
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
+from gpu_geglu import use_fused_geglu  # noqa: E402
 from gpu_sample import build  # noqa: E402
 from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
 
@@ -144,6 +148,7 @@ def configure(variant):
     inductor.triton.coalesce_tiling_analysis = "no-coalesce" not in variant
     inductor.triton.enable_pdl = "pdl" in variant
     inductor.post_grad_custom_post_pass = channels_last_concat_pass() if "cl-cat" in variant else None
+    inductor.triton.cooperative_reductions = "coop" in variant
     inductor.profile_bandwidth = "bandwidth" in variant
     if "bandwidth" in variant:
         inductor.profile_bandwidth_output = os.path.join(os.environ.get("OUT", "."), f"bandwidth-{variant}.txt")
@@ -222,8 +227,12 @@ def main():
     reference = None
     for variant in args.variants.split(","):
         set_group_norms(unet, variant)
+        model = unet
+        if "geglu" in variant:
+            model = copy.deepcopy(unet)
+            use_fused_geglu(model)
         with torch.no_grad(), configure(variant):
-            compiled = torch.compile(unet, fullgraph=True, dynamic=False)
+            compiled = torch.compile(model, fullgraph=True, dynamic=False)
             call = lambda: compiled(x, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
             t0 = time.perf_counter()
             print(f"compiling {variant}", flush=True)

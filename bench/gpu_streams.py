@@ -12,7 +12,8 @@ For each mode (`eager`: ldm's default `auto` path, CUDA graphs without compile; 
 call (accel.GraphedUNet) with the batch whole, in halves one after the other on one stream, in
 halves (or quarters) on concurrent streams, and given each latent once with the first self-attention
 shared by both halves, and (session 8) that plus the projections that share an input run as one matmul
-each (accel.group_shared_input_projections, on a copy of the U-Net); rounds interleave the runners so
+each (accel.group_shared_input_projections, on a copy of the U-Net), and (session 9) that plus the
+feed-forwards' GEGLU as one fused kernel (bench/gpu_geglu.py, not in ldm); rounds interleave the runners so
 drift hits all alike.
 Also times SDPA alone over head dims (is SD-1.5's head-dim-40 attention bound by its softmax?).
 Prints JSON lines and a table; writes $OUT/streams.jsonl.
@@ -24,6 +25,7 @@ Prints JSON lines and a table; writes $OUT/streams.jsonl.
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+import gpu_geglu  # noqa: E402
 from gpu_b8_breakdown import cuda_ms  # noqa: E402
 from gpu_sample import build  # noqa: E402
 from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
@@ -90,30 +93,42 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runners", default="halves, one stream,halves, 2 streams,quarters, 4 streams",
                     help="besides --base: any of these, or 'first self-attention shared' (session 6b), "
-                         "'+ projections grouped' (session 8)")
+                         "'+ projections grouped' (session 8), '+ GEGLU fused' (session 9: grouped and fused)")
     ap.add_argument("--base", default="whole", help="the runner the others are compared with")
     ap.add_argument("--skip-head-dims", action="store_true")
+    ap.add_argument("--geglu-configs", help="JSON from gpu_geglu.py: the fused GEGLU's configuration per shape")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.geglu_configs:  # measured per shape instead of gpu_geglu.block_config's rule
+        with open(args.geglu_configs) as f:
+            measured = json.load(f)
+        gpu_geglu.block_config = lambda m, n, k: measured.get(f"{m},{n},{k}")
+        emit(dict(geglu_configs=measured))
     emit(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__))
     if not args.skip_head_dims:
         head_dim_sweep(dev)
     unet, _, _ = build(dev, torch.float16)
     unet.fuse_qkv_projections()
-    grouped = copy.deepcopy(unet) if "+ projections grouped" in args.runners else None
+    wanted = {args.base, *args.runners.split(",")}
+    grouped = copy.deepcopy(unet) if "+ projections grouped" in wanted else None
+    fused = copy.deepcopy(unet) if "+ GEGLU fused" in wanted else None
     if grouped is not None:
         emit(dict(projection_groups=[len(g.weight) for g in group_shared_input_projections(grouped)]))
+    if fused is not None:  # the projections grouped too: what --accel compile does
+        group_shared_input_projections(fused)
+        emit(dict(geglu_fused=gpu_geglu.use_fused_geglu(fused)))
     for mode in args.modes.split(","):
-        fn, fn_grouped = unet, grouped
+        fn, fn_grouped, fn_fused = unet, grouped, fused
         if mode == "compile":  # as accel.accelerate(mode="compile") sets it up
             torch.backends.cudnn.benchmark = True
             _tune_inductor()
-            for m in (unet, grouped):
+            for m in (unet, grouped, fused):
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
             fn = torch.compile(unet, fullgraph=True, dynamic=False)
             fn_grouped = None if grouped is None else torch.compile(grouped, fullgraph=True, dynamic=False)
+            fn_fused = None if fused is None else torch.compile(fused, fullgraph=True, dynamic=False)
         for batch in map(int, args.batches.split(",")):
             g = torch.Generator(dev).manual_seed(0)
             x = torch.randn(batch // 2, 4, 64, 64, device=dev, dtype=torch.float16, generator=g).repeat(2, 1, 1, 1)
@@ -121,10 +136,12 @@ def main():
             ctx = torch.randn(batch, 77, 768, device=dev, dtype=torch.float16, generator=g)
             shared = GraphedUNet(fn)  # given the latents once: call_unet shares the first self-attention
             shared_grouped = None if fn_grouped is None else GraphedUNet(fn_grouped)
+            shared_fused = None if fn_fused is None else GraphedUNet(fn_fused)
             runners = {"whole": GraphedUNet(fn), "halves, one stream": GraphedUNet(Halves(fn)),
                        "halves, 2 streams": StreamsGraphedUNet(fn, 2), "quarters, 4 streams": StreamsGraphedUNet(fn, 4),
                        "first self-attention shared": lambda x, t, ctx: shared(x[:len(x) // 2], t, ctx),
-                       "+ projections grouped": lambda x, t, ctx: shared_grouped(x[:len(x) // 2], t, ctx)}
+                       "+ projections grouped": lambda x, t, ctx: shared_grouped(x[:len(x) // 2], t, ctx),
+                       "+ GEGLU fused": lambda x, t, ctx: shared_fused(x[:len(x) // 2], t, ctx)}
             runners = {k: v for k, v in runners.items() if k == args.base or k in args.runners.split(",")}
             if batch < 8:
                 runners.pop("quarters, 4 streams", None)
