@@ -24,6 +24,8 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
    `cl-gn`        ChannelsLastGroupNorm (below) in place of nn.GroupNorm: per-channel sums first;
    `geglu`        the feed-forwards' GEGLU as bench/gpu_geglu.py's fused kernel (on a copy of the U-Net);
    `coop`         inductor's cooperative reductions (one kernel where it would split a reduction in two);
+   `nchw`         (VAE decoder only) the decoder in the default NCHW layout instead of channels-last, where
+                  a GroupNorm group is contiguous (session 10);
    `bandwidth`    inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s per
                   kernel to $OUT/bandwidth-<variant>.txt (it fails on torch 2.11 for this model).
    Variants combine with `+`;
@@ -225,7 +227,7 @@ def main():
     t = torch.full((args.batch,), 500, device=dev)
     ctx = torch.randn(args.batch, 77, 768, device=dev, dtype=torch.float16, generator=g)
     reference = None
-    for variant in args.variants.split(","):
+    for variant in filter(None, args.variants.split(",")):  # --variants "": the VAE only
         set_group_norms(unet, variant)
         model = unet
         if "geglu" in variant:
@@ -259,6 +261,7 @@ def main():
     first_image = None
     for variant in [] if args.skip_vae else args.vae_variants.split(","):
         set_group_norms(vae, variant)
+        vae.to(memory_format=torch.contiguous_format if "nchw" in variant else torch.channels_last)
         with torch.no_grad(), configure(variant):
             decoder = torch.compile(vae.decoder, fullgraph=True, dynamic=False)
             t0 = time.perf_counter()

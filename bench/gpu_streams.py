@@ -13,14 +13,18 @@ call (accel.GraphedUNet) with the batch whole, in halves one after the other on 
 halves (or quarters) on concurrent streams, and given each latent once with the first self-attention
 shared by both halves, and (session 8) that plus the projections that share an input run as one matmul
 each (accel.group_shared_input_projections, on a copy of the U-Net), and (session 9) that plus the
-feed-forwards' GEGLU as one fused kernel (bench/gpu_geglu.py, not in ldm); rounds interleave the runners so
-drift hits all alike.
+feed-forwards' GEGLU as one fused kernel (bench/gpu_geglu.py, not in ldm), and (session 10) the grouped
+projections with the first ResNet block shared too (models.SharedHalves as ldm has it since session 10;
+the other runners share the first self-attention only, as sessions 7-9's code did); rounds interleave
+the runners so drift hits all alike.
 Also times SDPA alone over head dims (is SD-1.5's head-dim-40 attention bound by its softmax?).
 Prints JSON lines and a table; writes $OUT/streams.jsonl.
 
     python bench/gpu_streams.py --modes eager,compile --batches 16,2
     python bench/gpu_streams.py --skip-head-dims --runners "first self-attention shared"
     python bench/gpu_streams.py --skip-head-dims --runners "first self-attention shared,+ projections grouped"
+    python bench/gpu_streams.py --skip-head-dims --modes compile --base "+ projections grouped" \
+        --runners "+ first ResNet shared"
 """
 
 import argparse
@@ -40,6 +44,13 @@ from gpu_sample import build  # noqa: E402
 from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
 
 from ldm_cli.accel import GraphedUNet, _tune_inductor, group_shared_input_projections  # noqa: E402
+from ldm_cli.models import SharedHalves, _first_self_attention  # noqa: E402
+
+
+def share_attention_only(unet):
+    """Sessions 7-9's sharing of guidance's halves: the first self-attention only (ldm's SharedHalves,
+    set up before its first use without the ResNet block)."""
+    unet.down_blocks[0].shared_halves = SharedHalves(None, _first_self_attention(unet.down_blocks))
 
 
 class StreamsGraphedUNet(GraphedUNet):
@@ -93,7 +104,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runners", default="halves, one stream,halves, 2 streams,quarters, 4 streams",
                     help="besides --base: any of these, or 'first self-attention shared' (session 6b), "
-                         "'+ projections grouped' (session 8), '+ GEGLU fused' (session 9: grouped and fused)")
+                         "'+ projections grouped' (session 8), '+ GEGLU fused' (session 9: grouped and fused), "
+                         "'+ first ResNet shared' (session 10: grouped, ResNet and attention shared)")
     ap.add_argument("--base", default="whole", help="the runner the others are compared with")
     ap.add_argument("--skip-head-dims", action="store_true")
     ap.add_argument("--geglu-configs", help="JSON from gpu_geglu.py: the fused GEGLU's configuration per shape")
@@ -113,22 +125,29 @@ def main():
     wanted = {args.base, *args.runners.split(",")}
     grouped = copy.deepcopy(unet) if "+ projections grouped" in wanted else None
     fused = copy.deepcopy(unet) if "+ GEGLU fused" in wanted else None
+    resnet = copy.deepcopy(unet) if "+ first ResNet shared" in wanted else None
+    for m in (unet, grouped, fused):
+        if m is not None:
+            share_attention_only(m)
+    if resnet is not None:
+        group_shared_input_projections(resnet)
     if grouped is not None:
         emit(dict(projection_groups=[len(g.weight) for g in group_shared_input_projections(grouped)]))
     if fused is not None:  # the projections grouped too: what --accel compile does
         group_shared_input_projections(fused)
         emit(dict(geglu_fused=gpu_geglu.use_fused_geglu(fused)))
     for mode in args.modes.split(","):
-        fn, fn_grouped, fn_fused = unet, grouped, fused
+        fn, fn_grouped, fn_fused, fn_resnet = unet, grouped, fused, resnet
         if mode == "compile":  # as accel.accelerate(mode="compile") sets it up
             torch.backends.cudnn.benchmark = True
             _tune_inductor()
-            for m in (unet, grouped, fused):
+            for m in (unet, grouped, fused, resnet):
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
             fn = torch.compile(unet, fullgraph=True, dynamic=False)
             fn_grouped = None if grouped is None else torch.compile(grouped, fullgraph=True, dynamic=False)
             fn_fused = None if fused is None else torch.compile(fused, fullgraph=True, dynamic=False)
+            fn_resnet = None if resnet is None else torch.compile(resnet, fullgraph=True, dynamic=False)
         for batch in map(int, args.batches.split(",")):
             g = torch.Generator(dev).manual_seed(0)
             x = torch.randn(batch // 2, 4, 64, 64, device=dev, dtype=torch.float16, generator=g).repeat(2, 1, 1, 1)
@@ -137,11 +156,13 @@ def main():
             shared = GraphedUNet(fn)  # given the latents once: call_unet shares the first self-attention
             shared_grouped = None if fn_grouped is None else GraphedUNet(fn_grouped)
             shared_fused = None if fn_fused is None else GraphedUNet(fn_fused)
+            shared_resnet = None if fn_resnet is None else GraphedUNet(fn_resnet)
             runners = {"whole": GraphedUNet(fn), "halves, one stream": GraphedUNet(Halves(fn)),
                        "halves, 2 streams": StreamsGraphedUNet(fn, 2), "quarters, 4 streams": StreamsGraphedUNet(fn, 4),
                        "first self-attention shared": lambda x, t, ctx: shared(x[:len(x) // 2], t, ctx),
                        "+ projections grouped": lambda x, t, ctx: shared_grouped(x[:len(x) // 2], t, ctx),
-                       "+ GEGLU fused": lambda x, t, ctx: shared_fused(x[:len(x) // 2], t, ctx)}
+                       "+ GEGLU fused": lambda x, t, ctx: shared_fused(x[:len(x) // 2], t, ctx),
+                       "+ first ResNet shared": lambda x, t, ctx: shared_resnet(x[:len(x) // 2], t, ctx)}
             runners = {k: v for k, v in runners.items() if k == args.base or k in args.runners.split(",")}
             if batch < 8:
                 runners.pop("quarters, 4 streams", None)
