@@ -112,6 +112,9 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
+    # The runners' U-Net copies can differ only in module hooks (SharedHalves), which dynamo does not guard
+    # by default: a copy would replay another's compiled code (session 10's first run did).
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     if args.geglu_configs:  # measured per shape instead of gpu_geglu.block_config's rule
         with open(args.geglu_configs) as f:
             measured = json.load(f)

@@ -264,8 +264,10 @@ def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> 
     if repeats > 1:
         x = x.repeat(repeats, *[1] * (x.dim() - 1))
         t = t.repeat(repeats) if t.dim() else t
-    shared = shared_halves(unet) if repeats == 2 else None
-    if shared is None:
+    # Set up on every call, shared or not: torch.compile does not guard on module hooks, so they must be
+    # in place before the first compiled call, whatever its kind.
+    shared = shared_halves(unet)
+    if shared is None or repeats != 2:
         return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
     shared.equal = True
     try:

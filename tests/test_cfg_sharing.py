@@ -140,3 +140,32 @@ def test_sd_layout_shares_the_first_blocks_resnet_and_attention():
     out = call_unet(unet, x, t, context)
     assert attention.batches == [len(x)] and first_resnet == [len(x)] and second_resnet == [2 * len(x)]
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_compiled_unet_called_unshared_first_still_shares_later(unet):
+    """A guided call after an unguided one of the same shapes must not replay the unshared graph (its
+    values would be right, but nothing shared): dynamo does not guard on module hooks, so call_unet sets
+    them up on every call, before the first compiled one."""
+    x, t, context = guided_inputs(unet, 2)
+    different = torch.cat([x, torch.randn_like(x)])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(unet, fullgraph=True, dynamic=False, backend=backend)
+    try:
+        call_unet(compiled, different, t, context)  # one context per latent: nothing shared
+        call_unet(compiled, x, t, context)  # guided, same shapes
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 2  # traced again, with the halves shared
+
+    def image_batches(gm):  # the batch sizes of the feature maps (8x8 and 16x16) the graph computes
+        values = [n.meta.get("example_value") for n in gm.graph.nodes]
+        return {v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[-1] >= 8}
+
+    assert image_batches(graphs[0]) == {2 * len(x)}
+    assert image_batches(graphs[1]) == {len(x), 2 * len(x)}  # the shared ResNet ran on one half
