@@ -24,8 +24,9 @@ On the GPU machine, one process, SD-1.5-shaped random weights (bench/gpu_sample.
    `cl-gn`        ChannelsLastGroupNorm (below) in place of nn.GroupNorm: per-channel sums first;
    `geglu`        the feed-forwards' GEGLU as bench/gpu_geglu.py's fused kernel (on a copy of the U-Net);
    `coop`         inductor's cooperative reductions (one kernel where it would split a reduction in two);
-   `nchw`         (VAE decoder only) the decoder in the default NCHW layout instead of channels-last, where
-                  a GroupNorm group is contiguous (session 10);
+   `nchw`         the network in the default NCHW layout, and inductor's layout optimisation off (it makes
+                  convolutions channels-last whatever the module's layout): a GroupNorm group is then
+                  contiguous in memory (session 10);
    `bandwidth`    inductor benchmarks every Triton kernel it launches and writes ms, GB and GB/s per
                   kernel to $OUT/bandwidth-<variant>.txt (it fails on torch 2.11 for this model).
    Variants combine with `+`;
@@ -151,6 +152,7 @@ def configure(variant):
     inductor.triton.enable_pdl = "pdl" in variant
     inductor.post_grad_custom_post_pass = channels_last_concat_pass() if "cl-cat" in variant else None
     inductor.triton.cooperative_reductions = "coop" in variant
+    inductor.layout_optimization = "nchw" not in variant
     inductor.profile_bandwidth = "bandwidth" in variant
     if "bandwidth" in variant:
         inductor.profile_bandwidth_output = os.path.join(os.environ.get("OUT", "."), f"bandwidth-{variant}.txt")
@@ -229,6 +231,7 @@ def main():
     reference = None
     for variant in filter(None, args.variants.split(",")):  # --variants "": the VAE only
         set_group_norms(unet, variant)
+        unet.to(memory_format=torch.contiguous_format if "nchw" in variant else torch.channels_last)
         model = unet
         if "geglu" in variant:
             model = copy.deepcopy(unet)

@@ -14,8 +14,7 @@ halves (or quarters) on concurrent streams, and given each latent once with the 
 shared by both halves, and (session 8) that plus the projections that share an input run as one matmul
 each (accel.group_shared_input_projections, on a copy of the U-Net), and (session 9) that plus the
 feed-forwards' GEGLU as one fused kernel (bench/gpu_geglu.py, not in ldm), and (session 10) the grouped
-projections with the first ResNet block shared too (models.SharedHalves as ldm has it since session 10;
-the other runners share the first self-attention only, as sessions 7-9's code did); rounds interleave
+projections with the first ResNet block shared too (share_first_resnet, not in ldm); rounds interleave
 the runners so drift hits all alike.
 Also times SDPA alone over head dims (is SD-1.5's head-dim-40 attention bound by its softmax?).
 Prints JSON lines and a table; writes $OUT/streams.jsonl.
@@ -44,13 +43,24 @@ from gpu_sample import build  # noqa: E402
 from report import ROWS, emit, print_table, save_jsonl  # noqa: E402
 
 from ldm_cli.accel import GraphedUNet, _tune_inductor, group_shared_input_projections  # noqa: E402
-from ldm_cli.models import SharedHalves, _first_self_attention  # noqa: E402
+from ldm_cli.models import first_self_attention  # noqa: E402
 
 
-def share_attention_only(unet):
-    """Sessions 7-9's sharing of guidance's halves: the first self-attention only (ldm's SharedHalves,
-    set up before its first use without the ResNet block)."""
-    unet.down_blocks[0].shared_halves = SharedHalves(None, _first_self_attention(unet.down_blocks))
+def share_first_resnet(unet):
+    """Session 10's lever, measured and not adopted: guidance's halves share the first ResNet block too.
+
+    Nothing before the first cross-attention reads the context, so the first down block's first ResNet
+    block gets equal halves as well; hooks run it on the first half and repeat its output, while the
+    first self-attention's wrapper (models.SharedHalvesAttention) has `halves_equal` set (call_unet sets
+    it around guided calls). Its time-embedding projection gets the whole batch and only its output is
+    halved, because accel's grouped projections compute all the ResNets' projections at the first one's
+    call. The code measured was commit d3c8dd8's models.SharedHalves; this does the same."""
+    shared = first_self_attention(unet)
+    resnet = unet.down_blocks[0].resnets[0]
+    resnet.register_forward_pre_hook(lambda m, args: (args[0][:len(args[0]) // 2], *args[1:])
+                                     if shared.halves_equal else None)
+    resnet.time_emb_proj.register_forward_hook(lambda m, args, out: out[:len(out) // 2] if shared.halves_equal else None)
+    resnet.register_forward_hook(lambda m, args, out: torch.cat([out, out]) if shared.halves_equal else None)
 
 
 class StreamsGraphedUNet(GraphedUNet):
@@ -112,7 +122,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
-    # The runners' U-Net copies can differ only in module hooks (SharedHalves), which dynamo does not guard
+    # The runners' U-Net copies can differ only in module hooks (share_first_resnet), which dynamo does not guard
     # by default: a copy would replay another's compiled code (session 10's first run did).
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     if args.geglu_configs:  # measured per shape instead of gpu_geglu.block_config's rule
@@ -129,11 +139,9 @@ def main():
     grouped = copy.deepcopy(unet) if "+ projections grouped" in wanted else None
     fused = copy.deepcopy(unet) if "+ GEGLU fused" in wanted else None
     resnet = copy.deepcopy(unet) if "+ first ResNet shared" in wanted else None
-    for m in (unet, grouped, fused):
-        if m is not None:
-            share_attention_only(m)
     if resnet is not None:
         group_shared_input_projections(resnet)
+        share_first_resnet(resnet)
     if grouped is not None:
         emit(dict(projection_groups=[len(g.weight) for g in group_shared_input_projections(grouped)]))
     if fused is not None:  # the projections grouped too: what --accel compile does

@@ -256,127 +256,61 @@ def unet_fn(c: Components):
 def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """The U-Net's output for latents `x` under `context`, whose batch is k times x's: each latent is
     evaluated under k contexts, as the batch [x; x; ...] (k = 2 for guidance's [uncond; cond]).
-    With k == 2 the layers before the first cross-attention that cost the most run once for both
-    halves (SharedHalves)."""
+    With k == 2 the first self-attention runs once for both halves (SharedHalvesAttention)."""
     repeats = len(context) // len(x)
     if repeats * len(x) != len(context):
         raise ValueError(f"context batch {len(context)} is not a multiple of the latent batch {len(x)}")
     if repeats > 1:
         x = x.repeat(repeats, *[1] * (x.dim() - 1))
         t = t.repeat(repeats) if t.dim() else t
-    # Set up on every call, shared or not: torch.compile does not guard on module hooks, so they must be
-    # in place before the first compiled call, whatever its kind.
-    shared = shared_halves(unet)
-    if shared is None or repeats != 2:
+    shared = first_self_attention(unet) if repeats == 2 else None
+    if shared is None:
         return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-    shared.equal = True
+    shared.halves_equal = True
     try:
         return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
     finally:
-        shared.equal = False
-
-
-class SharedHalves:
-    """While `equal` is set (call_unet sets it around a guided call), the U-Net's first ResNet block and
-    its first self-attention run on the first half of the batch only and return that for both halves.
-
-    Why: under classifier-free guidance each latent goes through the U-Net twice, under the
-    unconditional and the conditional context: the batch is [x; x]. Nothing before the first
-    cross-attention reads the context, so up to there the two halves are equal. These two layers are the
-    costliest of that stretch (SD-1.5 at 512 px: two 3x3 convolutions at 4096 pixels, and attention
-    over 4096 tokens; ~2.5% of the call's FLOPs for the halves not computed). The layers between them
-    are left whole: each sits in a residual connection whose other branch is used whole later (conv_in's
-    output is also the last up block's skip connection), so halving them means rewriting diffusers'
-    block forwards.
-
-    The ResNet block is halved by hooks: its input, and its time-embedding projection's output (the
-    projection itself gets the whole batch, as accel's grouped projections need); its output is
-    repeated. The attention by a processor wrapper (SharedHalvesAttention)."""
-
-    def __init__(self, resnet, attn1):
-        self.equal = False
-        self.resnet, self.attn1 = resnet, attn1
-        if resnet is not None:
-            resnet.register_forward_pre_hook(self._first_half_of_input, with_kwargs=True)
-            resnet.time_emb_proj.register_forward_hook(self._first_half_of_output)
-            resnet.register_forward_hook(self._both_halves_of_output)
-
-    def _first_half_of_input(self, module, args, kwargs):
-        if not self.equal:
-            return None
-        if args:
-            return (args[0][:len(args[0]) // 2], *args[1:]), kwargs
-        return args, {**kwargs, "input_tensor": kwargs["input_tensor"][:len(kwargs["input_tensor"]) // 2]}
-
-    def _first_half_of_output(self, module, args, output):
-        return output[:len(output) // 2] if self.equal else None
-
-    def _both_halves_of_output(self, module, args, output):
-        return torch.cat([output, output]) if self.equal else None
-
-    def attention(self) -> "SharedHalvesAttention | None":
-        """The first self-attention's processor, wrapped (again, if diffusers' fuse_qkv_projections
-        replaced it since: it replaces every processor)."""
-        if self.attn1 is None:
-            return None
-        if not isinstance(self.attn1.processor, SharedHalvesAttention):
-            self.attn1.set_processor(SharedHalvesAttention(self.attn1.processor, self))
-        return self.attn1.processor
+        shared.halves_equal = False
 
 
 class SharedHalvesAttention:
-    """Attention processor for the U-Net's first self-attention: while its SharedHalves' `equal` is set,
-    it attends over the first half of the batch only and returns that result for both halves."""
+    """Attention processor for the U-Net's first self-attention. With `halves_equal` set, it attends
+    over the first half of the batch only and returns that result for both halves.
 
-    def __init__(self, inner, shared: SharedHalves):
-        self.inner, self.shared = inner, shared
+    Why: under classifier-free guidance each latent goes through the U-Net twice, under the
+    unconditional and the conditional context. Nothing before the first cross-attention reads the
+    context, so the two halves of the batch are still equal at the first self-attention, the costliest
+    layer before that point (SD-1.5 at 512 px: 4096 tokens, ~1.2 of a 34 ms batch-16 call on an H100)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.halves_equal = False
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
-        if not self.shared.equal:
+        if not self.halves_equal:
             return self.inner(attn, hidden_states, *args, **kwargs)
         half = self.inner(attn, hidden_states[:len(hidden_states) // 2], *args, **kwargs)
         return torch.cat([half, half])
 
 
-def shared_halves(unet) -> SharedHalves | None:
-    """The U-Net's SharedHalves, set up on first use (kept on its first down block). None where the
-    halves could already differ at these layers: the context also enters through a class or addition
-    embedding. Each layer is shared only where it is of the kind this knows: a plain ResNet block with a
-    time-embedding projection first in the first down block; a self-attention first in the first
-    transformer block of the plain (LayerNorm, self- then cross-attention) kind."""
+def first_self_attention(unet) -> SharedHalvesAttention | None:
+    """The first self-attention's processor, wrapped in SharedHalvesAttention (once: it is looked up
+    again on each call, since diffusers' fuse_qkv_projections replaces processors). None where the
+    halves could already differ there: the context also enters through a class or addition embedding,
+    or the first transformer block is not the plain (LayerNorm, self-then-cross attention) kind."""
+    from diffusers.models.attention import BasicTransformerBlock
+
     config = unet.config
     if getattr(config, "class_embed_type", None) or getattr(config, "addition_embed_type", None):
         return None
-    blocks = getattr(unet, "down_blocks", None)
-    if not blocks:
-        return None
-    if not hasattr(blocks[0], "shared_halves"):
-        resnet, attn1 = _first_resnet(blocks[0]), _first_self_attention(blocks)
-        blocks[0].shared_halves = SharedHalves(resnet, attn1) if resnet or attn1 else None
-    shared = blocks[0].shared_halves
-    if shared is not None:
-        shared.attention()
-    return shared
-
-
-def _first_resnet(block):
-    from diffusers.models.resnet import ResnetBlock2D
-
-    resnet = next(iter(getattr(block, "resnets", [])), None)
-    if type(resnet) is not ResnetBlock2D or resnet.time_emb_proj is None:
-        return None
-    return resnet
-
-
-def _first_self_attention(down_blocks):
-    from diffusers.models.attention import BasicTransformerBlock
-
-    attentions = [b.attentions[0] for b in down_blocks if getattr(b, "attentions", None)]
-    block = getattr(attentions[0], "transformer_blocks", [None])[0] if attentions else None
+    blocks = [b.attentions[0] for b in getattr(unet, "down_blocks", []) if getattr(b, "attentions", None)]
+    block = getattr(blocks[0], "transformer_blocks", [None])[0] if blocks else None
     if (not isinstance(block, BasicTransformerBlock) or block.only_cross_attention or block.norm_type != "layer_norm"
             or block.attn1.is_cross_attention):
         return None
-    return block.attn1
+    if not isinstance(block.attn1.processor, SharedHalvesAttention):
+        block.attn1.set_processor(SharedHalvesAttention(block.attn1.processor))
+    return block.attn1.processor
 
 
 @torch.no_grad()
