@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 10, device call 1: guidance's halves sharing the first ResNet block too (models.SharedHalves)
-# against session 8's code (first self-attention only), both with the grouped projections, compiled,
+# Session 10, device call 1: guidance's halves sharing the first ResNet block too (then models.SharedHalves, now
+# gpu_streams.share_first_resnet) against session 8's code (first self-attention only), with grouped projections, compiled,
 # graphed U-Net call at batch 16 and 2, 5 interleaved rounds (bench/gpu_streams.py); then the compiled
 # batch-8 VAE decoder channels-last (ldm's layout) vs NCHW (bench/gpu_b8_breakdown.py).
 # As run (commit 766bf97, results/s10-1) the A/B was invalid (gpu_streams.py did not yet guard on hooks) and
