@@ -8,6 +8,12 @@ on weight values. Prints one JSON line per setting and a table; writes $OUT/gpu_
     python bench/gpu_sample.py --modes compile                  # torch.compile + graphs (slow first time)
     python bench/gpu_sample.py --modes diffusers,diffusers-compile,compile   # acceptance: the anchor, same run
 A mode ending in -nhwc / -nchw forces channels_last on / off (default: on for compile only).
+Session 11's variants, after a "+": fp16acc (cuBLAS accumulating fp16 matmuls in fp16), fp8lin / fp8all
+(the U-Net's linear layers / linear and conv layers given FP8 E4M3 weights and inputs, simulated:
+their agreement, not their speed):
+
+    python bench/gpu_sample.py --modes diffusers,compile+fp16acc
+    python bench/gpu_sample.py --modes diffusers,none+fp8lin,none+fp8all --batches 1
 """
 
 import argparse
@@ -48,6 +54,23 @@ def build(dev, dtype):
     for m in (unet, vae, text):
         m.to(dev, dtype).eval().requires_grad_(False)
     return unet, vae, text
+
+
+def fp8_round_trip(x):
+    """`x` through float8_e4m3fn and back with one scale per tensor (its largest |x| to E4M3's 448): the
+    values an FP8 matmul with per-tensor scaling would multiply."""
+    scale = x.abs().amax().float().clamp(min=1e-12) / 448
+    return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+def simulate_fp8(unet, kinds):
+    """The weights and inputs of `unet`'s layers of `kinds` rounded as FP8 would round them (the
+    products and sums stay fp16/fp32): what FP8 does to the outputs, not to the speed."""
+    for m in unet.modules():
+        if isinstance(m, kinds) and not getattr(m, "fp8_simulated", False):
+            m.fp8_simulated = True
+            m.weight.data = fp8_round_trip(m.weight.data)
+            m.register_forward_pre_hook(lambda m, args: (fp8_round_trip(args[0]), *args[1:]))
 
 
 def timed(fn, reps):
@@ -169,8 +192,13 @@ def main():
             vae.to(memory_format=torch.contiguous_format)
             continue
         t0 = time.perf_counter()
+        mode, _, variant = mode.partition("+")
         layout = True if mode.endswith("-nhwc") else False if mode.endswith("-nchw") else None
+        if variant in ("fp8lin", "fp8all"):  # weights rounded in place: run these modes last
+            simulate_fp8(unet, (torch.nn.Linear,) if variant == "fp8lin" else (torch.nn.Linear, torch.nn.Conv2d))
+        torch.backends.cuda.matmul.allow_fp16_accumulation = variant == "fp16acc"
         accelerate(c, mode.removesuffix("-nhwc").removesuffix("-nchw"), channels_last=layout)
+        mode += f"+{variant}" if variant else ""
         for bs in batches:
             t1 = time.perf_counter()
             ours(bs)

@@ -14,7 +14,8 @@ halves (or quarters) on concurrent streams, and given each latent once with the 
 shared by both halves, and (session 8) that plus the projections that share an input run as one matmul
 each (accel.group_shared_input_projections, on a copy of the U-Net), and (session 9) that plus the
 feed-forwards' GEGLU as one fused kernel (bench/gpu_geglu.py, not in ldm), and (session 10) the grouped
-projections with the first ResNet block shared too (share_first_resnet, not in ldm); rounds interleave
+projections with the first ResNet block shared too (share_first_resnet, not in ldm), and (session 11) the
+grouped projections with cuBLAS accumulating in fp16 (FP16AccumulationGraphedUNet); rounds interleave
 the runners so drift hits all alike.
 Also times SDPA alone over head dims (is SD-1.5's head-dim-40 attention bound by its softmax?).
 Prints JSON lines and a table; writes $OUT/streams.jsonl.
@@ -24,6 +25,8 @@ Prints JSON lines and a table; writes $OUT/streams.jsonl.
     python bench/gpu_streams.py --skip-head-dims --runners "first self-attention shared,+ projections grouped"
     python bench/gpu_streams.py --skip-head-dims --modes compile --base "+ projections grouped" \
         --runners "+ first ResNet shared"
+    python bench/gpu_streams.py --skip-head-dims --modes compile --base "+ projections grouped" \
+        --runners "+ fp16 accumulation"
 """
 
 import argparse
@@ -84,6 +87,20 @@ class StreamsGraphedUNet(GraphedUNet):
         return torch.cat(outs)
 
 
+class FP16AccumulationGraphedUNet(GraphedUNet):
+    """accel.GraphedUNet whose graphs are captured with cuBLAS accumulating fp16 matmuls in fp16
+    (`torch.backends.cuda.matmul.allow_fp16_accumulation`, read at each cuBLAS call, so the captured
+    kernels keep it). Session 11's lever: the matmuls are ~8.4 ms of the batch-16 call; cuDNN's
+    convolutions and the attention are unaffected."""
+
+    def _capture(self, x, t, context):
+        torch.backends.cuda.matmul.allow_fp16_accumulation = True
+        try:
+            return super()._capture(x, t, context)
+        finally:
+            torch.backends.cuda.matmul.allow_fp16_accumulation = False
+
+
 class Halves(torch.nn.Module):
     """The U-Net called on each half of the batch in turn, on one stream: the batch-size effect alone."""
 
@@ -115,7 +132,8 @@ def main():
     ap.add_argument("--runners", default="halves, one stream,halves, 2 streams,quarters, 4 streams",
                     help="besides --base: any of these, or 'first self-attention shared' (session 6b), "
                          "'+ projections grouped' (session 8), '+ GEGLU fused' (session 9: grouped and fused), "
-                         "'+ first ResNet shared' (session 10: grouped, ResNet and attention shared)")
+                         "'+ first ResNet shared' (session 10: grouped, ResNet and attention shared), "
+                         "'+ fp16 accumulation' (session 11: grouped, matmuls accumulating in fp16)")
     ap.add_argument("--base", default="whole", help="the runner the others are compared with")
     ap.add_argument("--skip-head-dims", action="store_true")
     ap.add_argument("--geglu-configs", help="JSON from gpu_geglu.py: the fused GEGLU's configuration per shape")
@@ -136,7 +154,7 @@ def main():
     unet, _, _ = build(dev, torch.float16)
     unet.fuse_qkv_projections()
     wanted = {args.base, *args.runners.split(",")}
-    grouped = copy.deepcopy(unet) if "+ projections grouped" in wanted else None
+    grouped = copy.deepcopy(unet) if {"+ projections grouped", "+ fp16 accumulation"} & wanted else None
     fused = copy.deepcopy(unet) if "+ GEGLU fused" in wanted else None
     resnet = copy.deepcopy(unet) if "+ first ResNet shared" in wanted else None
     if resnet is not None:
@@ -168,12 +186,14 @@ def main():
             shared_grouped = None if fn_grouped is None else GraphedUNet(fn_grouped)
             shared_fused = None if fn_fused is None else GraphedUNet(fn_fused)
             shared_resnet = None if fn_resnet is None else GraphedUNet(fn_resnet)
+            shared_fp16acc = None if fn_grouped is None else FP16AccumulationGraphedUNet(fn_grouped)
             runners = {"whole": GraphedUNet(fn), "halves, one stream": GraphedUNet(Halves(fn)),
                        "halves, 2 streams": StreamsGraphedUNet(fn, 2), "quarters, 4 streams": StreamsGraphedUNet(fn, 4),
                        "first self-attention shared": lambda x, t, ctx: shared(x[:len(x) // 2], t, ctx),
                        "+ projections grouped": lambda x, t, ctx: shared_grouped(x[:len(x) // 2], t, ctx),
                        "+ GEGLU fused": lambda x, t, ctx: shared_fused(x[:len(x) // 2], t, ctx),
-                       "+ first ResNet shared": lambda x, t, ctx: shared_resnet(x[:len(x) // 2], t, ctx)}
+                       "+ first ResNet shared": lambda x, t, ctx: shared_resnet(x[:len(x) // 2], t, ctx),
+                       "+ fp16 accumulation": lambda x, t, ctx: shared_fp16acc(x[:len(x) // 2], t, ctx)}
             runners = {k: v for k, v in runners.items() if k == args.base or k in args.runners.split(",")}
             if batch < 8:
                 runners.pop("quarters, 4 streams", None)
