@@ -219,7 +219,7 @@ def main():
     print_table(("setting", "kind", "batch", "s/image", "images/s", "U-Net it/s", "MFU", "peak GiB", "first call s"), rows,
                 lambda r: [r["label"], r["kind"], r["batch"], r["s_per_image"], r["images_per_s"], r["unet_it_per_s"],
                            f"{r['mfu_vs_989T']:.1%}", r["peak_mem_gib"], r["first_call_s"]] if "label" in r else None)
-    save_jsonl(f"gpu_sample-{args.modes.replace(',', '-')}.jsonl", rows, mode="w")
+    save_jsonl(f"gpu_sample-{args.modes.replace(',', '-').replace('+', '_')}.jsonl", rows, mode="w")
 
 
 if __name__ == "__main__":
