@@ -1,4 +1,4 @@
-"""Quality of the embedded model, scored by its own CLIP image tower (issue 4, acceptance 2).
+"""Quality of the embedded model, scored by its own CLIP image tower.
 
     python bench/embedded_quality.py .data/emoji.npz [--train 500] [--cfgs 1,3,5,7.5] [--steps 50]
 
@@ -25,10 +25,13 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "recipes" / "tiny-emoji"))
 
 from emoji_data import BG_NAMES, caption, compose, load  # noqa: E402
 
-from ldm_cli import pipeline  # noqa: E402
-from ldm_cli.config import Settings  # noqa: E402
-from ldm_cli.generate import EMBEDDED_MODEL  # noqa: E402
-from ldm_cli.generate import load as load_model
+from common import Report, add_out_option, out_folder  # noqa: E402
+
+from ldm_cli.jobs import Settings  # noqa: E402
+from ldm_cli.models.components import LoadOptions  # noqa: E402
+from ldm_cli.models.load import EMBEDDED_MODEL  # noqa: E402
+from ldm_cli.sample import pipeline  # noqa: E402
+from ldm_cli.sample.run import load as load_model  # noqa: E402
 
 
 def clip_tower(folder: Path, device):
@@ -91,23 +94,25 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("npz", type=Path)
-    ap.add_argument("--train", type=int, default=500)
-    ap.add_argument("--cfgs", default="1,3,5,7.5")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--model", default=str(EMBEDDED_MODEL))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("npz", type=Path, help="the emoji dataset (recipes/tiny-emoji/make_dataset.py makes it)")
+    ap.add_argument("--train", type=int, default=500, help="training prompts scored")
+    ap.add_argument("--cfgs", default="1,3,5,7.5", help="comma-separated guidance scales")
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ap.add_argument("--batch", type=int, default=128, help="images per batch")
+    ap.add_argument("--model", default=str(EMBEDDED_MODEL), help="model folder (default: the embedded model)")
+    add_out_option(ap)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    c = load_model(args.model, device, "fp32", False, None, "none")
+    c = load_model(LoadOptions(model=args.model, device=device, dtype="fp32", accel="none")).components
+    report = Report(out_folder(args.out), "embedded_quality")
     vision, proj = clip_tower(Path(args.model), c.device)
     d = load(args.npz)
     rng = np.random.default_rng(0)
     train = rng.choice(np.flatnonzero(~d["held_out"]), args.train, replace=False)
     held = np.flatnonzero(d["held_out"])
     held = held[:len(held) // 100 * 100]  # whole groups of 100
-    results = []
+    results = report.rows
     for split, idx in (("train", train), ("held_out", held)):
         bgs = rng.integers(0, len(BG_NAMES), len(idx))
         caps = [caption(d["name"][i], d["style"][i], BG_NAMES[b]) for i, b in zip(idx, bgs)]
@@ -117,9 +122,8 @@ def main():
         r1, r5 = retrieval(real, txt)
         names, styles = d["name"][idx], d["style"][idx]
         n1, n5 = name_retrieval(c, proj, real, names, styles, bgs)
-        results.append({"split": split, "images": "real", "prompts": len(idx), "top1": r1, "top5": r5,
-                        "name_top1": n1, "name_top5": n5})
-        print(json.dumps(results[-1]), flush=True)
+        report.emit({"split": split, "images": "real", "prompts": len(idx), "top1": r1, "top5": r5,
+                     "name_top1": n1, "name_top5": n5})
         for cfg in map(float, args.cfgs.split(",")):
             t0 = time.perf_counter()
             feats = []
@@ -131,20 +135,23 @@ def main():
             gen = torch.cat(feats)
             g1, g5 = retrieval(gen, txt)
             m1, m5 = name_retrieval(c, proj, gen, names, styles, bgs)
-            results.append({"split": split, "images": f"cfg {cfg:g}", "prompts": len(idx), "top1": g1, "top5": g5,
+            report.emit({"split": split, "images": f"cfg {cfg:g}", "prompts": len(idx), "top1": g1, "top5": g5,
                             "top5_vs_real": g5 / r5 if r5 else None, "name_top1": m1, "name_top5": m5,
                             "name_top5_vs_real": m5 / n5 if n5 else None, "frechet_clip": frechet(gen, real),
-                            "seconds": round(time.perf_counter() - t0, 1)})
-            print(json.dumps(results[-1]), flush=True)
+                         "seconds": round(time.perf_counter() - t0, 1)})
     print("| split | images | prompts | caption top-1 | top-5 | top-5 / real | name top-1 | name top-5 | "
           "name top-5 / real | Frechet (CLIP) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        if "split" not in r:
+            continue
+
         def pct(key):
             return f"{100 * r[key]:.0f}%" if r.get(key) is not None else "-"
         fd = f"{r['frechet_clip']:.4f}" if "frechet_clip" in r else "-"
         print(f"| {r['split']} | {r['images']} | {r['prompts']} | {pct('top1')} | {pct('top5')} | {pct('top5_vs_real')} | "
               f"{pct('name_top1')} | {pct('name_top5')} | {pct('name_top5_vs_real')} | {fd} |")
+    report.save()
 
 
 if __name__ == "__main__":

@@ -1,95 +1,186 @@
 """The command line: parse, call one library function, print. The only module importing typer/rich.
 
+Options are declared once, as fields of the settings dataclasses (`options.py`); `command` builds
+each typer command's parameters from them, so `sample` and `img2img` share one declaration and the
+CLI's defaults are the library's.
 Errors: library code raises LdmError; `main` prints it once as one line on stderr and exits with its
 code (2: bad input, 1: the work failed). `--debug` (or LDM_DEBUG=1) shows the traceback instead.
 """
 
+import inspect
 import json
 import os
 import secrets
 import sys
+import types
+import typing
 from contextlib import nullcontext
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from ldm_cli import runtime
 from ldm_cli.errors import USAGE, LdmError
+from ldm_cli.jobs import Request, Settings
+from ldm_cli.models.components import LoadOptions
+from ldm_cli.options import spec_of
+from ldm_cli.sample.run import OutputOptions
+from ldm_cli.train.config import TrainConfig
 
 try:  # typer >= 0.26 carries its own copy of click
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
-# diffusers/transformers print advice and progress bars at import and on every save; ldm has its own
-# output. Set here, before the commands import them: what they print at import time comes too early
-# for their set_verbosity functions.
-for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                      ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-    os.environ.setdefault(_name, _value)
+runtime.quiet_environment()  # before any command imports diffusers/transformers
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Text-to-image latent diffusion: sample, img2img, train, info.")
-
-# ---- options shared by the commands (same names, same meaning everywhere) ----
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Diffusers folder, .safetensors file or hub id.")]
-Config = Annotated[Optional[str], typer.Option(help="Single-file checkpoint: folder or hub id with the configs.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
-Unsafe = Annotated[bool, typer.Option("--allow-unsafe-pickle", help="Allow .ckpt/.bin/.pt weights (pickle can run code).")]
-Steps = Annotated[int, typer.Option(help="DDIM steps.")]
-Cfg = Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1: off).")]
-Negative = Annotated[str, typer.Option(help="Negative prompt.")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed of the first image; image k uses seed + k. Default: random.")]
-NumImages = Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")]
-BatchSize = Annotated[int, typer.Option(help="Images per U-Net batch.")]
-Width = Annotated[Optional[int], typer.Option(help="Width in pixels (multiple of 8).")]
-Height = Annotated[Optional[int], typer.Option(help="Height in pixels (multiple of 8).")]
-Eta = Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like.")]
-PromptFile = Annotated[Optional[Path], typer.Option(help="Prompts, one per line ('prompt | seed=7 cfg=4'), or .jsonl.")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-Grid = Annotated[bool, typer.Option(help="Also write a grid of all images.")]
-Overwrite = Annotated[bool, typer.Option(help="Number files from 0 and replace existing ones.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print written paths and parameters as JSON.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
-Debug = Annotated[bool, typer.Option(help="Show tracebacks.")]
-Accel = Annotated[str, typer.Option(help="auto (CUDA graphs on CUDA), none, graphs, compile.")]
-Lora = Annotated[Optional[str], typer.Option(help="LoRA file (or folder) to apply, e.g. OUT/lora from ldm train.")]
-LoraScale = Annotated[float, typer.Option(help="LoRA strength (1: as trained).")]
-VaeTiling = Annotated[str, typer.Option(help="Tiled VAE decode/encode: auto (above 1024x1024 pixels), on, off.")]
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Text-to-image latent diffusion: sample, img2img, train, info.")
 
 
-def _jobs_and_model(prompt, prompt_file, from_png, settings_kw, seed, num_images, model, init_images=(None,)):
-    from ldm_cli.config import Settings, build_jobs
-    from ldm_cli.images import read_png_job
-    from ldm_cli.prompts import read_prompt_file
+def _version(value: bool) -> None:
+    if value:
+        from ldm_cli import __version__
+
+        print(f"ldm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Text-to-image latent diffusion: sample, img2img, train, info."""
+
+
+# ---- commands built from the dataclasses ---------------------------------------------------------------
+
+def _typer_type(hint):
+    """A dataclass field's type as typer takes it: `X | None` -> Optional[X], tuples -> lists."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)][0]
+        return Optional[_typer_type(inner)]
+    if typing.get_origin(hint) is tuple:
+        return Optional[list[args[0]]]
+    return hint
+
+
+def _params(cls, only=None, skip=(), defaults=None):
+    """typer parameters for `cls`'s CLI fields (all, or `only`), less `skip`, with `defaults` replaced."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        s = spec_of(f)
+        if s is None or not s.cli or f.name in skip or (only is not None and f.name not in only):
+            continue
+        flag = f"--{s.flag or f.name.replace('_', '-')}"
+        decls = [f"{flag}/--no-{flag[2:]}"] if s.negatable else [flag]
+        decls += [s.short] if s.short else []
+        default = (defaults or {}).get(f.name, f.default if f.default is not MISSING else None)
+        default = None if isinstance(default, tuple) else default
+        annotation = Annotated[_typer_type(hints[f.name]), typer.Option(*decls, help=s.help, metavar=s.metavar)]
+        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return out
+
+
+def _take(cls, kw: dict, **fixed):
+    """Build `cls` from the parsed options it declares (popped from kw), plus `fixed` values."""
+    names = {f.name for f in fields(cls)}
+    values = {k: kw.pop(k) for k in list(kw) if k in names}
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():
+        if typing.get_origin(hints[k]) is tuple:
+            values[k] = tuple(v or ())
+    return cls(**{**values, **fixed})
+
+
+COMMON = [inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False,
+                            annotation=Annotated[bool, typer.Option("--debug", help="Show tracebacks.")])]
+
+
+def command(*params):
+    """Register a typer command whose parameters are `params` (inspect.Parameter) plus --debug; the
+    function gets them all as keywords."""
+    def register(fn):
+        def wrapper(**kw):
+            kw.pop("debug", None)
+            return fn(**kw)
+
+        wrapper.__signature__ = inspect.Signature([*params, *COMMON])
+        wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+        app.command(fn.__name__)(wrapper)
+        return fn
+    return register
+
+
+def _arg(name, annotation, help, default=inspect.Parameter.empty):
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                             annotation=Annotated[annotation, typer.Argument(help=help)])
+
+
+PROMPTS = _arg("prompt", Optional[list[str]], "Prompt(s); each is its own request.", None)
+FROM_PNG = inspect.Parameter("from_png", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    Optional[Path], typer.Option(help="Redo the image this ldm PNG was made with.")])
+MAKE = [*_params(Request), *_params(LoadOptions), *_params(OutputOptions)]
+
+
+@command(PROMPTS, FROM_PNG, *_params(Settings, skip=("strength",)), *MAKE)
+def sample(prompt=None, from_png=None, **kw):
+    """Generate images from text."""
+    _make(prompt, from_png, kw)
+
+
+@command(_arg("image", Path, "Starting image, or a folder of them."), _arg("prompt", Optional[list[str]], "Prompt(s).",
+         None), *_params(Settings, defaults={"strength": 0.75}), *MAKE)
+def img2img(image, prompt=None, **kw):
+    """Generate images starting from an image (SDEdit)."""
+    from ldm_cli.io.images import list_images
+
+    _make(prompt, None, kw, list_images(image))
+
+
+def _make(prompt, from_png, kw, init_images=(None,)):
+    settings, request = _take(Settings, kw), _take(Request, kw)
+    load, out = _take(LoadOptions, kw), _take(OutputOptions, kw)
+    jobs, model = _jobs_and_model(prompt, from_png, settings, request, load.model, init_images)
+    _run(jobs, replace(load, model=model), out)
+
+
+def _jobs_and_model(prompt, from_png, settings, request, model, init_images):
+    from ldm_cli.io.metadata import read_png_job
+    from ldm_cli.io.prompts import read_prompt_file
+    from ldm_cli.jobs import build_jobs
 
     if from_png is not None:
-        if prompt or prompt_file:
+        if prompt or request.prompt_file:
             raise LdmError("--from-png redoes one image: give no PROMPT or --prompt-file with it")
         job, png_model = read_png_job(from_png)
         return [job], model or png_model
     lines = [(p, {}, "") for p in prompt or []]
-    if prompt_file is not None:
-        lines += read_prompt_file(prompt_file)
+    if request.prompt_file is not None:
+        lines += read_prompt_file(request.prompt_file)
     if not lines:
         raise LdmError("no prompt: give PROMPT arguments or --prompt-file FILE")
-    seed = secrets.randbelow(2**32) if seed is None else seed
-    return build_jobs(lines, Settings(**settings_kw), seed, num_images, init_images), model
+    seed = secrets.randbelow(2**32) if request.seed is None else request.seed
+    return build_jobs(lines, settings, seed, request.num_images, init_images), model
 
 
-def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, accel, out, overwrite, grid, batch_size,
-         as_json, quiet, lora=None, lora_scale=1.0, vae_tiling="auto"):
+def _run(jobs, load: LoadOptions, out: OutputOptions):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ldm_cli.generate import Output, generate, load
+    from ldm_cli.sample.run import generate
+    from ldm_cli.sample.run import load as load_model
 
-    err = Console(stderr=True, quiet=quiet)
-    show_progress = not quiet and err.is_terminal  # bars in a log file are noise
+    runtime.configure_torch(load.accel)
+    runtime.quiet_libraries()
+    err = Console(stderr=True, quiet=out.quiet)
+    show_progress = not out.quiet and err.is_terminal  # bars in a log file are noise
     with err.status("loading model", spinner="dots") if show_progress else nullcontext():
-        components = load(model, device, dtype, allow_unsafe_pickle, config, accel, lora, lora_scale, vae_tiling)
-    output = Output(out, overwrite=overwrite, grid=grid)
+        model = load_model(load)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=False, disable=not show_progress) as progress:
@@ -106,69 +197,25 @@ def _run(jobs, model, *, config, device, dtype, allow_unsafe_pickle, accel, out,
             rate = f"{(done - 1) / (now - clock['t']):.2f} it/s" if done > 1 and now > clock["t"] else ""
             progress.update(steps_task, completed=done, total=total, rate=rate)
 
-        written = generate(components, jobs, output, batch_size,
-                           on_image=lambda w: progress.advance(images_task), on_step=on_step)
-    if as_json:
+        written = generate(model, jobs, out, on_image=lambda w: progress.advance(images_task), on_step=on_step)
+    if out.as_json:
         print(json.dumps([w.to_dict() for w in written], indent=2))
-    elif not quiet:
+    elif not out.quiet:
         for w in written:
             err.print(f"wrote {w.path}", highlight=False)
 
 
-@app.command()
-def sample(
-    prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompt(s); each is its own request.")] = None,
-    prompt_file: PromptFile = None,
-    from_png: Annotated[Optional[Path], typer.Option(help="Redo the image this ldm PNG was made with.")] = None,
-    steps: Steps = 50, cfg: Cfg = 7.5, negative: Negative = "", seed: Seed = None, num_images: NumImages = 1,
-    batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
-    model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
-    allow_unsafe_pickle: Unsafe = False, accel: Accel = "auto", lora: Lora = None, lora_scale: LoraScale = 1.0,
-    vae_tiling: VaeTiling = "auto", out: Out = Path("outputs"), grid: Grid = False,
-    overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False, debug: Debug = False,
-):
-    """Generate images from text."""
-    kw = dict(steps=steps, cfg=cfg, eta=eta, width=width, height=height, negative=negative)
-    jobs, model = _jobs_and_model(prompt, prompt_file, from_png, kw, seed, num_images, model)
-    _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, accel=accel,
-         out=out, overwrite=overwrite, grid=grid, batch_size=batch_size, as_json=as_json, quiet=quiet,
-         lora=lora, lora_scale=lora_scale, vae_tiling=vae_tiling)
-
-
-@app.command()
-def img2img(
-    image: Annotated[Path, typer.Argument(help="Starting image, or a folder of them.")],
-    prompt: Annotated[Optional[list[str]], typer.Argument(help="Prompt(s).")] = None,
-    strength: Annotated[float, typer.Option(help="0..1: how much of the image is replaced (1 = all).")] = 0.75,
-    prompt_file: PromptFile = None,
-    steps: Steps = 50, cfg: Cfg = 7.5, negative: Negative = "", seed: Seed = None, num_images: NumImages = 1,
-    batch_size: BatchSize = 1, width: Width = None, height: Height = None, eta: Eta = 0.0,
-    model: Model = None, config: Config = None, device: Device = "auto", dtype: Dtype = "auto",
-    allow_unsafe_pickle: Unsafe = False, accel: Accel = "auto", lora: Lora = None, lora_scale: LoraScale = 1.0,
-    vae_tiling: VaeTiling = "auto", out: Out = Path("outputs"), grid: Grid = False,
-    overwrite: Overwrite = False, as_json: JsonOut = False, quiet: Quiet = False, debug: Debug = False,
-):
-    """Generate images starting from an image (SDEdit)."""
-    from ldm_cli.images import list_images
-
-    kw = dict(steps=steps, cfg=cfg, eta=eta, width=width, height=height, negative=negative, strength=strength)
-    init_images = list_images(image)
-    jobs, model = _jobs_and_model(prompt, prompt_file, None, kw, seed, num_images, model, init_images)
-    _run(jobs, model, config=config, device=device, dtype=dtype, allow_unsafe_pickle=allow_unsafe_pickle, accel=accel,
-         out=out, overwrite=overwrite, grid=grid, batch_size=batch_size, as_json=as_json, quiet=quiet,
-         lora=lora, lora_scale=lora_scale, vae_tiling=vae_tiling)
-
-
-@app.command()
-def info(
-    model: Annotated[Optional[str], typer.Argument(help="Model to describe; default: the embedded model.")] = None,
-    config: Config = None, allow_unsafe_pickle: Unsafe = False, as_json: JsonOut = False, debug: Debug = False,
-):
+@command(_arg("model", Optional[str], "Model to describe; default: the embedded model.", None),
+         *_params(LoadOptions, only=("config", "allow_unsafe_pickle")),
+         *_params(OutputOptions, only=("as_json",)))
+def info(model=None, config=None, allow_unsafe_pickle=False, as_json=False):
     """Show a model's components, parameter counts, scheduler, dtype and size on disk."""
-    from ldm_cli.generate import load
-    from ldm_cli.model_info import describe
+    from ldm_cli.models.info import describe
+    from ldm_cli.sample.run import load
 
-    facts = describe(load(model, "cpu", "auto", allow_unsafe_pickle, config))
+    runtime.quiet_libraries()
+    facts = describe(load(LoadOptions(model=model, config=config, device="cpu",
+                                      allow_unsafe_pickle=allow_unsafe_pickle)).components)
     if as_json:
         print(json.dumps(facts, indent=2))
         return
@@ -181,74 +228,34 @@ def info(
     Console().print(table)
 
 
-@app.command()
-def train(
-    data_dir: Annotated[Path, typer.Argument(help="Folder of images with .txt captions or metadata.jsonl/.csv.")],
-    model: Model = None, out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/train"),
-    from_scratch: Annotated[bool, typer.Option(help="Train a new U-Net instead of fine-tuning the model's.")] = False,
-    unet_config: Annotated[str, typer.Option(help="With --from-scratch: tiny, small, sd15 or a config.json.")] = "tiny",
-    lora_rank: Annotated[int, typer.Option(help="Train LoRA adapters of this rank instead of the U-Net (0: off).")] = 0,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (0: the rank).")] = 0.0,
-    resolution: Annotated[int, typer.Option(help="Training resolution in pixels.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Images per step and GPU.")] = 4,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 1000).")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data, instead of --max-steps.")] = None,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
-    lr_scheduler: Annotated[str, typer.Option(help="constant, cosine, linear, ... (diffusers').")] = "constant",
-    warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.")] = 0,
-    optimizer: Annotated[str, typer.Option(help="adamw, or adamw8bit (needs bitsandbytes).")] = "adamw",
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: off).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of data order, dropout and noise.")] = 0,
-    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
-    gradient_accumulation: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Less memory, ~30% slower.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net.")] = False,
-    caption_dropout: Annotated[float, typer.Option(help="Share of empty captions (for CFG).")] = 0.1,
-    random_flip: Annotated[bool, typer.Option(help="Flip images left-right at random.")] = False,
-    random_crop: Annotated[bool, typer.Option(help="Random instead of centre crops.")] = False,
-    noise_offset: Annotated[float, typer.Option(help="Noise offset (0.05-0.1 helps dark/bright images).")] = 0.0,
-    min_snr_gamma: Annotated[float, typer.Option(help="Min-SNR loss weighting gamma (0: off; 5 typical).")] = 0.0,
-    ema: Annotated[bool, typer.Option("--ema", help="Keep an EMA of the weights; written to OUT/model-ema.")] = False,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay.")] = 0.9999,
-    cache: Annotated[bool, typer.Option(help="Cache VAE latents and text embeddings on disk.")] = True,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default ~/.cache/ldm/latents).")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: end only).")] = 0,
-    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept.")] = 2,
-    resume: Annotated[Optional[str], typer.Option(help="latest or a checkpoint folder.")] = None,
-    validate_every: Annotated[int, typer.Option(help="Steps between validation grids (0: never).")] = 0,
-    validation_prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt for validation grids; repeat.")] = None,
-    validation_steps: Annotated[int, typer.Option(help="DDIM steps of validation images.")] = 20,
-    log_every: Annotated[int, typer.Option(help="Steps between log lines.")] = 10,
-    gpus: Annotated[int, typer.Option(help="Processes (GPUs) to launch through accelerate.")] = 1,
-    strict: Annotated[bool, typer.Option(help="Fail on unreadable or caption-less images.")] = False,
-    device: Device = "auto", quiet: Quiet = False, debug: Debug = False,
-):
+GPUS = inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
+    int, typer.Option(help="Processes (GPUs) to launch through accelerate.")])
+RESUME = inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    Optional[str], typer.Option(help="latest or a checkpoint folder.")])
+
+
+@command(_arg("data_dir", Path, "Folder of images with .txt captions or metadata.jsonl/.csv."), *_params(TrainConfig),
+         RESUME, GPUS, *_params(OutputOptions, only=("quiet",)))
+def train(data_dir, resume=None, gpus=1, quiet=False, **kw):
     """Fine-tune (full or LoRA) or train from scratch a U-Net on a folder of captioned images."""
-    from ldm_cli.generate import default_model
-    from ldm_cli.train import TrainConfig
-    from ldm_cli.train import train as run_training
+    from ldm_cli.train.config import validate_config
 
+    cfg = _take(TrainConfig, kw, data_dir=str(data_dir))
+    validate_config(cfg)
     if gpus > 1:
-        from ldm_cli.launch import launch
+        from ldm_cli.train.launch import launch
 
-        raise typer.Exit(launch(gpus, mixed_precision, _ARGV))
-    if max_steps is not None and epochs is not None:
-        raise LdmError("give --max-steps or --epochs, not both")
-    cfg = TrainConfig(data_dir=str(data_dir), model=model or default_model(), out_dir=str(out),
-                      from_scratch=from_scratch, unet_config=unet_config, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                      resolution=resolution, batch_size=batch_size, max_steps=1000 if max_steps is None else max_steps,
-                      epochs=epochs or 0.0, lr=lr, lr_scheduler=lr_scheduler, warmup_steps=warmup_steps,
-                      optimizer=optimizer, max_grad_norm=max_grad_norm, seed=seed, mixed_precision=mixed_precision,
-                      gradient_accumulation=gradient_accumulation, gradient_checkpointing=gradient_checkpointing,
-                      compile=compile, caption_dropout=caption_dropout, random_flip=random_flip,
-                      random_crop=random_crop, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, ema=ema,
-                      ema_decay=ema_decay, cache=cache, cache_dir=str(cache_dir or ""),
-                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                      validate_every=validate_every, validation_prompts=tuple(validation_prompt or ()),
-                      validation_steps=validation_steps, log_every=log_every, strict=strict, device=device)
+        raise typer.Exit(launch(gpus, cfg.mixed_precision, _ARGV))
+    _train(cfg, resume, quiet)
+
+
+def _train(cfg, resume, quiet):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from ldm_cli.train.loop import train as run_training
+
+    runtime.quiet_libraries()
     err = Console(stderr=True, quiet=quiet)
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeRemainingColumn()]
@@ -276,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _ARGV = list(argv)
     debug = "--debug" in argv or os.environ.get("LDM_DEBUG", "") not in ("", "0")
+    runtime.setup(quiet="-q" in argv or "--quiet" in argv)
     try:
         code = app(args=argv, prog_name="ldm", standalone_mode=False)
     except LdmError as e:

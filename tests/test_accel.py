@@ -3,7 +3,7 @@
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ldm_cli.accel import channels_last_concat_pass
+from ldm_cli.accel.inductor import channels_last_concat_pass
 
 
 class UpBlockLike(torch.nn.Module):

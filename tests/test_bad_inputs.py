@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 5): each row is a command with one bad option value, file or folder.
+"""The bad-input table: each row is a command with one bad option value, file or folder.
 
 Each must exit with the stated code, print exactly one line on stderr that names the culprit, show no
 traceback, and write nothing. Rows marked ok=True are unusual but valid input that must work.
@@ -10,12 +10,30 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldm_cli import cli
+from ldm_cli.sample import pipeline
 
 
 def build_inputs(tmp, tiny_model):
+    x = tmp / "misc"
+    x.mkdir()
+    (x / "empty.txt").write_text("# only a comment\n\n")
+    (x / "latin1.txt").write_bytes("a caf\xe9 au lait\n".encode("latin-1"))
+    (x / "notimage.png").write_text("this is not a PNG")
+    (x / "blocker").write_text("a file where a folder should be")
+    (x / "model.ckpt").write_bytes(b"\x80\x04not really a pickle")
+    (x / "corrupt.safetensors").write_bytes(b"\xff" * 100)
+    broken = x / "broken-model"
+    broken.mkdir()
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        src = tiny_model / sub
+        (broken / sub).mkdir()
+        for f in src.iterdir():
+            (broken / sub / f.name).write_bytes(f.read_bytes()[:200] if f.suffix == ".safetensors" else f.read_bytes())
+    (broken / "model_index.json").write_text((tiny_model / "model_index.json").read_text())
     img = tmp / "img"
     img.mkdir()
     Image.new("RGB", (64, 64), "red").save(img / "good.png")
@@ -58,17 +76,38 @@ def build_inputs(tmp, tiny_model):
     (d / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
     Image.new("RGB", (64, 64)).save(d / "b.png")
     (d / "b.txt").write_text("a black square")
-    return img, p, m, d
+    return x, img, p, m, d
 
 
 def cases(tmp, tiny_model, shapes):
-    img, p, m, d = build_inputs(tmp, tiny_model)
+    x, img, p, m, d = build_inputs(tmp, tiny_model)
     tm = ("--model", str(tiny_model))
     s = ("sample", "x", *tm, "--steps", "1")
     i2i = ("img2img",)
     tr = ("train", str(shapes), *tm, "--resolution", "64", "--max-steps", "1", "--device", "cpu", "-q")
     return [
         # (name, args, exit code, text in the message, or None when it must succeed)
+        ("missing model", ("sample", "x", "--model", x / "nope"), 2, "not found"),
+        ("corrupt model folder", ("sample", "x", "--model", x / "broken-model"), 2, "could not load the model"),
+        ("corrupt single file", ("sample", "x", "--model", x / "corrupt.safetensors"), 2, "not a valid .safetensors"),
+        ("pickle refused", ("sample", "x", "--model", x / "model.ckpt"), 2, "--allow-unsafe-pickle"),
+        ("width not multiple of 8", ("sample", "x", *tm, "--width", 63), 2, "width must be a multiple of 8"),
+        ("height not multiple of 8", ("sample", "x", *tm, "--height", 100), 2, "height must be a multiple of 8"),
+        ("steps < 1", ("sample", "x", *tm, "--steps", 0), 2, "steps must be >= 1"),
+        ("steps not a number", ("sample", "x", *tm, "--steps", "many"), 2, "--steps"),
+        ("strength 0", ("img2img", x / "notimage.png", "x", *tm, "--strength", 0), 2, "strength must be in (0, 1]"),
+        ("strength > 1", ("img2img", x / "notimage.png", "x", *tm, "--strength", 1.5), 2, "strength must be in (0, 1]"),
+        ("cfg nan", ("sample", "x", *tm, "--cfg", "nan"), 2, "cfg must be a finite number"),
+        ("cfg inf", ("sample", "x", *tm, "--cfg", "inf"), 2, "cfg must be a finite number"),
+        ("unreadable image", ("img2img", x / "notimage.png", "x", *tm, "--steps", 2), 2, "cannot read image"),
+        ("missing image", ("img2img", x / "nope.png", "x", *tm), 2, "no such image"),
+        ("empty prompt file", ("sample", "--prompt-file", x / "empty.txt", *tm), 2, "no prompts"),
+        ("invalid UTF-8", ("sample", "--prompt-file", x / "latin1.txt", *tm), 2, "latin1.txt:1: not valid UTF-8"),
+        ("no prompt", ("sample", *tm), 2, "no prompt"),
+        ("output not writable", ("sample", "x", *tm, "--steps", 1, "--out", x / "blocker" / "sub"), 2,
+         "output folder is not writable"),
+        ("cuda absent", ("sample", "x", *tm, "--device", "cuda"), 2, "CUDA is not available"),
+        ("from-png not ldm", ("sample", "--from-png", x / "notimage.png"), 2, "cannot read PNG"),
         ("sample -n 0", (*s, "-n", "0"), 2, "num-images"),
         ("sample -n not a number", (*s, "-n", "two"), 2, "--num-images"),
         ("sample --batch-size 0", (*s, "--batch-size", "0"), 2, "--batch-size must be >= 1"),
@@ -147,7 +186,7 @@ def test_bad_input(name, table, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
     args, code, text = table[name]
     out = tmp_path / "out"
-    if args[0] != "info":
+    if args[0] != "info" and "--out" not in args:
         args = (*args, "--out", str(out))
     with pytest.raises(SystemExit) as e:
         cli.main([str(a) for a in args])
@@ -160,3 +199,21 @@ def test_bad_input(name, table, tmp_path, capsys, monkeypatch):
     assert lines[0].startswith("ldm: error: ") and text in lines[0], lines[0]
     assert "Traceback" not in err
     assert not out.exists() or not any(out.rglob("*.png")) and not any(out.rglob("model_index.json"))
+
+
+def test_debug_shows_traceback(ldm, tmp_path):
+    r = ldm("sample", "x", "--model", tmp_path / "nope", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "LdmError" in r.stderr
+
+
+def test_out_of_memory_suggests_smaller_batch(monkeypatch, capsys, tiny_model, tmp_path):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pipeline, "txt2img", oom)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample", "x", "--model", str(tiny_model), "-n", 4, "--batch-size", "4", "--out", str(tmp_path), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1
+    assert len(err) == 1 and "out of memory at batch size 4" in err[0] and "--batch-size 1" in err[0]
+    assert not any(tmp_path.rglob("*.png"))

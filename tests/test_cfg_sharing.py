@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import guided_inputs
 
-from ldm_cli.models import SharedHalvesAttention, call_unet, first_self_attention
+from ldm_cli.models.unet import SharedHalvesAttention, call_unet, first_self_attention
 
 
 class BatchSpy:

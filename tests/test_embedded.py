@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ldm_cli.generate import EMBEDDED_MODEL, default_model
-from ldm_cli.models import load_components
+from ldm_cli.models.load import EMBEDDED_MODEL, default_model, load_components
 
 NAMES = ["cat face", "dog face", "red apple", "rocket", "grinning face", "banana", "house", "fire", "heart",
          "pizza"]

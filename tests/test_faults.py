@@ -3,6 +3,7 @@ latest checkpoint, a full disk. Real `ldm train` processes on the tiny model (CP
 
 import errno
 import json
+import logging
 import os
 import random
 import signal
@@ -14,9 +15,10 @@ import torch
 from conftest import LDM
 from test_train import losses, same_weights, unet_weights
 
-from ldm_cli import checkpoints
 from ldm_cli.errors import LdmError
-from ldm_cli.train import TrainConfig, train
+from ldm_cli.train import checkpoints
+from ldm_cli.train.config import TrainConfig
+from ldm_cli.train.loop import train
 
 STEPS = 60
 
@@ -119,7 +121,7 @@ def small_cfg(shapes, model, tmp_path, **kw):
                        **kw)
 
 
-def test_damaged_latest_checkpoint_is_passed_over(shapes, tiny_model, tmp_path, capfd):
+def test_damaged_latest_checkpoint_is_passed_over(shapes, tiny_model, tmp_path, caplog, monkeypatch):
     train(small_cfg(shapes, tiny_model, tmp_path, max_steps=5))
     root = tmp_path / "run" / "checkpoints"
     assert saved_steps(root) == [2, 4, 5]
@@ -127,8 +129,10 @@ def test_damaged_latest_checkpoint_is_passed_over(shapes, tiny_model, tmp_path, 
     data = bytearray(blob.read_bytes())
     data[-100] ^= 0xFF  # one flipped bit deep in the tensor data: still loads, but is wrong
     blob.write_bytes(bytes(data))
-    assert checkpoints.latest_checkpoint(root) == root / "step-0000004"
-    assert "step-0000005: trainable.safetensors does not match the manifest" in capfd.readouterr().err
+    monkeypatch.setattr(logging.getLogger("ldm"), "propagate", True)  # the CLI sends it to stderr instead
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        assert checkpoints.latest_checkpoint(root) == root / "step-0000004"
+    assert "step-0000005: trainable.safetensors does not match the manifest" in caplog.text
     with pytest.raises(LdmError, match="damaged checkpoint"):
         checkpoints.load_checkpoint(root / "step-0000005")
 

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from ldm_cli.errors import LdmError
-from ldm_cli.images import image_size, open_image, read_png_job
-from ldm_cli.prompts import read_prompt_file
+from ldm_cli.io.images import image_size, open_image
+from ldm_cli.io.metadata import read_png_job
+from ldm_cli.io.prompts import read_prompt_file
 
 ITERATIONS = int(os.environ.get("LDM_FUZZ_ITERATIONS", "3000"))
 

@@ -8,9 +8,9 @@ from ldm_format import write_ldm_checkpoint
 from PIL import Image
 from tiny import build_pipeline
 
-from ldm_cli import pipeline
-from ldm_cli.config import Settings
-from ldm_cli.models import load_components
+from ldm_cli.jobs import Settings
+from ldm_cli.models.load import load_components
+from ldm_cli.sample import pipeline
 
 
 def sample(c):

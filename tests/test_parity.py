@@ -1,6 +1,7 @@
 """Golden comparisons: our DDIM + guidance equals diffusers' own pipelines on the same tiny weights."""
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,10 +9,10 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from ldm_cli import pipeline
-from ldm_cli.config import Settings
-from ldm_cli.models import load_components
-from ldm_cli.schedule import schedule_from_config
+from ldm_cli.diffusion.schedule import schedule_from_config
+from ldm_cli.jobs import Settings
+from ldm_cli.models.load import load_components
+from ldm_cli.sample import pipeline
 
 TOL = 1e-5
 
@@ -76,7 +77,7 @@ def test_img2img_matches_diffusers(tiny_model, strength, eta):
     init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     c = ours_loaded(tiny_model)
     s = Settings(steps=20, cfg=7.5, eta=eta, width=64, height=64, negative="", strength=strength)
-    from ldm_cli.images import pil_to_pixels
+    from ldm_cli.io.images import pil_to_pixels
 
     ours = pipeline.img2img(c, [pil_to_pixels(init, 64, 64)], ["a red cat"], [""], [99], s)
     pipe = reference(tiny_model, StableDiffusionImg2ImgPipeline)
@@ -95,7 +96,7 @@ def test_img2img_matches_diffusers(tiny_model, strength, eta):
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 @pytest.mark.parametrize("steps", [1, 7, 50, 1000])
 def test_schedule_matches_diffusers(config, spacing, steps):
-    from ldm_cli.schedule import ddim_timesteps
+    from ldm_cli.diffusion.schedule import ddim_timesteps
 
     ref = DDIMScheduler(**{**config, "timestep_spacing": spacing, "steps_offset": 1, "set_alpha_to_one": False})
     ours = schedule_from_config(dict(ref.config))
@@ -112,15 +113,12 @@ def test_tiled_vae_decode_matches_diffusers(tiny_model):
     s = Settings(steps=5, cfg=7.5, width=160, height=128)
     pipe = reference(tiny_model)
     try:
-        c.vae_tiling = "on"
-        tiled = pipeline.txt2img(c, ["a red cat"], [""], [3], s).permute(0, 2, 3, 1).numpy()
-        c.vae_tiling = "off"
-        untiled = pipeline.txt2img(c, ["a red cat"], [""], [3], s).permute(0, 2, 3, 1).numpy()
+        tiled = pipeline.txt2img(replace(c, vae_tiling="on"), ["a red cat"], [""], [3], s).permute(0, 2, 3, 1).numpy()
+        untiled = pipeline.txt2img(replace(c, vae_tiling="off"), ["a red cat"], [""], [3], s).permute(0, 2, 3, 1).numpy()
         pipe.vae.enable_tiling()
         theirs = pipe("a red cat", num_inference_steps=5, guidance_scale=7.5, height=128, width=160,
                       generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
     finally:
-        c.vae_tiling = "auto"
         pipe.vae.disable_tiling()
     assert np.abs(tiled - theirs).max() <= TOL
     assert np.abs(tiled - untiled).max() > 100 * TOL  # tiling really happened

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny import guided_inputs
 
-from ldm_cli.accel import GroupedLinear, group_shared_input_projections
-from ldm_cli.models import call_unet
+from ldm_cli.accel.projections import GroupedLinear, group_shared_input_projections
+from ldm_cli.models.unet import call_unet
 
 
 class LinearCount:

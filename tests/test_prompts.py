@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ldm_cli.errors import LdmError
-from ldm_cli.prompts import parse_prompts, read_prompt_file
+from ldm_cli.io.prompts import parse_prompts, read_prompt_file
 
 
 def test_examples():

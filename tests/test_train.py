@@ -8,10 +8,11 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from ldm_cli import pipeline
-from ldm_cli.config import Settings
-from ldm_cli.models import load_components
-from ldm_cli.train import TrainConfig, train
+from ldm_cli.jobs import Settings
+from ldm_cli.models.load import load_components
+from ldm_cli.sample import pipeline
+from ldm_cli.train.config import TrainConfig
+from ldm_cli.train.loop import train
 
 
 def losses(out):
@@ -74,7 +75,8 @@ def test_train_cli(ldm, shapes, tiny_model, tmp_path):
 
 
 def test_lora_trains_and_matches_diffusers_load_lora_weights(shapes, tiny_model, tmp_path, ldm):
-    from ldm_cli.generate import load
+    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.sample.run import load
 
     cfg = TrainConfig(data_dir=str(shapes), model=str(tiny_model), out_dir=str(tmp_path / "run"), lora_rank=4,
                       max_steps=40, batch_size=4, lr=3e-3, seed=1, device="cpu", cache_dir=str(tmp_path / "c"))
@@ -89,8 +91,10 @@ def test_lora_trains_and_matches_diffusers_load_lora_weights(shapes, tiny_model,
     pipe.load_lora_weights(str(lora_dir), weight_name=lora_file.name)
     theirs = pipe("a red circle", num_inference_steps=10, output_type="np", cross_attention_kwargs={"scale": 0.7},
                   generator=torch.Generator().manual_seed(4)).images
-    c = load(str(tiny_model), "cpu", "fp32", False, None, "none", str(lora_file), 0.7)
-    ours = pipeline.txt2img(c, ["a red circle"], [""], [4], Settings(steps=10, width=64, height=64))
+    model = load(LoadOptions(model=str(tiny_model), device="cpu", dtype="fp32", accel="none", lora=str(lora_file),
+                             lora_scale=0.7))
+    ours = pipeline.txt2img(model.components, ["a red circle"], [""], [4], Settings(steps=10, width=64, height=64),
+                            unet=model.unet)
     ours = ours.permute(0, 2, 3, 1).numpy()
     print(f"LoRA vs diffusers max abs diff {np.abs(ours - theirs).max():.2e}; "
           f"LoRA effect {np.abs(ours - base.images).max():.3f}")

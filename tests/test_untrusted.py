@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
 from ldm_cli.errors import LdmError
-from ldm_cli.images import read_png_job, slug
-from ldm_cli.prompts import parse_prompts
+from ldm_cli.io.images import slug
+from ldm_cli.io.metadata import read_png_job
+from ldm_cli.io.prompts import parse_prompts
 
 
 @pytest.mark.parametrize("prompt", ["../../etc/passwd", "/abs/path", "..", "CON", "nul", "a\\b\\..\\c", "", "   ",

@@ -1,0 +1,142 @@
+"""What the benchmark scripts share: SD-1.5-shaped random models (speed does not depend on weight
+values), timing, and reporting (one JSON line per result, a markdown table, a .jsonl file).
+
+Results go to `--out DIR` (default `bench/results/<gpu>/`, e.g. `bench/results/h200/`), one file per
+script named by what it measures: sample_speed.jsonl, first_image.jsonl, train_speed.jsonl, ...
+"""
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).parent
+sys.path.insert(0, str(BENCH.parent / "tests"))  # tests/tiny.py: the offline tokenizer writer
+
+PEAK_TFLOPS = 989.0  # dense bf16/fp16 tensor-core peak of an H100 SXM / H200: the MFU denominator
+SCHED = dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+             clip_sample=False, set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+
+
+def gpu_slug() -> str:
+    """'NVIDIA H200' -> 'h200'; 'cpu' without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "")
+    found = re.search(r"[a-z]+\d+[a-z]*", name)
+    return found.group(0) if found else re.sub(r"\W+", "-", name).strip("-")
+
+
+def add_out_option(ap) -> None:
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for the results (default: bench/results/<gpu>/)")
+
+
+def out_folder(out: Path | None) -> Path:
+    folder = out or BENCH / "results" / gpu_slug()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class Report:
+    """Result rows: printed as JSON lines as they come (a run cut short keeps its log), then a table, and
+    appended to <out>/<name>.jsonl with the command line and machine in a header row."""
+
+    def __init__(self, folder: Path, name: str):
+        import torch
+
+        self.path = folder / f"{name}.jsonl"
+        self.rows = []
+        self.emit({"run": " ".join(sys.argv), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")})
+
+    def emit(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def table(self, header, cells) -> None:
+        """`cells(row)` gives a row's values, or None to leave the row out."""
+        print("\n| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in self.rows:
+            values = cells(r)
+            if values is not None:
+                print("| " + " | ".join(str(v) for v in values) + " |")
+
+    def save(self) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        print(f"\nwrote {self.path}")
+
+
+def timed(fn, reps: int):
+    """(median seconds of `reps` calls after one warm-up call, the last output)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2], out
+
+
+def sd15_shaped(dev, dtype):
+    """(unet, vae, text_encoder) shaped like Stable Diffusion 1.5's, random weights, eval, no grad."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                                        hidden_act="quick_gelu"))
+    for m in (unet, vae, text):
+        m.to(dev, dtype).eval().requires_grad_(False)
+    return unet, vae, text
+
+
+def components(unet, vae, text):
+    """ldm's Components over these modules (no tokenizer: the scripts pass text embeddings)."""
+    from ldm_cli.diffusion.schedule import schedule_from_config
+    from ldm_cli.models.components import Components
+
+    p = next(unet.parameters())
+    return Components(unet=unet, vae=vae, text_encoder=text, tokenizer=None, scheduler_config=SCHED,
+                      schedule=schedule_from_config(SCHED), name="sd15-shaped-random", device=p.device, dtype=p.dtype)
+
+
+def save_sd15_random(folder: Path) -> Path:
+    """An SD-1.5-shaped random model (fp16) saved as a diffusers folder, for timing the CLI itself."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from tiny import write_tokenizer
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    unet, vae, text = sd15_shaped("cpu", torch.float16)
+    tok = write_tokenizer(folder.parent / (folder.name + "-tok"))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(SCHED), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+if __name__ == "__main__":
+    print(__doc__)

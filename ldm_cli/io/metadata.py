@@ -1,0 +1,66 @@
+"""PNG metadata: A1111's `parameters` text (which image browsers read) and our `ldm` JSON chunk, from
+which `ldm sample --from-png` rebuilds the job exactly. Metadata read back is untrusted: size-capped,
+type- and range-checked."""
+
+import json
+import warnings
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from ldm_cli.errors import LdmError, check
+from ldm_cli.io.images import MAX_PIXELS, UNREADABLE, first_line
+from ldm_cli.jobs import MAX_SEED, Job, validate
+
+MAX_METADATA_BYTES = 1 << 20
+
+
+def parameters_text(job: Job, model: str, width: int, height: int, lora: str = "") -> str:
+    """A1111's `parameters` format, which image browsers and web UIs read."""
+    s = job.settings
+    lines = [job.prompt]
+    if s.negative:
+        lines.append(f"Negative prompt: {s.negative}")
+    extra = f", Denoising strength: {s.strength}" if s.strength is not None else ""
+    extra += f", Lora: {lora}" if lora else ""
+    lines.append(f"Steps: {s.steps}, Sampler: DDIM, CFG scale: {s.cfg}, Seed: {job.seed}, "
+                 f"Size: {width}x{height}, Model: {Path(model).name or model}, Eta: {s.eta}{extra}")
+    return "\n".join(lines)
+
+
+def png_info(job: Job, model: str, width: int, height: int, lora: str = "") -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", parameters_text(job, model, width, height, lora))
+    from ldm_cli import __version__
+
+    info.add_itxt("ldm", json.dumps({"version": __version__, "model": model, **job.to_dict(),
+                                     **({"lora": lora} if lora else {})}))
+    return info
+
+
+def read_png_job(path: str | Path) -> tuple[Job, str]:
+    """The (job, model) an ldm PNG was made with, from its `ldm` chunk."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with warnings.catch_warnings():  # only the text chunks are read, never the pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check(im.format == "PNG", f"{path}: not a PNG file")
+                text = im.text.get("ldm") if hasattr(im, "text") else None
+    except Image.DecompressionBombError:
+        raise LdmError(f"{path}: image is larger than {MAX_PIXELS} pixels; not an ldm PNG") from None
+    except UNREADABLE as e:
+        raise LdmError(f"{path}: cannot read PNG ({first_line(e)})") from None
+    check(size >= 0 and text is not None, f"{path}: PNG has no ldm metadata; was it made by ldm?")
+    check(len(text) <= MAX_METADATA_BYTES, f"{path}: ldm metadata is too large")
+    try:
+        data = json.loads(text)
+        check(isinstance(data, dict), "not an object")
+        job = Job.from_dict(data)
+        validate(job.settings)
+        check(isinstance(data["prompt"], str) and isinstance(data["model"], str), "prompt and model must be text")
+        check(isinstance(data["seed"], int) and 0 <= job.seed <= MAX_SEED, "seed out of range")
+        return job, data["model"]
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, LdmError) as e:
+        raise LdmError(f"{path}: ldm metadata is damaged ({first_line(e)})") from None

@@ -1,0 +1,100 @@
+"""Settings as plain frozen values: what one image needs to be made again.
+
+A `Job` is one image: prompt, seed and settings. Commands turn their arguments into a list of jobs
+(`build_jobs`); the pipeline batches consecutive jobs whose settings agree. Every PNG carries its
+job as JSON, so `ldm sample --from-png` can rebuild it exactly.
+"""
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from ldm_cli.errors import check
+from ldm_cli.options import check_ranges, option
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+MAX_IMAGES = 10000  # per prompt: a typo like -n 1000000 is refused before any work
+MAX_SIDE = 8192
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one image is made with (besides prompt and seed); recorded in every PNG."""
+    steps: int = option(50, "DDIM steps.", min=1)
+    # classifier-free guidance scale; <= 1 turns guidance off (as in diffusers)
+    cfg: float = option(7.5, "Classifier-free guidance scale (<= 1: off).", min=0.0, finite=True)
+    # DDIM eq. 16: 0 is deterministic DDIM, 1 is DDPM-like noise; above 1 the direction term's root goes negative
+    eta: float = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like.", min=0.0, max=1.0, finite=True)
+    # pixels; None: the model's native size (or the init image's)
+    width: int | None = option(None, "Width in pixels (multiple of 8).")
+    height: int | None = option(None, "Height in pixels (multiple of 8).")
+    negative: str = option("", "Negative prompt.")  # what guidance steers away from ("" = unconditional)
+    # img2img only: how much of the init image is replaced by noise
+    strength: float | None = option(None, "0..1: how much of the image is replaced (1 = all).", min=0.0,
+                                    max=1.0, min_open=True, finite=True)
+
+
+@dataclass(frozen=True)
+class Request:
+    """How a command's prompts become jobs: seeds and counts."""
+    seed: int | None = option(None, "Seed of the first image; image k uses seed + k. Default: random.")
+    num_images: int = option(1, "Images per prompt.", short="-n", min=1, max=MAX_IMAGES)
+    prompt_file: Path | None = option(None, "Prompts, one per line ('prompt | seed=7 cfg=4'), or .jsonl.")
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    seed: int
+    settings: Settings
+    init_image: str | None = None  # img2img: path of the starting image
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "seed": self.seed, "init_image": self.init_image, **asdict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        known = {f.name for f in fields(Settings)}
+        kw = {}
+        for k, v in d.items():  # metadata may be hostile: coerce every value to its declared type
+            if k in known and not (v is None and k in ("width", "height", "strength")):
+                if isinstance(v, (bool, dict, list)):
+                    raise ValueError(f"{k} has the wrong type")
+                kw[k] = OVERRIDE_TYPES[k](v)
+        settings = Settings(**kw)
+        return cls(prompt=str(d["prompt"]), seed=int(d["seed"]), settings=settings, init_image=d.get("init_image"))
+
+
+OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "eta": float, "width": int, "height": int,
+                  "negative": str, "strength": float, "num_images": int}
+
+
+def validate(s: Settings, where: str = "") -> None:
+    """Check ranges once, before any model work; `where` prefixes messages (e.g. 'prompts.txt:3: ')."""
+    check(isinstance(s.steps, int), f"{where}steps must be an integer, got {s.steps!r}")
+    check_ranges(s, where)
+    for name in ("width", "height"):
+        v = getattr(s, name)
+        check(v is None or (v >= 8 and v % 8 == 0 and v <= MAX_SIDE),
+              f"{where or '--'}{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {v}")
+    check("\x00" not in s.negative, f"{where}negative prompt contains a NUL byte")
+
+
+def build_jobs(prompts: list[tuple[str, dict, str]], base: Settings, seed: int, num_images: int,
+               init_images: list[str | None] = (None,)) -> list[Job]:
+    """Expand (prompt, overrides, where) lines into jobs: image k of a line uses seed + k."""
+    check(isinstance(seed, int) and 0 <= seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    jobs = []
+    for prompt, overrides, where in prompts:
+        check(prompt.strip() != "", f"{where}empty prompt")
+        check("\x00" not in prompt, f"{where}prompt contains a NUL byte")
+        over = dict(overrides)
+        line_seed = over.pop("seed", seed)
+        n = over.pop("num_images", num_images)
+        check(1 <= n <= MAX_IMAGES, f"{where or '--'}num-images must be between 1 and {MAX_IMAGES}, got {n}")
+        check(0 <= line_seed <= MAX_SEED - n + 1, f"{where or '--'}seed must be between 0 and {MAX_SEED - n + 1} "
+              f"for {n} image(s) (image k uses seed + k), got {line_seed}")
+        settings = replace(base, **over)
+        validate(settings, where)
+        for image in init_images:
+            jobs += [Job(prompt, line_seed + k, settings, image) for k in range(n)]
+    return jobs

@@ -1,0 +1,30 @@
+"""`ldm info`: facts about a loaded model."""
+
+from pathlib import Path
+
+from ldm_cli.models.components import Components
+
+
+def describe(c: Components) -> dict:
+    def params(m):
+        return sum(p.numel() for p in m.parameters())
+
+    path = Path(c.name)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else (
+        path.stat().st_size if path.is_file() else None)
+    return {
+        "model": c.name,
+        "unet": f"{type(c.unet).__name__}, {params(c.unet):,} parameters, sample size {c.unet.config.sample_size}",
+        "vae": f"{type(c.vae).__name__}, {params(c.vae):,} parameters, scale {c.vae_scale}, "
+               f"scaling factor {c.vae.config.scaling_factor}",
+        "text_encoder": f"{type(c.text_encoder).__name__}, {params(c.text_encoder):,} parameters, "
+                        f"hidden size {c.text_encoder.config.hidden_size}",
+        "tokenizer": f"{type(c.tokenizer).__name__}, max length {c.tokenizer.model_max_length}",
+        "native_size": f"{c.unet.config.sample_size * c.vae_scale}px",
+        "scheduler": {k: v for k, v in c.scheduler_config.items() if k in (
+            "_class_name", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+            "timestep_spacing", "steps_offset", "set_alpha_to_one", "clip_sample")},
+        "prediction_type": c.schedule.prediction_type,
+        "dtype": str(c.unet.dtype).replace("torch.", ""),
+        "size_on_disk_bytes": size,
+    }

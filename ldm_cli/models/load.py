@@ -1,0 +1,167 @@
+"""Loading models into `Components`, and saving them as diffusers folders.
+
+Sources, tried in this order by `load_components(model)`:
+  - a diffusers folder (has model_index.json): each component by its own class's from_pretrained;
+  - a single file `.safetensors` (original SD layout): diffusers' from_single_file, with `config=`
+    naming a diffusers folder or hub id for the component configs when the file alone is not enough;
+  - a hub id `org/name`: resolved to a snapshot in the local HF cache (downloaded when online;
+    HF_HUB_OFFLINE=1 uses the cache only), then loaded as a folder.
+Pickle formats (.ckpt/.pt/.bin/.pth) can run code on load: refused unless allow_unsafe_pickle.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ldm_cli.diffusion.schedule import schedule_from_config
+from ldm_cli.errors import LdmError, check
+from ldm_cli.models.components import Components, resolve_device, resolve_dtype
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+EMBEDDED_MODEL = Path(__file__).parent.parent / "embedded"
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+HUB_IGNORE = ["*.fp16.*", "*non_ema*", "safety_checker/*", "feature_extractor/*"]
+
+
+def default_model() -> str:
+    """The embedded model (ldm_cli/embedded), what every command uses without --model."""
+    check((EMBEDDED_MODEL / "model_index.json").is_file(),
+          "no default model is installed yet; pass --model (a diffusers folder, a .safetensors file or a hub id)")
+    return str(EMBEDDED_MODEL)
+
+
+def load_components(model: str, device: str = "auto", dtype: str = "auto", allow_unsafe_pickle: bool = False,
+                    config: str | None = None) -> Components:
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        parts = _load_folder(path, allow_unsafe_pickle, dt, dev)
+    elif path.is_file():
+        parts = _load_single_file(path, allow_unsafe_pickle, config)
+    elif _looks_like_hub_id(model):
+        parts = _load_folder(_hub_snapshot(model), allow_unsafe_pickle, dt, dev)
+    else:
+        raise LdmError(f"model {model!r} not found: give a diffusers folder, a .safetensors file or a hub id")
+    unet, vae, text_encoder, tokenizer, scheduler_config = parts
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False).eval().to(dev, dt)
+    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      scheduler_config=scheduler_config, schedule=schedule_from_config(scheduler_config),
+                      name=model, device=dev, dtype=dt)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and "\\" not in model
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE))
+    except Exception as e:  # offline with nothing cached, no such repo, gated repo...
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise LdmError(f"model {repo_id!r}: could not get it from the Hugging Face hub{hint}: "
+                       f"{type(e).__name__}") from e
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LdmError(f"{path}: unreadable or not JSON ({type(e).__name__}); the model folder is damaged") from e
+
+
+def _load_folder(path: Path, allow_unsafe_pickle: bool, dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu")):
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check((path / "model_index.json").is_file(),
+          f"{path}: not a diffusers model folder (no model_index.json)")
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        check((path / sub).is_dir(), f"{path}: model folder has no {sub}/ component")
+    if not allow_unsafe_pickle:
+        for sub in ("unet", "vae", "text_encoder"):
+            has_safe = any((path / sub).glob("*.safetensors"))
+            check(has_safe or not any(p.suffix in PICKLE_SUFFIXES for p in (path / sub).iterdir()),
+                  f"{path / sub}: weights are pickle files only, which can run code when loaded; "
+                  "convert them to .safetensors or pass --allow-unsafe-pickle if you trust them")
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    vae_class = _read_json(path / "vae" / "config.json").get("_class_name", "AutoencoderKL")
+    vae_cls = AutoencoderTiny if vae_class == "AutoencoderTiny" else AutoencoderKL
+    safe = True if not allow_unsafe_pickle else None  # None: safetensors where present, else pickle
+    kw = dict(use_safetensors=safe, torch_dtype=dtype)  # load in the target dtype: no fp32 round trip
+    if device.type == "cuda":
+        kw["device_map"] = str(device)  # safetensors straight to the GPU, no staging copy in CPU memory
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = vae_cls.from_pretrained(path, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise LdmError(f"{path}: could not load the model: {_one_line(e)}") from e
+    return unet, vae, text_encoder, tokenizer, scheduler_config
+
+
+def _load_single_file(path: Path, allow_unsafe_pickle: bool, config: str | None):
+    from diffusers import StableDiffusionPipeline
+
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        check(allow_unsafe_pickle, f"{path}: {suffix} files are pickles, which can run code when loaded; "
+              "use a .safetensors file or pass --allow-unsafe-pickle if you trust it")
+    else:
+        check(suffix == ".safetensors", f"{path}: not a model file (expected .safetensors or a folder)")
+        _check_safetensors_header(path)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=config, safety_checker=None, requires_safety_checker=False)
+    except Exception as e:  # diffusers raises many types here; the message is what matters
+        hint = "" if config else " (--config DIR_OR_HUB_ID gives the component configs)"
+        raise LdmError(f"{path}: could not load as a Stable Diffusion checkpoint{hint}: {_one_line(e)}") from e
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config)
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Fail early, with the file's name, on a truncated or non-safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:
+        raise LdmError(f"{path}: not a valid .safetensors file ({_one_line(e)})") from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def save_components(c: Components, out: Path) -> None:
+    """Write a diffusers folder that StableDiffusionPipeline.from_pretrained and ldm both load."""
+    from diffusers import DDIMScheduler
+
+    c.unet.save_pretrained(out / "unet")
+    c.vae.save_pretrained(out / "vae")
+    c.text_encoder.save_pretrained(out / "text_encoder")
+    c.tokenizer.save_pretrained(out / "tokenizer")
+    DDIMScheduler.from_config(c.scheduler_config).save_pretrained(out / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", type(c.vae).__name__],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__

@@ -1,0 +1,59 @@
+"""LoRA (Hu et al. 2021): W' = W + scale * (alpha / r) * B A on the U-Net's attention projections.
+
+Training adds adapters with peft (`add_lora`) and writes diffusers' LoRA file format (`save_lora`), which
+`StableDiffusionPipeline.load_lora_weights` reads. Sampling (`apply_lora`) loads a file through that
+same diffusers loader (so kohya-format files work too) and fuses it into the weights: the sampler and
+CUDA graphs then see a plain model, and there is no per-step adapter cost.
+"""
+
+from pathlib import Path
+
+from ldm_cli.errors import LdmError, check
+
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # what diffusers' own LoRA training script adapts
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet, rank: int, alpha: float | None = None) -> None:
+    """Freeze the U-Net and give its attention projections trainable rank-`rank` adapters."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                target_modules=TARGET_MODULES))
+
+
+def save_lora(unet, out_dir: Path) -> Path:
+    """Write the adapters as out_dir/pytorch_lora_weights.safetensors (diffusers' format)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    return out_dir / WEIGHT_NAME
+
+
+def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = False) -> None:
+    """Fuse the LoRA at `path` (a file, or a folder holding pytorch_lora_weights.*) into c's networks."""
+    from diffusers import StableDiffusionPipeline
+
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in (WEIGHT_NAME, "pytorch_lora_weights.bin") if (p / n).is_file()]
+        check(found != [], f"--lora {path}: no {WEIGHT_NAME} in this folder")
+        p = found[0]
+    check(p.is_file(), f"--lora {path}: file not found")
+    check(p.suffix == ".safetensors" or allow_unsafe_pickle,
+          f"--lora {path}: pickle weights can run code when loaded; use a .safetensors file or pass "
+          "--allow-unsafe-pickle if you trust it")
+    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                   scheduler=None, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    try:
+        pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name="ldm")
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise LdmError(f"--lora {path}: not a LoRA for this model ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["ldm"])
+    pipe.unload_lora_weights()  # drops the adapter modules; the fused weights stay

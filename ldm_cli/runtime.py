@@ -1,0 +1,78 @@
+"""Process-wide side effects, in one place, called by `cli.main` only: library verbosity, thread
+counts, torch flags, signal handling, and where ldm's warnings go. Library code never calls these; a
+program using ldm as a library sets up what it wants itself (bench/ scripts call `setup`).
+"""
+
+import logging
+import os
+import signal
+import sys
+
+from ldm_cli.io.files import cache_root
+
+
+def quiet_environment() -> None:
+    """Before diffusers/transformers are imported: what they print at import time comes too early for
+    their set_verbosity functions. ldm has its own output."""
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(name, value)
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers print progress bars and advice on every load and save."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
+def report_warnings(quiet: bool = False) -> None:
+    """ldm's own notes and warnings (the `ldm` logger) go to stderr as `ldm: ...` lines."""
+    log = logging.getLogger("ldm")
+    if not any(getattr(h, "ldm_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ldm: %(message)s"))
+        handler.ldm_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.ERROR if quiet else logging.INFO)
+    log.propagate = False
+
+
+def configure_torch(accel: str = "auto") -> None:
+    """Torch flags for a CUDA run with this --accel mode; nothing on CPU."""
+    import torch
+
+    if not torch.cuda.is_available() or accel == "none":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # cuDNN autotuning tries every algorithm for each new conv shape: seconds at start-up, which a
+    # one-image run never earns back. Worth it only where the process is long anyway (compile).
+    torch.backends.cudnn.benchmark = accel == "compile"
+    if accel == "compile":
+        # Inductor's caches on disk make the second process compile from cache, not from scratch.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, `kill`) behaves as Ctrl-C: training checkpoints, then exits."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+def setup(quiet: bool = False) -> None:
+    """Everything above that does not depend on the command (torch flags come with the model)."""
+    quiet_environment()
+    report_warnings(quiet)
+    quiet_libraries()
+    interrupt_on_sigterm()

@@ -1,0 +1,120 @@
+"""txt2img and img2img: wiring the models (models/) to our samplers and guidance (diffusion/).
+
+`unet` is the U-Net runner `f(x, t, context)` (models.unet.plain_runner, or accel.build_runner's);
+None means the plain one.
+
+Reproducibility: image k of a request has its own CPU generator seeded with its seed, from which
+it draws, in order, its initial latent (img2img: VAE posterior sample, then noise) and each DDIM
+step's noise when eta > 0. That is the order diffusers' pipelines draw in, so an image is the same
+made alone, in a batch, or by diffusers with `torch.Generator("cpu").manual_seed(seed)`.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from itertools import groupby
+
+import torch
+
+from ldm_cli.diffusion.guidance import guidance_on, guided
+from ldm_cli.diffusion.samplers import add_noise, sample_ddim
+from ldm_cli.diffusion.schedule import ddim_timesteps, img2img_start
+from ldm_cli.errors import RUNTIME, LdmError
+from ldm_cli.io import images
+from ldm_cli.jobs import Job, Settings
+from ldm_cli.models.codecs import decode_latents, encode_image, encode_text
+from ldm_cli.models.components import Components
+from ldm_cli.models.unet import plain_runner
+
+StepCallback = Callable[[int, int], None]  # (step done, steps in this batch)
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def randn_like_each(shape, gens: list[torch.Generator], c: Components) -> torch.Tensor:
+    """One N(0, I) draw per batch item from its own generator, on the CPU, then moved to the device."""
+    draws = [torch.randn((1, *shape[1:]), generator=g, dtype=c.dtype) for g in gens]
+    return torch.cat(draws).to(c.device)
+
+
+def encode_prompts(c: Components, prompts: list[str], negatives: list[str], cfg: float):
+    """(cond, uncond) text embeddings; uncond only when guidance is on. Once per batch, outside the loop."""
+    return encode_text(c, prompts), encode_text(c, negatives) if guidance_on(cfg) else None
+
+
+def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Settings,
+            start: int = 0, on_step: StepCallback | None = None) -> torch.Tensor:
+    """Run DDIM from step `start` of `s.steps` with these embeddings, decode to images in [0, 1]."""
+    model = guided(unet or plain_runner(c), cond, uncond, s.cfg)
+    timesteps = ddim_timesteps(c.schedule, s.steps)[start:]
+    stride = c.schedule.num_train_timesteps // s.steps
+
+    def callback(info):
+        if on_step is not None:
+            on_step(info["i"] + 1, len(timesteps))
+
+    with torch.no_grad():
+        x = sample_ddim(model, x, timesteps, stride, c.schedule, s.eta,
+                        noise_fn=lambda ref: randn_like_each(ref.shape, gens, c), callback=callback)
+        return decode_latents(c, x)
+
+
+def txt2img(c: Components, prompts: list[str], negatives: list[str], seeds: list[int], s: Settings,
+            on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
+    gens = generators(seeds)
+    shape = (len(seeds), c.unet.config.in_channels, s.height // c.vae_scale, s.width // c.vae_scale)
+    x_T = randn_like_each(shape, gens, c)  # DDIM's init noise sigma is 1
+    return denoise(c, unet, x_T, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, 0, on_step)
+
+
+def img2img(c: Components, pixels: list[torch.Tensor], prompts: list[str], negatives: list[str],
+            seeds: list[int], s: Settings, on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
+    """SDEdit (Meng et al. 2021): noise the image's latent to the level of step `start`, denoise from there."""
+    gens = generators(seeds)
+    start = img2img_start(s.steps, s.strength)
+    x0 = torch.cat([encode_image(c, p, g) for p, g in zip(pixels, gens)])
+    eps = randn_like_each(x0.shape, gens, c)
+    t_start = ddim_timesteps(c.schedule, s.steps)[start]
+    x_t = add_noise(x0, eps, c.schedule.alpha_bar[t_start])
+    return denoise(c, unet, x_t, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, start, on_step)
+
+
+def resolve_size(c: Components, job: Job) -> Job:
+    """Fill in width/height: the init image's size rounded down to a multiple of 8, else the model's."""
+    s = job.settings
+    if s.width is not None and s.height is not None:
+        return job
+    if job.init_image is not None:
+        w, h = images.image_size(job.init_image)
+        m = max(8, c.vae_scale)  # --width/--height must be multiples of 8 too
+        w, h = w // m * m, h // m * m
+    else:
+        w = h = c.unet.config.sample_size * c.vae_scale
+    return replace(job, settings=replace(s, width=s.width or w, height=s.height or h))
+
+
+def run_jobs(c: Components, unet, jobs: list[Job], batch_size: int,
+             on_step: StepCallback | None = None) -> Iterator[tuple[Job, torch.Tensor]]:
+    """Make the jobs' images, batching consecutive jobs with equal settings; yields (job, [3, H, W]).
+    Jobs must have their sizes resolved (resolve_size)."""
+    for _, same in groupby(jobs, key=lambda j: (j.settings, j.init_image is None)):
+        same = list(same)
+        for i in range(0, len(same), batch_size):
+            batch = same[i:i + batch_size]
+            yield from zip(batch, _run_batch(c, unet, batch, on_step))
+
+
+def _run_batch(c: Components, unet, batch: list[Job], on_step) -> torch.Tensor:
+    s = batch[0].settings
+    prompts = [j.prompt for j in batch]
+    negatives = [j.settings.negative for j in batch]
+    seeds = [j.seed for j in batch]
+    try:
+        if batch[0].init_image is None:
+            return txt2img(c, prompts, negatives, seeds, s, on_step, unet)
+        pixels = [images.pil_to_pixels(images.open_image(j.init_image), s.width, s.height) for j in batch]
+        return img2img(c, pixels, prompts, negatives, seeds, s, on_step, unet)
+    except torch.OutOfMemoryError:
+        raise LdmError(f"out of memory at batch size {len(batch)}: try --batch-size 1, a smaller --width/--height "
+                       "or --dtype fp16", RUNTIME) from None

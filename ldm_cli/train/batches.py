@@ -1,0 +1,82 @@
+"""Which examples each step trains on, and their encoder outputs (from the latent cache or computed).
+
+Determinism: optimizer step k's examples and caption dropout come from generators seeded by (seed, k),
+so a run resumed from the checkpoint of step k goes on exactly as the unbroken run would have.
+Processes: each step's global batch of batch_size x processes examples is split between them.
+"""
+
+import functools
+import random
+from dataclasses import replace
+
+import torch
+
+from ldm_cli.models.codecs import encode_text
+from ldm_cli.train.cache import EncodedData
+from ldm_cli.train.config import TrainConfig
+from ldm_cli.train.data import load_pixels
+from ldm_cli.train.loss import sample_posterior
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def step_examples(examples, index: int, count: int, seed: int) -> list:
+    """The `count` examples of batch `index`: epoch e visits the data in a permutation seeded by (seed, e)."""
+    n = len(examples)
+    return [examples[_epoch_order(n, seed, i // n)[i % n]] for i in range(index * count, (index + 1) * count)]
+
+
+class Encoders:
+    """The frozen VAE and text encoder as the training loop calls them, under accelerate's autocast."""
+
+    def __init__(self, c, accelerator):
+        self.c, self.accelerator = c, accelerator
+        self.vae_dtype = next(c.vae.parameters()).dtype
+
+    def pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, R, R] in [-1, 1] -> posterior parameters [B, 2C, h, w]."""
+        c = self.c
+        with torch.no_grad(), self.accelerator.autocast():
+            if c.batch_invariant:  # one image at a time on CPU: the same bits as the cache (see models/)
+                return torch.cat([c.vae.encode(p[None].to(c.device, self.vae_dtype)).latent_dist.parameters.float()
+                                  for p in pixels])
+            return c.vae.encode(pixels.to(c.device, self.vae_dtype)).latent_dist.parameters.float()
+
+    def captions(self, captions: list[str]) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return encode_text(replace(self.c, device=self.accelerator.device), captions).float()
+
+
+class Batches:
+    """`batch(step, micro, gen)`: this process's share of micro-batch `micro` of step `step`, as
+    (latents, text context) on the device."""
+
+    def __init__(self, cfg: TrainConfig, examples, encoders: Encoders, cached: EncodedData | None,
+                 world: int, rank: int):
+        self.cfg, self.examples, self.encoders, self.cached = cfg, examples, encoders, cached
+        self.world, self.rank = world, rank
+        self.device = encoders.accelerator.device
+        self.scaling_factor = encoders.c.vae.config.scaling_factor
+
+    def batch(self, step: int, micro: int, gen: torch.Generator):
+        cfg = self.cfg
+        index = step * cfg.gradient_accumulation + micro
+        rng = random.Random((cfg.seed * 7919 + index) * 131 + micro)
+        batch = step_examples(self.examples, index, cfg.batch_size * self.world, cfg.seed)
+        drop = [rng.random() < cfg.caption_dropout for _ in batch]  # decided for the global batch
+        mine = slice(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size)
+        batch, drop = batch[mine], drop[mine]
+        captions = ["" if d else e.caption for e, d in zip(batch, drop)]
+        if self.cached is not None:
+            moments = torch.stack([self.cached.moments[e.path] for e in batch]).to(self.device)
+            context = torch.stack([self.cached.context[cap] for cap in captions]).to(self.device)
+        else:
+            pixels = torch.stack([load_pixels(e, cfg.resolution, rng, cfg.random_crop, cfg.random_flip)
+                                  for e in batch])
+            moments, context = self.encoders.pixels(pixels), self.encoders.captions(captions)
+        return sample_posterior(moments, gen) * self.scaling_factor, context

@@ -1,0 +1,131 @@
+"""Training checkpoints: written atomically, verified on load.
+
+A checkpoint is a folder `step-NNNNNNN/` holding
+  trainable.safetensors   the trained tensors (the whole U-Net, or only the LoRA adapters)
+  ema.safetensors         their exponential moving average, with --ema
+  state.pt                optimizer, lr scheduler, grad scaler and step (tensors and numbers only)
+  config.json             the TrainConfig and the U-Net config, for the record and for --from-scratch rebuilds
+  manifest.json           size and BLAKE2 digest of every file above, written last
+It is built in a hidden temp folder and renamed into place, so a kill at any moment leaves either
+the whole checkpoint or none. A checkpoint whose files do not match its manifest (a disk that lied,
+a copy cut short) is skipped with a warning and the one before it is used.
+"""
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ldm_cli.errors import LdmError, check
+from ldm_cli.io.files import atomic_folder, remove_folder
+
+log = logging.getLogger("ldm")
+MANIFEST = "manifest.json"
+# What a failed write raises: safetensors reports a full disk as its own error type, not OSError.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def write_failed(what: Path, e: Exception) -> LdmError:
+    """The one-line error for a write that failed (disk full, quota, permissions)."""
+    reason = getattr(e, "strerror", None) or str(e).removeprefix("Error while serializing: ")
+    return LdmError(f"{what}: cannot write ({reason}); the last checkpoint is intact: free some space and "
+                    "continue with --resume latest", 1)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(root: Path, step: int, trainable: dict, ema: dict | None, state: dict, config: dict,
+                    keep: int) -> Path:
+    """Write checkpoint `step` under root atomically; then delete all but the newest `keep`."""
+    final = root / f"step-{step:07d}"
+    if final.exists():  # the same step saved twice (a resumed run that stopped on it): keep the first
+        return final
+    try:
+        with atomic_folder(final, tag=f"step-{step:07d}") as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            if ema is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+            torch.save(state, tmp / "state.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            files = {p.name: {"bytes": p.stat().st_size, "blake2b": _digest(p)} for p in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps(files, indent=2))
+    except WRITE_ERRORS as e:
+        raise write_failed(final, e) from None
+    for old in checkpoints(root)[:-keep]:
+        remove_folder(old)
+    return final
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Completed checkpoint folders, oldest first (temp folders are never listed)."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir())
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if every file matches the manifest, else what is wrong."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest ({type(e).__name__})"
+    for name, want in files.items():
+        path = ckpt / name
+        if not path.is_file() or path.stat().st_size != want["bytes"] or _digest(path) != want["blake2b"]:
+            return f"{name} does not match the manifest"
+    return None
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged newer ones are reported on stderr and passed over."""
+    for ckpt in reversed(checkpoints(root)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning(f"warning: {ckpt}: {problem}; using the one before it")
+    return None
+
+
+def load_checkpoint(ckpt: Path) -> tuple[dict, dict | None, dict]:
+    """(trainable, ema or None, state) of a verified checkpoint."""
+    problem = verify(ckpt)
+    if problem is not None:
+        raise LdmError(f"{ckpt}: damaged checkpoint ({problem}); pass an older one or --resume latest")
+    ema = load_file(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").is_file() else None
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and numbers only: no code runs
+    return load_file(ckpt / "trainable.safetensors"), ema, state
+
+
+def find_resume(root: Path, resume: str | None) -> Path | None:
+    """The checkpoint `--resume` names: None (no resume), `latest` (the newest that verifies), or a folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(root)
+        check(found is not None, f"--resume latest: no complete checkpoint in {root}")
+        return found
+    check(Path(resume).is_dir(), f"--resume {resume}: no such checkpoint folder")
+    return Path(resume)
+
+
+def saved_config(ckpt: Path) -> dict:
+    """The TrainConfig a checkpoint was saved with (as a dict), or {} if it has none."""
+    try:
+        return json.loads((ckpt / "config.json").read_text()).get("train", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def clean_stale(root: Path) -> None:
+    """Temp folders left by a run killed while saving: never checkpoints."""
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""`TrainConfig`: every training option once, with its default, help and range (the CLI is built from
+it), its validation, and what a resumed run may change.
+
+The config is saved in every checkpoint (config.json) as resolved at the start of the run (model,
+resolution and step count filled in), so `--resume` can say what changed since.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ldm_cli.errors import check
+from ldm_cli.options import check_ranges, option
+
+UNET_PRESETS = {  # block widths, layers per block, attention head dim, norm groups
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+    "small": dict(block_out_channels=(64, 128, 256), layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+}
+DEFAULT_MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str = option("", "Folder of images with .txt captions or metadata.jsonl/.csv.", cli=False)
+    # supplies the frozen VAE, text encoder, tokenizer, scheduler (and the U-Net to fine-tune); None: embedded
+    model: str | None = option(None, "Diffusers folder, .safetensors file or hub id.", short="-m")
+    out_dir: str = option("runs/train", "Run folder.", flag="out", short="-o")
+    from_scratch: bool = option(False, "Train a new U-Net instead of fine-tuning the model's.")
+    # a preset name or a UNet2DConditionModel config.json; only with from_scratch
+    unet_config: str = option("tiny", "With --from-scratch: tiny, small, sd15 or a config.json.")
+    lora_rank: int = option(0, "Train LoRA adapters of this rank instead of the U-Net (0: off).", min=0)
+    lora_alpha: float = option(0.0, "LoRA alpha (0: the rank).", min=0.0, finite=True)  # scale = alpha / rank
+    # pixels of the square training crops; None: the model's native size (U-Net sample size x VAE factor)
+    resolution: int | None = option(None, "Training resolution in pixels (default: the model's native size).")
+    batch_size: int = option(4, "Images per step and GPU.", min=1)  # per process: the global batch is x GPUs
+    max_steps: int | None = option(None, f"Optimizer steps (default {DEFAULT_MAX_STEPS}).", min=1)
+    epochs: float | None = option(None, "Passes over the data, instead of --max-steps.", min=0.0, min_open=True,
+                                  finite=True)
+    lr: float = option(1e-4, "Learning rate.", min=0.0, min_open=True, finite=True)
+    lr_scheduler: str = option("constant", "constant, cosine, linear, ... (diffusers').")
+    warmup_steps: int = option(0, "Learning-rate warm-up steps.", min=0)
+    optimizer: str = option("adamw", "adamw, or adamw8bit (needs bitsandbytes).", choices=("adamw", "adamw8bit"))
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", min=0.0, finite=True)
+    seed: int = option(0, "Seed of data order, dropout and noise.", min=0)
+    mixed_precision: str = option("no", "no, fp16 or bf16.", choices=("no", "fp16", "bf16"))  # accelerate's names
+    gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", min=1)
+    # recompute activations in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = option(False, "Less memory, ~30% slower.")
+    compile: bool = option(False, "torch.compile the U-Net.")  # through accelerate's dynamo_backend
+    # train the unconditional branch too, so classifier-free guidance works on the result
+    caption_dropout: float = option(0.1, "Share of empty captions (for CFG).", min=0.0, max=1.0, finite=True)
+    random_flip: bool = option(False, "Flip images left-right at random.")
+    random_crop: bool = option(False, "Random instead of centre crops.")
+    # adds offset * N(0, 1) per channel to the noise: lets the model learn overall brightness
+    noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps dark/bright images).", min=0.0, finite=True)
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): tames the low-noise steps
+    min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (0: off; 5 typical).", min=0.0, finite=True)
+    ema: bool = option(False, "Keep an EMA of the weights; written to OUT/model-ema.")
+    ema_decay: float = option(0.9999, "EMA decay.", min=0.0, max=1.0, min_open=True, finite=True)
+    # VAE latents and text embeddings on disk (not with random crop/flip: every epoch sees new pixels)
+    cache: bool = option(True, "Cache VAE latents and text embeddings on disk.", negatable=True)
+    cache_dir: str | None = option(None, "Cache folder (default $LDM_CACHE_DIR/latents or ~/.cache/ldm/latents).")
+    checkpoint_every: int = option(0, "Steps between checkpoints (0: end only).", min=0)
+    keep_checkpoints: int = option(2, "Checkpoints kept.", min=1)
+    validate_every: int = option(0, "Steps between validation grids (0: never).", min=0)
+    validation_prompts: tuple[str, ...] = option((), "Prompt for validation grids; repeat.", flag="validation-prompt")
+    validation_steps: int = option(20, "DDIM steps of validation images.", min=1)
+    # losses stay on the device in between: no host sync every step
+    log_every: int = option(10, "Steps between log lines.", min=1)
+    strict: bool = option(False, "Fail on unreadable or caption-less images.")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Every option, before any model is loaded or file written (options used late in a run too)."""
+    check_ranges(cfg)
+    check(cfg.max_steps is None or cfg.epochs is None, "give --max-steps or --epochs, not both")
+    check(cfg.ema_decay < 1, f"--ema-decay must be in (0, 1), got {cfg.ema_decay}")
+    check(cfg.resolution is None or (cfg.resolution >= 8 and cfg.resolution % 8 == 0),
+          f"--resolution must be a multiple of 8, got {cfg.resolution}")
+    check(not (cfg.lora_rank and cfg.from_scratch), "--lora-rank adapts an existing U-Net: drop --from-scratch")
+    check(cfg.data_dir != "", "no data folder given")
+
+
+def steps_for(cfg: TrainConfig, examples: int, world: int) -> int:
+    """The optimizer steps of the run: --max-steps, or --epochs passes over `examples` images."""
+    if cfg.epochs is None:
+        return cfg.max_steps or DEFAULT_MAX_STEPS
+    per_epoch = math.ceil(examples / (cfg.batch_size * world * cfg.gradient_accumulation))
+    return math.ceil(cfg.epochs * per_epoch)
+
+
+# ---- what a resumed run may change ---------------------------------------------------------------------
+# A checkpoint continues one model: these must be as saved, or the resume is refused.
+MUST_MATCH = ("model", "from_scratch", "unet_config", "lora_rank", "lora_alpha", "resolution", "optimizer")
+# The learning-rate schedule is rebuilt from the new values and positioned at the checkpoint's step.
+SCHEDULE = ("lr", "lr_scheduler", "warmup_steps", "max_steps")
+# Where the run is written, how often it logs, what it keeps: changes nothing in the numbers.
+FREE = ("data_dir", "out_dir", "epochs", "device", "cache", "cache_dir", "checkpoint_every", "keep_checkpoints",
+        "validate_every", "validation_prompts", "validation_steps", "log_every", "strict", "compile",
+        "gradient_checkpointing")
+
+
+def _same(key: str, old, new) -> bool:
+    if key == "model" and old and new:
+        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve() or old == new
+    if isinstance(old, list):
+        old = tuple(old)
+    return old == new
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str], list[str]]:
+    """(refused, schedule, other) changes between a checkpoint's saved config and this run's, each as
+    'name old -> new'. Keys the saved config lacks (older checkpoints) are taken as unchanged."""
+    new = asdict(cfg)
+    changed = [f.name for f in fields(TrainConfig)
+               if f.name in saved and f.name not in FREE and not _same(f.name, saved[f.name], new[f.name])]
+    say = [f"{k} {saved[k]!r} -> {new[k]!r}" for k in changed]
+    pick = [[s for k, s in zip(changed, say) if k in group] for group in (MUST_MATCH, SCHEDULE)]
+    other = [s for k, s in zip(changed, say) if k not in MUST_MATCH and k not in SCHEDULE]
+    return pick[0], pick[1], other

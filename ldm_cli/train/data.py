@@ -1,0 +1,89 @@
+"""Training data: a folder of images with captions, in the layouts users already have.
+
+- kohya style: `cat.png` + `cat.txt` (the caption), anywhere below the folder;
+- diffusers imagefolder: `metadata.jsonl` (or `.csv`) with `file_name` and `text` columns.
+Unreadable or caption-less images are skipped and counted (`strict` makes them errors).
+"""
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ldm_cli.errors import LdmError, check
+from ldm_cli.io.images import IMAGE_SUFFIXES, open_image, pil_to_pixels
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str
+
+
+def find_examples(root: str | Path, strict: bool = False) -> tuple[list[Example], list[str]]:
+    """All (image, caption) pairs under root, sorted by path, and a list of skip reasons."""
+    root = Path(root)
+    check(root.is_dir(), f"{root}: data folder not found")
+    captions: dict[Path, str] = {}
+    for meta in sorted(root.rglob("metadata.jsonl")) + sorted(root.rglob("metadata.csv")):
+        captions.update(_read_metadata(meta))
+    examples, skipped = [], []
+    seen = set()
+    for path in sorted(root.rglob("*")):  # rglob does not follow symlinked folders: no loops
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        real = path.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        caption = captions.get(path.resolve())
+        sidecar = path.with_suffix(".txt")
+        if caption is None and sidecar.is_file():
+            try:
+                caption = sidecar.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                skipped.append(f"{sidecar}: caption is not UTF-8")
+                continue
+        if not caption:
+            skipped.append(f"{path}: no caption")
+            continue
+        examples.append(Example(path, caption))
+    if strict and skipped:
+        raise LdmError(f"{skipped[0]} (and {len(skipped) - 1} more); fix them or drop --strict")
+    check(examples != [], f"{root}: no captioned images found (sidecar .txt or metadata.jsonl/.csv)")
+    return examples, skipped
+
+
+def _read_metadata(meta: Path) -> dict[Path, str]:
+    out = {}
+    try:
+        if meta.suffix == ".jsonl":
+            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(meta.read_text(encoding="utf-8").splitlines()))
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise LdmError(f"{meta}: cannot read ({type(e).__name__}: {e})") from None
+    for row in rows:
+        if isinstance(row, dict) and row.get("file_name") and isinstance(row.get("text"), str):
+            out[(meta.parent / row["file_name"]).resolve()] = row["text"].strip()
+    return out
+
+
+def load_pixels(ex: Example, resolution: int, rng: random.Random, random_crop: bool = False,
+                flip: bool = False) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square (centre or random), maybe flip: [3, R, R]."""
+    im = open_image(ex.path)
+    w, h = im.size
+    scale = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = im.size
+    left = rng.randint(0, w - resolution) if random_crop else (w - resolution) // 2
+    top = rng.randint(0, h - resolution) if random_crop else (h - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    return pil_to_pixels(im, resolution, resolution)[0]

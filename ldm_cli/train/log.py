@@ -1,0 +1,47 @@
+"""The loss log: losses stay on the device between flushes (no host sync every step); each flush
+reads them back at once, appends JSON lines to OUT/log.jsonl and reports them to `on_log`."""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ldm_cli.train.checkpoints import WRITE_ERRORS, write_failed
+
+
+class LossLog:
+    def __init__(self, path: Path, main_process: bool, max_steps: int, on_log=None):
+        self.path, self.max_steps, self.on_log = path, max_steps, on_log
+        self.file = open(path, "a") if main_process else None
+        self.pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, lr)
+        self.t_start, self.images = time.perf_counter(), 0
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, images: int) -> None:
+        self.pending.append((step, loss, lr))
+        self.images += images
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([loss for _, loss, _ in self.pending]).float().cpu().tolist()  # one sync per flush
+        elapsed = time.perf_counter() - self.t_start
+        records = [{"step": step, "loss": value, "lr": lr, "elapsed_s": round(elapsed, 3),
+                    "images_per_s": round(self.images / elapsed, 3) if elapsed > 0 else None}
+                   for (step, _, lr), value in zip(self.pending, values)]
+        self.pending.clear()
+        if self.file is None:
+            return
+        try:
+            self.file.write("".join(json.dumps(r) + "\n" for r in records))
+            self.file.flush()
+        except WRITE_ERRORS as e:
+            raise write_failed(self.path, e) from None
+        if self.on_log is not None:
+            for r in records:
+                self.on_log(r, self.max_steps)
+
+    def close(self) -> None:
+        self.flush()
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,58 @@
+"""The training objective and the weight average.
+
+Notation as diffusion/samplers.py: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ldm_cli.diffusion.samplers import add_noise
+from ldm_cli.diffusion.schedule import Schedule
+
+
+def sample_posterior(moments: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """z ~ N(mean, exp(logvar)) from the VAE encoder's output, as diffusers' DiagonalGaussianDistribution."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(moments).sample(gen)
+
+
+def diffusion_loss(unet, schedule: Schedule, latents, context, gen: torch.Generator, noise_offset: float = 0.0,
+                   min_snr_gamma: float = 0.0):
+    """DDPM's simple loss (Ho et al. eq. 14) with the model's prediction type: || target - net(x_t, t) ||^2."""
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
+    if noise_offset:  # a per-channel constant shift lets the model learn to change overall brightness
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(noise)
+    t_cpu = torch.randint(0, schedule.num_train_timesteps, (len(latents),), generator=gen)
+    alpha_bar = schedule.alpha_bar[t_cpu]  # indexed on the CPU: no device->host sync
+    x_t = add_noise(latents, noise, alpha_bar)
+    a = alpha_bar.to(latents.device).reshape(-1, 1, 1, 1)
+    v_pred = schedule.prediction_type == "v_prediction"
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise  # v = sqrt(a) eps - sqrt(1-a) x0
+    pred = unet(x_t, t_cpu.to(latents.device), encoder_hidden_states=context, return_dict=False)[0]
+    per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:  # weight min(SNR, gamma) / SNR on eps (/(SNR + 1) on v): tames the low-noise steps
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = snr.clamp(max=min_snr_gamma) / (snr + 1 if v_pred else snr)
+        per_item = per_item * weight.to(per_item.device)
+    return per_item.mean()
+
+
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params, in place, one fused kernel per dtype."""
+    torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - decay)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up: average over roughly the steps so far until `decay` is reached (as diffusers' EMAModel)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def swap_in(params: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy `values` into `params`; returns what the params held before (to swap back)."""
+    saved = [p.detach().clone() for p in params]
+    for p, v in zip(params, values):
+        p.copy_(v)
+    return saved

@@ -1,0 +1,107 @@
+"""The trained network, its optimizer and learning-rate schedule, and restoring them from a checkpoint."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from ldm_cli.errors import LdmError, check
+from ldm_cli.models.components import Components
+from ldm_cli.train import checkpoints
+from ldm_cli.train.config import UNET_PRESETS, TrainConfig, resume_changes
+
+
+def build_unet(c: Components, preset: str, resolution: int):
+    """A new UNet2DConditionModel from a preset or a config.json, shaped for c's VAE and text encoder."""
+    from diffusers import UNet2DConditionModel
+
+    if preset in UNET_PRESETS:
+        kw = dict(UNET_PRESETS[preset])
+    else:
+        path = Path(preset)
+        check(path.is_file(), f"--unet-config {preset!r}: not a preset ({', '.join(UNET_PRESETS)}) or a file")
+        try:
+            kw = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LdmError(f"--unet-config {preset}: not a JSON config ({e})") from None
+    channels = c.vae.config.latent_channels
+    kw.update(sample_size=resolution // c.vae_scale, in_channels=channels, out_channels=channels,
+              cross_attention_dim=c.text_encoder.config.hidden_size)
+    try:
+        return UNet2DConditionModel(**kw)
+    except (TypeError, ValueError) as e:
+        raise LdmError(f"--unet-config {preset}: not a valid UNet2DConditionModel config ({e})") from None
+
+
+def trainable_unet(c: Components, cfg: TrainConfig, seed: int):
+    """The network to train (the model's U-Net, or a new one) with only what is trained requiring grad;
+    returns (unet, {name: trained parameter})."""
+    torch.manual_seed(seed)  # from-scratch weights and LoRA's initial A depend on the seed only
+    unet = build_unet(c, cfg.unet_config, cfg.resolution) if cfg.from_scratch else c.unet
+    if cfg.lora_rank:
+        from ldm_cli.models.lora import add_lora
+
+        add_lora(unet, cfg.lora_rank, cfg.lora_alpha or None)
+    else:
+        unet.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet, {n: p for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def build_optimizer(cfg: TrainConfig, params: list):
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise LdmError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+
+
+def build_schedule(cfg: TrainConfig, optimizer, max_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=max_steps)
+    except ValueError as e:
+        raise LdmError(f"--lr-scheduler {cfg.lr_scheduler!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_resume(ckpt: Path, cfg: TrainConfig, say) -> bool:
+    """Compare the checkpoint's saved config with this run's: a changed model, rank or resolution is
+    refused; a changed learning-rate schedule is applied from the checkpoint's step and said; any other
+    change is said (the run will then differ from an unbroken one). Returns whether the schedule changed."""
+    refused, schedule, other = resume_changes(checkpoints.saved_config(ckpt), cfg)
+    check(not refused, f"--resume {ckpt}: changed since that checkpoint: {'; '.join(refused)}; a checkpoint "
+          "continues the same model: put them back, or start a new run in another --out")
+    if schedule:
+        say(f"resume: learning-rate schedule changed ({'; '.join(schedule)}): applied from the checkpoint's step")
+    if other:
+        say(f"resume: changed since the checkpoint ({'; '.join(other)}): applied; the run will differ from an "
+            "unbroken one")
+    return bool(schedule)
+
+
+def restore(ckpt: Path, named: dict, optimizer, lr_sched, ema, cfg: TrainConfig, schedule_changed: bool):
+    """Load a checkpoint's weights, EMA, optimizer and schedule state into the run; returns (step, ema,
+    state). With a changed schedule, the new one continues from the saved step at the new values."""
+    trainable, ema_saved, state = checkpoints.load_checkpoint(ckpt)
+    check(set(trainable) == set(named), f"{ckpt}: checkpoint of a different model or --lora-rank")
+    try:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(trainable[n])
+    except RuntimeError as e:
+        raise LdmError(f"{ckpt}: checkpoint of a different model shape ({str(e).splitlines()[0][:160]})") from None
+    if ema is not None and ema_saved is not None:
+        ema = [ema_saved[n].to(p.device) for n, p in named.items()]
+    optimizer.load_state_dict(state["optimizer"])
+    lr_sched.load_state_dict(state["lr_scheduler"])
+    if schedule_changed and hasattr(lr_sched, "lr_lambdas"):  # all of diffusers' schedules are LambdaLR
+        lr_sched.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+        for group, base, fn in zip(optimizer.param_groups, lr_sched.base_lrs, lr_sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * fn(lr_sched.last_epoch)
+        lr_sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return state["step"], ema, state

@@ -1,0 +1,64 @@
+"""What a run leaves besides checkpoints: the trained model (a diffusers folder, or a LoRA file) and
+validation grids sampled with our own pipeline."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ldm_cli.io import images
+from ldm_cli.io.files import atomic_folder, ensure_dir
+from ldm_cli.jobs import Settings
+from ldm_cli.models.components import Components
+from ldm_cli.models.load import save_components
+from ldm_cli.train.checkpoints import WRITE_ERRORS, write_failed
+from ldm_cli.train.config import TrainConfig
+from ldm_cli.train.loss import swap_in
+
+
+def write_model(unet, c: Components, cfg: TrainConfig, out: Path, name: str) -> Path:
+    """OUT/model (a diffusers folder) or OUT/lora (diffusers' LoRA file), written atomically."""
+    final = out / name
+    try:
+        with atomic_folder(final, replace=True) as tmp:
+            if cfg.lora_rank:
+                from ldm_cli.models.lora import save_lora
+
+                save_lora(unet, tmp)
+            else:
+                save_components(replace(c, unet=unet), tmp)
+    except WRITE_ERRORS as e:
+        raise write_failed(final, e) from None
+    return final
+
+
+def write_models(unet, params, ema, c: Components, cfg: TrainConfig, out: Path) -> Path:
+    """The trained weights, and with --ema their average (OUT/model-ema or OUT/lora-ema)."""
+    kind = "lora" if cfg.lora_rank else "model"
+    result = write_model(unet.eval(), c, cfg, out, kind)
+    if ema is not None:
+        swap_in(params, ema)
+        write_model(unet, c, cfg, out, f"{kind}-ema")
+    return result
+
+
+def validation_grid(accelerator, unet, ema, params, c: Components, cfg: TrainConfig, step: int) -> None:
+    """Sample the validation prompts (with the EMA weights when kept) into OUT/validation/step-N.png."""
+    from ldm_cli.sample import pipeline
+
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        saved = swap_in(params, ema) if ema is not None else None
+        with torch.no_grad():
+            model.eval()
+            n = len(cfg.validation_prompts)
+            with accelerator.autocast():
+                pics = pipeline.txt2img(replace(c, unet=model), list(cfg.validation_prompts), [""] * n,
+                                        list(range(n)), Settings(steps=cfg.validation_steps, width=cfg.resolution,
+                                                                 height=cfg.resolution))
+            model.train()
+        if saved is not None:
+            swap_in(params, saved)
+        folder = ensure_dir(Path(cfg.out_dir) / "validation")
+        images.save_png(images.grid(images.to_pil(pics)), folder / f"step-{step:07d}.png", None, True)
+    accelerator.wait_for_everyone()
