@@ -13,7 +13,6 @@ Prints JSON lines and a table; run on the GPU (2,900 images at 64 px take under 
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "recipes" / "tiny-emoji"))
 
-from emoji_data import BG_NAMES, caption, compose, load  # noqa: E402
-
 from common import Report, add_out_option, out_folder  # noqa: E402
+from emoji_data import BG_NAMES, caption, compose, load  # noqa: E402
 
 from ldm_cli.jobs import Settings  # noqa: E402
 from ldm_cli.models.components import LoadOptions  # noqa: E402
