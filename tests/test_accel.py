@@ -1,4 +1,4 @@
-"""The inductor graph pass of `--accel compile` (ldm_cli/accel.py): layouts change, values do not."""
+"""The inductor graph pass of `--accel compile` (ldm_cli/accel/inductor.py): layouts change, values do not."""
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx

@@ -1,4 +1,4 @@
-"""Guidance's two halves share the U-Net's first self-attention (models.call_unet): same output, half the work."""
+"""Guidance's two halves share the U-Net's first self-attention (models.unet.call_unet): same output, half the work."""
 
 import pytest
 import torch

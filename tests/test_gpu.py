@@ -32,9 +32,11 @@ def test_runner_equals_plain_unet_call(cuda_model, mode):
     runner = build_runner(c, mode)
     got = runner(x, t, context).clone()
     again = runner(x * 0.5, t, context).clone()  # a replay with new inputs, not the captured ones
-    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3), (got - want).abs().max()
+    # graphs replay eager's own kernels; compiled kernels fuse and reorder sums (seen: 1.5e-3 on outputs ~0.3)
+    tol = 1e-4 if mode == "graphs" else 5e-3
+    assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
     assert not torch.allclose(again, got)
-    assert torch.allclose(again, plain_runner(c)(x * 0.5, t, context), atol=1e-3, rtol=1e-3)
+    assert torch.allclose(again, plain_runner(c)(x * 0.5, t, context), atol=tol, rtol=tol)
 
 
 def test_graphed_image_equals_eager_image(cuda_model):

@@ -1,4 +1,4 @@
-"""Linear layers that share their input run as one matmul (accel.group_shared_input_projections)."""
+"""Linear layers that share their input run as one matmul (accel.projections.group_shared_input_projections)."""
 
 import copy
 

@@ -136,3 +136,29 @@ def test_accelerate_launch_one_process_equals_plain_run(shapes, tiny_model, tmp_
     assert launched.returncode == 0, launched.stderr
     assert losses(tmp_path / "plain") == losses(tmp_path / "launched")
     assert same_weights(unet_weights(tmp_path / "plain" / "model"), unet_weights(tmp_path / "launched" / "model"))
+
+
+def test_resume_applies_a_changed_lr_and_says_so(shapes, tiny_model, tmp_path):
+    base = dict(data_dir=str(shapes), model=str(tiny_model), out_dir=str(tmp_path / "run"), max_steps=3, batch_size=2,
+                lr=1e-3, seed=2, device="cpu", cache_dir=str(tmp_path / "c"), checkpoint_every=3)
+    train(TrainConfig(**base))
+    notes = []
+    train(TrainConfig(**{**base, "max_steps": 5, "lr": 2e-4}), resume="latest", say=notes.append)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lrs == [1e-3] * 3 + [2e-4] * 2  # the new lr from the checkpoint's step on, not the saved one
+    said = [n for n in notes if n.startswith("resume:")]
+    assert len(said) == 1 and "lr 0.001 -> 0.0002" in said[0] and "applied" in said[0], notes
+
+
+def test_resume_refuses_a_changed_model_shape(shapes, tiny_model, tmp_path):
+    import pytest
+
+    from ldm_cli.errors import LdmError
+
+    base = dict(data_dir=str(shapes), model=str(tiny_model), out_dir=str(tmp_path / "run"), max_steps=2, batch_size=2,
+                device="cpu", cache_dir=str(tmp_path / "c"), lora_rank=4)
+    train(TrainConfig(**base))
+    with pytest.raises(LdmError, match=r"lora_rank 4 -> 8.*start a new run") as e:
+        train(TrainConfig(**{**base, "max_steps": 4, "lora_rank": 8}), resume="latest")
+    assert e.value.exit_code == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002"]

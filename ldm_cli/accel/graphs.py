@@ -12,7 +12,7 @@ from ldm_cli.models.unet import call_unet
 
 
 class GraphedUNet:
-    """`f(x, t, context)` (as models.call_unet) replaying one captured CUDA graph per (shapes, dtype).
+    """`f(x, t, context)` (as models.unet.call_unet) replaying one captured CUDA graph per (shapes, dtype).
 
     The returned tensor is a static buffer, overwritten by the next call: callers use it before
     calling again (the sampler does: guidance and the DDIM step make new tensors from it).

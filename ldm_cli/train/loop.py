@@ -66,16 +66,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         accelerator.scaler.load_state_dict(state["scaler"])
 
     encoders = Encoders(c, accelerator)
-    cached = None
-    if cfg.cache and not (cfg.random_crop or cfg.random_flip):  # frozen encoders: their outputs never change
-        folder = cache.cache_folder(cfg.cache_dir, cfg.resolution, c)
-        with accelerator.main_process_first():  # the first process encodes, the others then find it all
-            cached = cache.encode_dataset(examples, folder, cfg.resolution, encoders.pixels, encoders.captions,
-                                          batch_size=max(cfg.batch_size, 8))
-        if main:
-            say(f"latent cache {folder}: {cached.encoded} entries encoded, "
-                f"{len(cached.moments) + len(cached.context) - cached.encoded} reused, {cached.seconds:.2f} s")
-    batches = Batches(cfg, examples, encoders, cached, world, rank)
+    batches = Batches(cfg, examples, encoders, cached_encodings(cfg, examples, c, encoders, accelerator, say),
+                      world, rank)
 
     def save(step: int) -> Path:
         model = accelerator.unwrap_model(unet)
@@ -118,6 +110,22 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if skipped:
         (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
     return write_models(accelerator.unwrap_model(unet), params, ema, c, cfg, out)
+
+
+def cached_encodings(cfg: TrainConfig, examples, c, encoders: Encoders, accelerator, say):
+    """The latent cache's contents for these examples (encoding what it lacks), or None when every
+    epoch sees new pixels (random crop/flip) or the cache is off. The encoders are frozen: their
+    outputs never change."""
+    if not cfg.cache or cfg.random_crop or cfg.random_flip:
+        return None
+    folder = cache.cache_folder(cfg.cache_dir, cfg.resolution, c)
+    with accelerator.main_process_first():  # the first process encodes, the others then find it all
+        cached = cache.encode_dataset(examples, folder, cfg.resolution, encoders.pixels, encoders.captions,
+                                      batch_size=max(cfg.batch_size, 8))
+    if accelerator.is_main_process:
+        say(f"latent cache {folder}: {cached.encoded} entries encoded, "
+            f"{len(cached.moments) + len(cached.context) - cached.encoded} reused, {cached.seconds:.2f} s")
+    return cached
 
 
 def train_step(cfg: TrainConfig, unet, schedule, batches: Batches, optimizer, lr_sched, accelerator, step: int,
