@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         print(f"ldm: error: {e}", file=sys.stderr)
+        runtime.exiting()
         sys.exit(e.exit_code)
     except ClickException as e:  # typer's own parsing errors: bad option values, unknown options
         if debug:
@@ -298,5 +299,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code if e.exit_code else USAGE)
     except KeyboardInterrupt:
         print("ldm: interrupted", file=sys.stderr)
+        runtime.exiting()
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

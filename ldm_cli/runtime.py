@@ -59,12 +59,32 @@ def configure_torch(accel: str = "auto") -> None:
         os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
-def interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler's stop, `kill`) behaves as Ctrl-C: training checkpoints, then exits."""
+_INTERRUPT = {"interrupted": False}
+
+
+def exiting() -> None:
+    """Once interrupted, further Ctrl-Cs while the process exits are ignored (Python's shutdown would
+    otherwise let one kill the process by signal, losing its exit code)."""
+    if _INTERRUPT["interrupted"]:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def handle_interrupts() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's stop, `kill`) raise KeyboardInterrupt once: training
+    then saves a checkpoint and exits, sampling says what it wrote. A second one while that is under
+    way is said and ignored, so it cannot cut the save short (Ctrl-\\ still quits at once)."""
+    state = _INTERRUPT
+
     def handler(signum, frame):
+        if state["interrupted"]:
+            print("ldm: still stopping (saving what was done); Ctrl-\\ quits at once", file=sys.stderr)
+            return
+        state["interrupted"] = True
         raise KeyboardInterrupt
 
     try:
+        signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
         pass
@@ -75,4 +95,4 @@ def setup(quiet: bool = False) -> None:
     quiet_environment()
     report_warnings(quiet)
     quiet_libraries()
-    interrupt_on_sigterm()
+    handle_interrupts()

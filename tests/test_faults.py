@@ -212,3 +212,93 @@ def test_a_real_full_disk_keeps_the_previous_checkpoints(shapes, tiny_model, tmp
     print(f"disk filled ({result['filled'] >> 20} MiB by another writer) after step {steps[-1]}; "
           f"message: {lines[0]}")
     assert same_weights(unet_weights(tmp_path / "straight" / "model"), unet_weights(tmp_path / "after" / "model"))
+
+
+def test_second_ctrl_c_during_the_save_loses_nothing(shapes, tiny_model, tmp_path):
+    """Ctrl-C, then Ctrl-C again and again while the interrupt's checkpoint is being written: the save
+    finishes, the checkpoint verifies, the user is told where it is."""
+    out = tmp_path / "run"
+    long_run = [a if a != str(STEPS) else "100000" for a in train_args(shapes, tiny_model, out, tmp_path / "c")]
+    proc = start(long_run)
+    while not (out / "log.jsonl").is_file() or len(losses(out)) < 3:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    try:
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < 20:  # a burst of impatient Ctrl-Cs
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.002)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = [line for line in err.strip().splitlines() if "still stopping" not in line and "finishing it" not in line]
+    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
+    assert "interrupted at step " in lines[0] and "--resume latest" in lines[0], lines[0]
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert saved_steps(out / "checkpoints") == [step]
+    assert checkpoints.verify(out / "checkpoints" / f"step-{step:07d}") is None
+
+
+def test_training_never_replaces_what_it_did_not_create(shapes, tiny_model, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "model").mkdir()
+    (data / "model" / "keep.txt").write_text("the user's own file")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def ldm(*args):
+        return subprocess.run([LDM, "train", *map(str, args), "--model", str(tiny_model), "--max-steps", "2",
+                               "--batch-size", "2", "--device", "cpu", "--cache-dir", str(tmp_path / "c")],
+                              capture_output=True, text=True, env=env)
+
+    for out in (data, data / "sub"):  # --out is, or is inside, the data folder
+        r = ldm(data, "--out", out)
+        assert r.returncode == 2 and "inside the data folder" in r.stderr, r.stderr
+    assert (data / "model" / "keep.txt").read_text() == "the user's own file"
+    assert not (data / "sub").exists() and not (data / "checkpoints").exists()
+    run = tmp_path / "run"
+    assert ldm(data, "--out", run).returncode == 0
+    model = (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    r = ldm(data, "--out", run, "--lr", "1e-2")  # a second, different run into the same --out
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    r = ldm(data, "--out", run, "--resume", "latest")  # resuming a finished run: nothing to do
+    assert r.returncode == 0 and "nothing to train" in r.stderr, r.stderr
+    assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == model
+    r = ldm(data, "--out", run, "--lr", "1e-2", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != model
+    assert saved_steps(run / "checkpoints") == [2] and len(losses(run)) == 2  # the old run's log is gone too
+
+
+def test_an_unreadable_image_met_mid_run_is_skipped_and_listed(shapes, tiny_model, tmp_path):
+    """Without the latent cache, images are read at each step: a damaged one is skipped and listed, and
+    the run ends; with --strict, it stops there, after a checkpoint of the steps done."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "no-caption.png").unlink()
+    (data / "b" / "0.png").write_bytes((data / "b" / "0.png").read_bytes()[:80])  # cut short, still listed
+    cfg = TrainConfig(data_dir=str(data), model=str(tiny_model), out_dir=str(tmp_path / "run"), max_steps=20,
+                      batch_size=4, device="cpu", cache=False, seed=1)
+    train(cfg)
+    assert "0.png" in (tmp_path / "run" / "skipped.txt").read_text() and len(losses(tmp_path / "run")) == 20
+    strict = TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "strict"), "strict": True})
+    with pytest.raises(LdmError, match=r"0\.png.*stopped at step (\d+); checkpoint .*--resume latest") as e:
+        train(strict)
+    step = int(str(e.value).split("stopped at step ")[1].split(";")[0])
+    assert step >= 1 and saved_steps(tmp_path / "strict" / "checkpoints") == [step]
+
+
+def test_a_damaged_latent_cache_entry_is_rebuilt(shapes, tiny_model, tmp_path):
+    cfg = small_cfg(shapes, tiny_model, tmp_path, max_steps=2)
+    train(cfg)
+    entries = sorted((tmp_path / "c").rglob("img/*.safetensors"))
+    entries[0].write_bytes(entries[0].read_bytes()[:50])  # cut short
+    notes = []
+    train(TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "again")}), say=notes.append)
+    assert any("1 entries encoded" in n for n in notes), notes
+    assert losses(tmp_path / "run") == losses(tmp_path / "again")

@@ -27,9 +27,10 @@ def open_image(path: str | Path) -> Image.Image:
     path = Path(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own limit, as an error
             with Image.open(path) as im:
+                check(im.width * im.height <= MAX_PIXELS,  # ours, from the header, before decoding
+                      f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first")
                 im.seek(0)  # first frame of an animation
                 im.load()
                 return _to_rgb(im)

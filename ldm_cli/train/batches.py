@@ -6,16 +6,20 @@ Processes: each step's global batch of batch_size x processes examples is split 
 """
 
 import functools
+import logging
 import random
 from dataclasses import replace
 
 import torch
 
+from ldm_cli.errors import LdmError
 from ldm_cli.models.codecs import encode_text
 from ldm_cli.train.cache import EncodedData
 from ldm_cli.train.config import TrainConfig
 from ldm_cli.train.data import load_pixels
 from ldm_cli.train.loss import sample_posterior
+
+log = logging.getLogger("ldm")
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,6 +66,27 @@ class Batches:
         self.world, self.rank = world, rank
         self.device = encoders.accelerator.device
         self.scaling_factor = encoders.c.vae.config.scaling_factor
+        self.skipped: list[str] = []  # images found unreadable during the run (listed in OUT/skipped.txt)
+        self.bad: set = set()
+
+    def _pixels(self, e, rng: random.Random) -> torch.Tensor:
+        """An example's pixels; an image that cannot be read is skipped (listed), the next readable one in
+        the data taken instead, so the step goes on (--strict: the run stops, after its checkpoint)."""
+        cfg, n = self.cfg, len(self.examples)
+        start = self.examples.index(e)
+        for k in range(n):
+            candidate = self.examples[(start + k) % n]
+            if candidate.path in self.bad:
+                continue
+            try:
+                return load_pixels(candidate, cfg.resolution, rng, cfg.random_crop, cfg.random_flip)
+            except LdmError as err:
+                if cfg.strict:
+                    raise
+                self.bad.add(candidate.path)
+                self.skipped.append(str(err))
+                log.warning(f"warning: {err}; skipped")
+        raise LdmError("no image of the data folder can be read any more")
 
     def batch(self, step: int, micro: int, gen: torch.Generator):
         cfg = self.cfg
@@ -76,7 +101,6 @@ class Batches:
             moments = torch.stack([self.cached.moments[e.path] for e in batch]).to(self.device)
             context = torch.stack([self.cached.context[cap] for cap in captions]).to(self.device)
         else:
-            pixels = torch.stack([load_pixels(e, cfg.resolution, rng, cfg.random_crop, cfg.random_flip)
-                                  for e in batch])
+            pixels = torch.stack([self._pixels(e, rng) for e in batch])
             moments, context = self.encoders.pixels(pixels), self.encoders.captions(captions)
         return sample_posterior(moments, gen) * self.scaling_factor, context

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm_cli.errors import LdmError
 from ldm_cli.io.files import atomic_file, cache_root
 from ldm_cli.models.components import Components
 from ldm_cli.train.data import Example, load_pixels
@@ -56,35 +57,61 @@ class EncodedData:
     context: dict[str, torch.Tensor]
     encoded: int  # entries computed in this run (0 when the cache had everything)
     seconds: float
+    skipped: list[str]  # images that could not be read: left out of the run
 
 
-def _load_or_encode(items: dict, key: str, encode, batch_size: int) -> tuple[dict, int]:
-    """items: {id: (cache file, input)}. Cached entries are loaded; the rest are encoded in batches of
-    inputs with `encode`, stored, and counted. Returns ({id: tensor}, number encoded)."""
-    out, todo = {}, []
+def _load_entry(path: Path, key: str):
+    """A cache entry, or None if it is missing or damaged (then it is encoded again and rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        tensor = load_file(path)[key]
+    except Exception:  # noqa: BLE001 (a cut-short or corrupt file: any safetensors/OS error)
+        return None
+    return tensor if torch.isfinite(tensor).all() else None
+
+
+def _load_or_encode(items: dict, key: str, prepare, encode, batch_size: int) -> tuple[dict, int, list[str]]:
+    """items: {id: (cache file, input)}. Cached entries are loaded; the rest are prepared one by one with
+    `prepare` (an LdmError there skips the item, with its message), encoded in batches with `encode`,
+    stored, and counted. Returns ({id: tensor}, number encoded, skip messages)."""
+    out, todo, skipped = {}, [], []
     for ident, (path, value) in items.items():
-        if path.is_file():
-            out[ident] = load_file(path)[key]
+        tensor = _load_entry(path, key)
+        if tensor is not None:
+            out[ident] = tensor
         else:
             todo.append((ident, path, value))
     for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        for (ident, path, _), tensor in zip(chunk, encode([value for _, _, value in chunk])):
+        ready = []
+        for ident, path, value in todo[i:i + batch_size]:
+            try:
+                ready.append((ident, path, prepare(value)))
+            except LdmError as e:
+                skipped.append(str(e))
+        if not ready:
+            continue
+        for (ident, path, _), tensor in zip(ready, encode([v for _, _, v in ready])):
             _write_atomic({key: tensor}, path)
             out[ident] = tensor.cpu()
-    return out, len(todo)
+    return out, len(todo) - len(skipped), skipped
 
 
 def encode_dataset(examples: list[Example], folder: Path, resolution: int, encode_pixels, encode_captions,
                    batch_size: int = 8) -> EncodedData:
-    """Load what `folder` has, encode (in batches) and store what it lacks, return it all."""
+    """Load what `folder` has, encode (in batches) and store what it lacks, return it all. Images that
+    cannot be read are left out and listed in `skipped`."""
     t0 = time.perf_counter()
-    images = {ex.path: (folder / "img" / f"{file_sha256(ex.path)}.safetensors", ex) for ex in examples}
-    moments, n_img = _load_or_encode(
-        images, "moments",
-        lambda exs: encode_pixels(torch.stack([load_pixels(ex, resolution, random.Random(0)) for ex in exs])),
-        batch_size)
+    images, skipped = {}, []
+    for ex in examples:
+        try:
+            images[ex.path] = (folder / "img" / f"{file_sha256(ex.path)}.safetensors", ex)
+        except OSError as e:
+            skipped.append(f"{ex.path}: cannot read ({e.strerror or type(e).__name__})")
+    moments, n_img, bad = _load_or_encode(
+        images, "moments", lambda ex: load_pixels(ex, resolution, random.Random(0)),
+        lambda pixels: encode_pixels(torch.stack(pixels)), batch_size)
     captions = {cap: (folder / "txt" / f"{text_sha256(cap)}.safetensors", cap)
                 for cap in sorted({ex.caption for ex in examples} | {""})}
-    context, n_txt = _load_or_encode(captions, "context", encode_captions, batch_size)
-    return EncodedData(moments, context, n_img + n_txt, time.perf_counter() - t0)
+    context, n_txt, _ = _load_or_encode(captions, "context", lambda cap: cap, encode_captions, batch_size)
+    return EncodedData(moments, context, n_img + n_txt, time.perf_counter() - t0, skipped + bad)

@@ -14,7 +14,11 @@ a copy cut short) is skipped with a warning and the one before it is used.
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -129,3 +133,30 @@ def clean_stale(root: Path) -> None:
     """Temp folders left by a run killed while saving: never checkpoints."""
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def uninterrupted(deliver: bool = True):
+    """Hold Ctrl-C (SIGINT) and SIGTERM off for the block (a checkpoint save): one that comes meanwhile is
+    noted, said, and raised as KeyboardInterrupt when the block ends (`deliver`), or only said (the
+    block is already the interrupt's own save). Main thread only (signals go there); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(signum, frame):
+        if not came:
+            log.warning("warning: interrupt received while a checkpoint is being written: finishing it first")
+        came.append(signum)
+
+    for sig in before:
+        signal.signal(sig, note)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if came and deliver:  # through the process's own handler, as if it came now
+        os.kill(os.getpid(), came[0])

@@ -75,6 +75,8 @@ class TrainConfig:
     # losses stay on the device in between: no host sync every step
     log_every: int = option(10, "Steps between log lines.", min=1)
     strict: bool = option(False, "Fail on unreadable or caption-less images.")
+    # a new run in an --out that holds one: its checkpoints, model and log are replaced (only ldm's files)
+    overwrite: bool = option(False, "Start over in an --out that already holds a run (replaces its outputs).")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.")
 
 
@@ -87,6 +89,14 @@ def validate_config(cfg: TrainConfig) -> None:
           f"--resolution must be a multiple of 8, got {cfg.resolution}")
     check(not (cfg.lora_rank and cfg.from_scratch), "--lora-rank adapts an existing U-Net: drop --from-scratch")
     check(cfg.data_dir != "", "no data folder given")
+
+
+def validate_for_model(cfg: TrainConfig, num_train_timesteps: int) -> None:
+    """What can only be checked once the model is known, still before the first step."""
+    check(cfg.validation_steps <= num_train_timesteps, f"--validation-steps must be between 1 and "
+          f"{num_train_timesteps} (the model's training steps), got {cfg.validation_steps}")
+    check(all(p.strip() and "\x00" not in p for p in cfg.validation_prompts),
+          "--validation-prompt: empty, or contains a NUL byte")
 
 
 def steps_for(cfg: TrainConfig, examples: int, world: int) -> int:
@@ -104,7 +114,7 @@ MUST_MATCH = ("model", "from_scratch", "unet_config", "lora_rank", "lora_alpha",
 SCHEDULE = ("lr", "lr_scheduler", "warmup_steps", "max_steps")
 # Where the run is written, how often it logs, what it keeps: changes nothing in the numbers.
 FREE = ("data_dir", "out_dir", "epochs", "device", "cache", "cache_dir", "checkpoint_every", "keep_checkpoints",
-        "validate_every", "validation_prompts", "validation_steps", "log_every", "strict", "compile",
+        "validate_every", "validation_prompts", "validation_steps", "log_every", "strict", "overwrite", "compile",
         "gradient_checkpointing")
 
 

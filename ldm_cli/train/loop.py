@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from ldm_cli.errors import LdmError
+from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.models.load import default_model, load_components
 from ldm_cli.train import cache, checkpoints, data
 from ldm_cli.train.batches import Batches, Encoders
-from ldm_cli.train.config import TrainConfig, steps_for, validate_config
+from ldm_cli.train.config import TrainConfig, steps_for, validate_config, validate_for_model
 from ldm_cli.train.log import LossLog
 from ldm_cli.train.loss import diffusion_loss, ema_decay_at, ema_update
 from ldm_cli.train.optim import build_optimizer, build_schedule, check_resume, restore, trainable_unet
-from ldm_cli.train.outputs import validation_grid, write_models
+from ldm_cli.train.outputs import prepare_out_folder, validation_grid, write_models
 
 log = logging.getLogger("ldm")
 
@@ -42,9 +42,11 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
                               dynamo_backend="inductor" if cfg.compile else "no")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    prepare_out_folder(cfg, resuming=resume_from is not None, clear=main)
     c = load_components(cfg.model or default_model(), device=str(accelerator.device), dtype="fp32")
     cfg = replace(cfg, model=cfg.model or default_model(),  # as saved in checkpoints: nothing left implicit
                   resolution=cfg.resolution or c.unet.config.sample_size * c.vae_scale)
+    validate_for_model(cfg, c.schedule.num_train_timesteps)
     max_steps = steps_for(cfg, len(examples), world)
     cfg = replace(cfg, max_steps=max_steps)
     schedule_changed = check_resume(resume_from, cfg, say) if resume_from else False
@@ -64,10 +66,12 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     unet, optimizer = accelerator.prepare(unet, optimizer)  # the lr scheduler steps once per step, by us
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
+    if start >= max_steps:  # a finished run: nothing to train, nothing rewritten
+        return finished(resume_from, start, cfg, say)
 
     encoders = Encoders(c, accelerator)
-    batches = Batches(cfg, examples, encoders, cached_encodings(cfg, examples, c, encoders, accelerator, say),
-                      world, rank)
+    cached, examples = cached_encodings(cfg, examples, skipped, c, encoders, accelerator, say)
+    batches = Batches(cfg, examples, encoders, cached, world, rank)
 
     def save(step: int) -> Path:
         model = accelerator.unwrap_model(unet)
@@ -75,49 +79,88 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
         ema_named = dict(zip(named, ema)) if ema is not None else None
-        return checkpoints.save_checkpoint(out / "checkpoints", step, named, ema_named, state,
-                                           {"train": asdict(cfg), "unet": dict(model.config)}, cfg.keep_checkpoints)
+        with checkpoints.uninterrupted():  # a Ctrl-C during a save is delivered after it
+            return checkpoints.save_checkpoint(out / "checkpoints", step, named, ema_named, state,
+                                               {"train": asdict(cfg), "unet": dict(model.config)},
+                                               cfg.keep_checkpoints)
 
     losses = LossLog(out / "log.jsonl", main, max_steps, on_log)
-    step = start
+    done = start  # steps finished: what a checkpoint written now holds
     try:
         for step in range(start, max_steps):
             loss = train_step(cfg, unet, c.schedule, batches, optimizer, lr_sched, accelerator, step, rank)
             if ema is not None:
                 ema_update(ema, params, ema_decay_at(step, cfg.ema_decay))
-            losses.add(step + 1, loss, lr_sched.get_last_lr()[0], cfg.batch_size * world * cfg.gradient_accumulation)
-            if (step + 1) % cfg.log_every == 0:
+            done = step + 1
+            losses.add(done, loss, lr_sched.get_last_lr()[0], cfg.batch_size * world * cfg.gradient_accumulation)
+            if done % cfg.log_every == 0:
                 losses.flush()
-            if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and cfg.validation_prompts:
+            if cfg.validate_every and done % cfg.validate_every == 0 and cfg.validation_prompts:
                 losses.flush()
-                validation_grid(accelerator, unet, ema, params, c, cfg, step + 1)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < max_steps:
+                validation_grid(accelerator, unet, ema, params, c, cfg, done)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < max_steps:
                 losses.flush()
                 accelerator.wait_for_everyone()
                 if main:
-                    save(step + 1)
-    except KeyboardInterrupt:
-        losses.flush()
-        done = step  # the step in flight did not finish; everything before it did
-        where = save(done) if main and done > start else None
-        raise LdmError(f"interrupted at step {done}" + (f"; checkpoint {where}; continue with --resume latest"
-                                                         if where else "; nothing new to save"), 130) from None
+                    save(done)
+    except BaseException as e:  # save what was done first, whatever stopped the loop
+        raise stopped(e, done, rescue(save, losses, main and done > start, done)) from None
     losses.close()
     accelerator.wait_for_everyone()
     if not main:
         return out
     save(max_steps)
-    if skipped:
-        (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
-    return write_models(accelerator.unwrap_model(unet), params, ema, c, cfg, out)
+    if skipped or batches.skipped:
+        (out / "skipped.txt").write_text("\n".join(skipped + batches.skipped) + "\n")
+    with checkpoints.uninterrupted():
+        return write_models(accelerator.unwrap_model(unet), params, ema, c, cfg, out)
 
 
-def cached_encodings(cfg: TrainConfig, examples, c, encoders: Encoders, accelerator, say):
-    """The latent cache's contents for these examples (encoding what it lacks), or None when every
-    epoch sees new pixels (random crop/flip) or the cache is off. The encoders are frozen: their
-    outputs never change."""
+def finished(ckpt: Path, step: int, cfg: TrainConfig, say) -> Path:
+    say(f"{ckpt} is at step {step} of {cfg.max_steps}: nothing to train (raise --max-steps to go on)")
+    return Path(cfg.out_dir) / ("lora" if cfg.lora_rank else "model")
+
+
+def rescue(save, losses, worth_it: bool, done: int) -> Path | None:
+    """Write a checkpoint of the `done` steps after a failure, if there is new work and it can be written;
+    SIGINT/SIGTERM are held off meanwhile, so a second Ctrl-C cannot cut the save short."""
+    with checkpoints.uninterrupted(deliver=False):
+        try:
+            losses.flush()
+        except Exception:  # noqa: BLE001 (the log is secondary: the checkpoint is what counts)
+            pass
+        if not worth_it:
+            return None
+        try:
+            return save(done)
+        except Exception as e:  # noqa: BLE001 (e.g. the disk that failed the step is still full)
+            log.warning(f"warning: could not save a checkpoint at step {done} ({e}); the previous one is intact")
+            return None
+
+
+def stopped(e: BaseException, done: int, where: Path | None) -> BaseException:
+    """The error to show for a loop stopped by `e` after `done` steps, `where` the checkpoint saved."""
+    tail = f"checkpoint {where}; continue with --resume latest" if where else "nothing new to save"
+    if isinstance(e, KeyboardInterrupt):
+        return LdmError(f"interrupted at step {done}; {tail}", 130)
+    if isinstance(e, LdmError):
+        return LdmError(f"{e} (stopped at step {done}; {tail})", e.exit_code)
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return LdmError(f"out of memory at step {done}: try a smaller --batch-size (with --gradient-accumulation) "
+                        f"or --gradient-checkpointing; {tail}", RUNTIME)
+    if isinstance(e, OSError):
+        return LdmError(f"stopped at step {done}: {e.strerror or e}; {tail}", RUNTIME)
+    log.error(f"error: a bug stopped training at step {done}; {tail}")
+    return e  # a bug: its traceback is shown
+
+
+def cached_encodings(cfg: TrainConfig, examples, skipped: list, c, encoders: Encoders, accelerator, say):
+    """(the latent cache's contents for these examples, encoding what it lacks, or None when every
+    epoch sees new pixels (random crop/flip) or the cache is off; the examples it could read). The
+    encoders are frozen: their outputs never change. Unreadable images are left out and added to
+    `skipped` (--strict: the run stops)."""
     if not cfg.cache or cfg.random_crop or cfg.random_flip:
-        return None
+        return None, examples
     folder = cache.cache_folder(cfg.cache_dir, cfg.resolution, c)
     with accelerator.main_process_first():  # the first process encodes, the others then find it all
         cached = cache.encode_dataset(examples, folder, cfg.resolution, encoders.pixels, encoders.captions,
@@ -125,7 +168,12 @@ def cached_encodings(cfg: TrainConfig, examples, c, encoders: Encoders, accelera
     if accelerator.is_main_process:
         say(f"latent cache {folder}: {cached.encoded} entries encoded, "
             f"{len(cached.moments) + len(cached.context) - cached.encoded} reused, {cached.seconds:.2f} s")
-    return cached
+    if cached.skipped:
+        check(not cfg.strict, f"{cached.skipped[0]}; fix it or drop --strict")
+        skipped += cached.skipped
+        examples = [e for e in examples if e.path in cached.moments]
+        check(examples != [], f"{cfg.data_dir}: no readable images")
+    return cached, examples
 
 
 def train_step(cfg: TrainConfig, unet, schedule, batches: Batches, optimizer, lr_sched, accelerator, step: int,

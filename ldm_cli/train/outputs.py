@@ -6,14 +6,46 @@ from pathlib import Path
 
 import torch
 
+from ldm_cli.errors import check
 from ldm_cli.io import images
-from ldm_cli.io.files import atomic_folder, ensure_dir
+from ldm_cli.io.files import atomic_folder, ensure_dir, remove_folder
 from ldm_cli.jobs import Settings
 from ldm_cli.models.components import Components
 from ldm_cli.models.load import save_components
+from ldm_cli.train import checkpoints
 from ldm_cli.train.checkpoints import WRITE_ERRORS, write_failed
 from ldm_cli.train.config import TrainConfig
 from ldm_cli.train.loss import swap_in
+
+OUTPUTS = ("model", "model-ema", "lora", "lora-ema", "checkpoints", "validation", "log.jsonl", "skipped.txt")
+
+
+def prepare_out_folder(cfg: TrainConfig, resuming: bool, clear: bool = True) -> None:
+    """Training output never replaces or deletes what it did not create: --out may not be (or be inside)
+    the data folder, nor hold the data; a fresh run into an --out holding a run is refused unless
+    --resume or --overwrite (which removes that run's own outputs, nothing else)."""
+    out, data = Path(cfg.out_dir).resolve(), Path(cfg.data_dir).resolve()
+    check(out != data and data not in out.parents, f"--out {cfg.out_dir} is inside the data folder {cfg.data_dir}: "
+          "the run would write among your images; choose an --out outside it")
+    for name in OUTPUTS:
+        check(data != out / name and out / name not in data.parents,
+              f"the data folder {cfg.data_dir} is inside --out's {name}, which training writes; move it or "
+              "choose another --out")
+    check(not out.exists() or out.is_dir(), f"--out {cfg.out_dir}: exists and is not a folder; choose another --out")
+    held = [name for name in OUTPUTS[:4] if (out / name).exists()]
+    held += [f"checkpoints up to {c.name}" for c in checkpoints.checkpoints(out / "checkpoints")[-1:]]
+    if resuming or not held or not clear:  # clear: the main process only (the others just check)
+        check(resuming or not held or cfg.overwrite, f"--out {cfg.out_dir} already holds a run ({', '.join(held)})")
+        return
+    check(cfg.overwrite, f"--out {cfg.out_dir} already holds a run ({', '.join(held)}): continue it with "
+          "--resume latest, start over with --overwrite, or choose another --out")
+    for c in checkpoints.checkpoints(out / "checkpoints"):
+        remove_folder(c)
+    for name in OUTPUTS[:4] + ("validation",):
+        if (out / name).is_dir():
+            remove_folder(out / name)
+    for name in ("log.jsonl", "skipped.txt"):
+        (out / name).unlink(missing_ok=True)
 
 
 def write_model(unet, c: Components, cfg: TrainConfig, out: Path, name: str) -> Path:
