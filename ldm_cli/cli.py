@@ -103,13 +103,16 @@ COMMON = [inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=Fal
 
 def command(*params):
     """Register a typer command whose parameters are `params` (inspect.Parameter) plus --debug; the
-    function gets them all as keywords."""
+    function gets them all as keywords, and `given` (the names set on the command line) if it takes it."""
     def register(fn):
-        def wrapper(**kw):
+        def wrapper(ctx: typer.Context, **kw):
             kw.pop("debug", None)
+            if "given" in inspect.signature(fn).parameters:
+                kw["given"] = {k for k in kw if ctx.get_parameter_source(k).name == "COMMANDLINE"}
             return fn(**kw)
 
-        wrapper.__signature__ = inspect.Signature([*params, *COMMON])
+        ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        wrapper.__signature__ = inspect.Signature([ctx_param, *params, *COMMON])
         wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
         app.command(fn.__name__)(wrapper)
         return fn
@@ -128,9 +131,9 @@ MAKE = [*_params(Request), *_params(LoadOptions), *_params(OutputOptions)]
 
 
 @command(PROMPTS, FROM_PNG, *_params(Settings, skip=("strength",)), *MAKE)
-def sample(prompt=None, from_png=None, **kw):
+def sample(prompt=None, from_png=None, given=frozenset(), **kw):
     """Generate images from text."""
-    _make(prompt, from_png, kw)
+    _make(prompt, from_png, kw, given=given)
 
 
 @command(_arg("image", Path, "Starting image, or a folder of them."), _arg("prompt", Optional[list[str]], "Prompt(s).",
@@ -142,30 +145,45 @@ def img2img(image, prompt=None, **kw):
     _make(prompt, None, kw, list_images(image))
 
 
-def _make(prompt, from_png, kw, init_images=(None,)):
+def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
     settings, request = _take(Settings, kw), _take(Request, kw)
     load, out = _take(LoadOptions, kw), _take(OutputOptions, kw)
-    jobs, model = _jobs_and_model(prompt, from_png, settings, request, load.model, init_images)
-    _run(jobs, replace(load, model=model), out)
-
-
-def _jobs_and_model(prompt, from_png, settings, request, model, init_images):
-    from ldm_cli.io.metadata import read_png_job
-    from ldm_cli.io.prompts import read_prompt_file
-    from ldm_cli.jobs import build_jobs
-
     if from_png is not None:
         if prompt or request.prompt_file:
             raise LdmError("--from-png redoes one image: give no PROMPT or --prompt-file with it")
-        job, png_model = read_png_job(from_png)
-        return [job], model or png_model
+        jobs, load = _redo(from_png, settings, request, load, given)
+    else:
+        jobs = _jobs(prompt, settings, request, init_images)
+    _run(jobs, load, out)
+
+
+def _redo(from_png, settings, request, load, given):
+    """The job a PNG records, with the options given on the command line applied over it (and so
+    recorded in the new PNG); its model unless --model is given. A LoRA it names must be given again."""
+    from ldm_cli.io.metadata import read_png_job
+    from ldm_cli.jobs import build_jobs
+
+    job, png_model, png_lora = read_png_job(from_png)
+    if png_lora and not load.lora:
+        raise LdmError(f"{from_png}: made with the LoRA {png_lora}; paths in a PNG are not followed: pass "
+                       f"--lora FILE --lora-scale SCALE to redo it")
+    over = {f: getattr(settings, f) for f in settings.__dataclass_fields__ if f in given}
+    seed = request.seed if "seed" in given else job.seed
+    jobs = build_jobs([(job.prompt, over, "")], job.settings, seed, request.num_images)
+    return jobs, load if "model" in given else replace(load, model=png_model)
+
+
+def _jobs(prompt, settings, request, init_images):
+    from ldm_cli.io.prompts import read_prompt_file
+    from ldm_cli.jobs import build_jobs
+
     lines = [(p, {}, "") for p in prompt or []]
     if request.prompt_file is not None:
         lines += read_prompt_file(request.prompt_file)
     if not lines:
         raise LdmError("no prompt: give PROMPT arguments or --prompt-file FILE")
     seed = secrets.randbelow(2**32) if request.seed is None else request.seed
-    return build_jobs(lines, settings, seed, request.num_images, init_images), model
+    return build_jobs(lines, settings, seed, request.num_images, init_images)
 
 
 def _run(jobs, load: LoadOptions, out: OutputOptions):
@@ -243,8 +261,14 @@ def train(data_dir, resume=None, gpus=1, quiet=False, **kw):
     cfg = _take(TrainConfig, kw, data_dir=str(data_dir))
     validate_config(cfg)
     if gpus > 1:
+        import torch
+
         from ldm_cli.train.launch import launch
 
+        found = torch.cuda.device_count()
+        if found < gpus:
+            raise LdmError(f"--gpus {gpus}: this machine has {found} CUDA GPU(s); use --gpus {max(found, 1)}"
+                           + (" (or none, to train on the CPU)" if not found else ""))
         raise typer.Exit(launch(gpus, cfg.mixed_precision, _ARGV))
     _train(cfg, resume, quiet)
 
@@ -264,8 +288,8 @@ def _train(cfg, resume, quiet):
 
         def report(r, total):
             stats = f"loss {r['loss']:.4f} lr {r['lr']:.2e} {r['images_per_s'] or 0:.1f} img/s"
-            if progress.disable:
-                if not quiet:
+            if progress.disable:  # a log file: one line per --log-every steps, and the last
+                if not quiet and (r["step"] % cfg.log_every == 0 or r["step"] == total):
                     print(f"step {r['step']}/{total} {stats}", file=sys.stderr)
             else:
                 progress.update(task, completed=r["step"], total=total, stats=stats)
@@ -297,6 +321,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"ldm: error: {e.format_message()} (see 'ldm --help')", file=sys.stderr)
         sys.exit(e.exit_code if e.exit_code else USAGE)
+    except MemoryError:
+        if debug:
+            raise
+        print("ldm: error: out of memory (CPU RAM): try a smaller --batch-size, --width/--height or data",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("ldm: interrupted", file=sys.stderr)
         runtime.exiting()

@@ -14,6 +14,7 @@ from ldm_cli.options import check_ranges, option
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 MAX_IMAGES = 10000  # per prompt: a typo like -n 1000000 is refused before any work
 MAX_SIDE = 8192
+MAX_JOBS = 1_000_000  # images one command may ask for: beyond it, split the prompt file
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Settings:
     """What one image is made with (besides prompt and seed); recorded in every PNG."""
     steps: int = option(50, "DDIM steps.", min=1)
     # classifier-free guidance scale; <= 1 turns guidance off (as in diffusers)
-    cfg: float = option(7.5, "Classifier-free guidance scale (<= 1: off).", min=0.0, finite=True)
+    cfg: float = option(7.5, "Classifier-free guidance scale (<= 1: off).", min=0.0, max=100.0, finite=True)
     # DDIM eq. 16: 0 is deterministic DDIM, 1 is DDPM-like noise; above 1 the direction term's root goes negative
     eta: float = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like.", min=0.0, max=1.0, finite=True)
     # pixels; None: the model's native size (or the init image's)
@@ -59,6 +60,8 @@ class Job:
             if k in known and not (v is None and k in ("width", "height", "strength")):
                 if isinstance(v, (bool, dict, list)):
                     raise ValueError(f"{k} has the wrong type")
+                if OVERRIDE_TYPES[k] is int and not isinstance(v, int):  # steps 2.9 must not become 2
+                    raise ValueError(f"{k} must be an integer, got {v!r}")
                 kw[k] = OVERRIDE_TYPES[k](v)
         settings = Settings(**kw)
         return cls(prompt=str(d["prompt"]), seed=int(d["seed"]), settings=settings, init_image=d.get("init_image"))
@@ -76,7 +79,17 @@ def validate(s: Settings, where: str = "") -> None:
         v = getattr(s, name)
         check(v is None or (v >= 8 and v % 8 == 0 and v <= MAX_SIDE),
               f"{where or '--'}{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {v}")
-    check("\x00" not in s.negative, f"{where}negative prompt contains a NUL byte")
+    if s.negative:
+        check_text(s.negative, f"{where}negative prompt")
+
+
+def check_text(text: str, what: str) -> None:
+    """Prompts go into PNG metadata as A1111's `parameters` lines: a newline would forge a line of it
+    (a fake `Negative prompt:` or `Steps:`), and control characters break it."""
+    check(text.strip() != "", f"{what} is empty")
+    bad = next((ch for ch in text if ord(ch) < 32 and ch != "\t" or ch in "\x7f\x85\u2028\u2029"), None)
+    check(bad is None, f"{what} contains a line break or control character ({bad!r}); put it on one line"
+          if bad != "\x00" else f"{what} contains a NUL byte")
 
 
 def build_jobs(prompts: list[tuple[str, dict, str]], base: Settings, seed: int, num_images: int,
@@ -85,9 +98,10 @@ def build_jobs(prompts: list[tuple[str, dict, str]], base: Settings, seed: int, 
     check(isinstance(seed, int) and 0 <= seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {seed}")
     jobs = []
     for prompt, overrides, where in prompts:
-        check(prompt.strip() != "", f"{where}empty prompt")
-        check("\x00" not in prompt, f"{where}prompt contains a NUL byte")
+        check_text(prompt, f"{where}prompt")
         over = dict(overrides)
+        check(over.get("strength") is None or init_images != (None,),
+              f"{where}strength applies to img2img only; drop it from this text-to-image line")
         line_seed = over.pop("seed", seed)
         n = over.pop("num_images", num_images)
         check(1 <= n <= MAX_IMAGES, f"{where or '--'}num-images must be between 1 and {MAX_IMAGES}, got {n}")
@@ -95,6 +109,8 @@ def build_jobs(prompts: list[tuple[str, dict, str]], base: Settings, seed: int, 
               f"for {n} image(s) (image k uses seed + k), got {line_seed}")
         settings = replace(base, **over)
         validate(settings, where)
+        check(len(jobs) + n * len(init_images) <= MAX_JOBS, f"{where or ''}more than {MAX_JOBS} images asked for; "
+              "split the prompt file or lower --num-images")
         for image in init_images:
             jobs += [Job(prompt, line_seed + k, settings, image) for k in range(n)]
     return jobs

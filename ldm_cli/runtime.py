@@ -37,7 +37,7 @@ def report_warnings(quiet: bool = False) -> None:
         handler.setFormatter(logging.Formatter("ldm: %(message)s"))
         handler.ldm_cli = True
         log.addHandler(handler)
-    log.setLevel(logging.ERROR if quiet else logging.INFO)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)  # -q: no notes, warnings still
     log.propagate = False
 
 

@@ -76,6 +76,42 @@ def build_inputs(tmp, tiny_model):
     (d / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
     Image.new("RGB", (64, 64)).save(d / "b.png")
     (d / "b.txt").write_text("a black square")
+    # ---- reliability round two: crafted files and hostile values
+    (p / "dup.txt").write_text("a cat | steps=2 steps=3\n")
+    (p / "dup.jsonl").write_text('{"prompt": "a cat", "seed": 1, "seed": 2}\n')
+    (p / "strength.txt").write_text("a cat | strength=0.5\n")
+    (p / "ff.txt").write_text("a cat\x0cin a hat\nanother | steps=0\n")
+    (p / "newline.jsonl").write_text('{"prompt": "a cat\\nSteps: 99, Sampler: Evil"}\n')
+    os.mkfifo(img / "fifo.png")
+    Image.new("1", (8192 + 8, 16)).save(img / "wide.png")
+    (m / "empty.safetensors").write_bytes(b"")
+    (m / "huge-unet.json").write_text(json.dumps({"block_out_channels": [100000, 100000]}))
+    for name, sub, file, change in (("huge-sample", "unet", "config.json", {"sample_size": 100000}),
+                                    ("huge-tokens", "tokenizer", "tokenizer_config.json", {"model_max_length": 10**9}),
+                                    ("bad-scheduler", "scheduler", "scheduler_config.json",
+                                     {"num_train_timesteps": -5})):
+        shutil.copytree(tiny_model, m / name)
+        cfg_path = m / name / sub / file
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
+    shutil.copytree(tiny_model, m / "list-vocab")
+    for f in ("vocab.json", "tokenizer.json"):
+        (m / "list-vocab" / "tokenizer" / f).write_text("[1, 2, 3]")
+    from ldm_cli.io.metadata import png_info
+    from ldm_cli.jobs import Job, Settings
+
+    made = Job("a cat", 1, Settings(steps=2, strength=0.5), "/etc/hostname")
+    Image.new("RGB", (64, 64)).save(x / "i2i.png", pnginfo=png_info(made, str(tiny_model), 64, 64))
+    Image.new("RGB", (64, 64)).save(x / "lora.png", pnginfo=png_info(Job("a cat", 1, Settings(steps=2)),
+                                                                       str(tiny_model), 64, 64, lora="x.safetensors@1"))
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("ldm", json.dumps({"prompt": "a", "seed": 1, "steps": 2.9, "model": str(tiny_model)}))
+    Image.new("RGB", (64, 64)).save(x / "steps-float.png", pnginfo=info)
+    meta = tmp / "meta"
+    meta.mkdir()
+    Image.new("RGB", (64, 64)).save(meta / "a.png")
+    (meta / "metadata.jsonl").write_text('{"file_name": 5, "text": "x"}\n' + "[" * 100_000 + "\n")
     return x, img, p, m, d
 
 
@@ -87,7 +123,7 @@ def cases(tmp, tiny_model, shapes):
     tr = ("train", str(shapes), *tm, "--resolution", "64", "--max-steps", "1", "--device", "cpu", "-q")
     return [
         # (name, args, exit code, text in the message, or None when it must succeed)
-        ("missing model", ("sample", "x", "--model", x / "nope"), 2, "not found"),
+        ("missing model", ("sample", "x", "--model", x / "nope"), 2, "no such folder or file"),
         ("corrupt model folder", ("sample", "x", "--model", x / "broken-model"), 2, "could not load the model"),
         ("corrupt single file", ("sample", "x", "--model", x / "corrupt.safetensors"), 2, "not a valid .safetensors"),
         ("pickle refused", ("sample", "x", "--model", x / "model.ckpt"), 2, "--allow-unsafe-pickle"),
@@ -97,8 +133,8 @@ def cases(tmp, tiny_model, shapes):
         ("steps not a number", ("sample", "x", *tm, "--steps", "many"), 2, "--steps"),
         ("strength 0", ("img2img", x / "notimage.png", "x", *tm, "--strength", 0), 2, "strength must be in (0, 1]"),
         ("strength > 1", ("img2img", x / "notimage.png", "x", *tm, "--strength", 1.5), 2, "strength must be in (0, 1]"),
-        ("cfg nan", ("sample", "x", *tm, "--cfg", "nan"), 2, "cfg must be a finite number"),
-        ("cfg inf", ("sample", "x", *tm, "--cfg", "inf"), 2, "cfg must be a finite number"),
+        ("cfg nan", ("sample", "x", *tm, "--cfg", "nan"), 2, "--cfg must be in [0, 100], got nan"),
+        ("cfg inf", ("sample", "x", *tm, "--cfg", "inf"), 2, "--cfg must be in [0, 100], got inf"),
         ("unreadable image", ("img2img", x / "notimage.png", "x", *tm, "--steps", 2), 2, "cannot read image"),
         ("missing image", ("img2img", x / "nope.png", "x", *tm), 2, "no such image"),
         ("empty prompt file", ("sample", "--prompt-file", x / "empty.txt", *tm), 2, "no prompts"),
@@ -165,6 +201,42 @@ def cases(tmp, tiny_model, shapes):
          2, "a.txt: caption is not UTF-8"),
         ("train data symlink loop + latin-1 caption", ("train", str(d), *tm, "--resolution", "64", "--max-steps", "1",
                                                        "--device", "cpu", "-q"), 0, None),
+        # reliability round two
+        ("prompt file duplicate key", ("sample", "--prompt-file", str(p / "dup.txt"), *tm), 2,
+         "dup.txt:1: steps is given twice"),
+        ("prompt jsonl duplicate key", ("sample", "--prompt-file", str(p / "dup.jsonl"), *tm), 2,
+         "dup.jsonl:1: seed is given twice"),
+        ("prompt file strength in txt2img", ("sample", "--prompt-file", str(p / "strength.txt"), *tm), 2,
+         "strength.txt:1: strength applies to img2img only"),
+        ("prompt file form feed in a line", ("sample", "--prompt-file", str(p / "ff.txt"), *tm), 2,
+         "ff.txt:1: prompt contains a line break"),
+        ("prompt with a newline forging metadata", ("sample", "--prompt-file", str(p / "newline.jsonl"), *tm), 2,
+         "newline.jsonl:1: prompt contains a line break"),
+        ("prompt file /dev/zero", ("sample", "--prompt-file", "/dev/zero", *tm), 2, "/dev/zero"),
+        ("sample --cfg 1e38", (*s, "--cfg", "1e38"), 2, "--cfg must be"),
+        ("sample --lora-scale 1e30", (*s, "--lora-scale", "1e30"), 2, "--lora-scale must be in [-10, 10]"),
+        ("sample -n huge names -n", (*s, "-n", "100000"), 2, "--num-images must be between 1 and 10000"),
+        ("sample --seed largest allowed", (*s, "--seed", str(2**63 - 1)), 0, None),
+        ("sample --lora empty file", (*s, "--lora", str(m / "empty.safetensors")), 2, "the file is empty"),
+        ("model mistyped local folder", ("sample", "x", "--model", "./no-such-dir/model"), 2, "no such folder"),
+        ("model hub miss offline", ("sample", "x", "--model", "no-org/no-model"), 2, "not in the local Hugging Face cache"),
+        ("model huge sample_size", ("sample", "x", "--model", str(m / "huge-sample")), 2, "sample_size"),
+        ("model huge tokenizer length", ("sample", "x", "--model", str(m / "huge-tokens")), 2, "model_max_length"),
+        ("model bad scheduler values", ("sample", "x", "--model", str(m / "bad-scheduler")), 2, "num_train_timesteps"),
+        ("model tokenizer vocab a JSON list", ("sample", "x", "--model", str(m / "list-vocab")), 2, "list-vocab"),
+        ("image FIFO", (*i2i, str(img / "fifo.png"), "x", *tm), 2, "not a regular file"),
+        ("image too wide", (*i2i, str(img / "wide.png"), "x", *tm), 2, "sides up to 8192"),
+        ("from-png img2img path", ("sample", "--from-png", str(x / "i2i.png")), 2, "paths in a PNG are not followed"),
+        ("from-png LoRA not given", ("sample", "--from-png", str(x / "lora.png")), 2, "pass --lora"),
+        ("from-png steps 2.9", ("sample", "--from-png", str(x / "steps-float.png")), 2, "steps must be an integer"),
+        ("train metadata.jsonl number name, deep nesting", ("train", str(tmp / "meta"), *tm), 2, "nested too deeply"),
+        ("train --out is a file", (*tr, "--out", str(x / "blocker")), 2, "exists and is not a folder"),
+        ("train --out inside the data", ("train", str(d), *tm, "--out", str(d / "run")), 2, "inside the data folder"),
+        ("train --cache-dir is a file", (*tr, "--cache-dir", str(x / "blocker")), 2, "--cache-dir"),
+        ("train absurd --unet-config", (*tr, "--from-scratch", "--unet-config", str(m / "huge-unet.json")), 2,
+         "far beyond"),
+        ("train --gpus 2 without GPUs", (*tr, "--gpus", "2"), 2, "--gpus 2: this machine has 0 CUDA GPU"),
+        ("train --validation-steps past the schedule", (*tr, "--validation-steps", "5000"), 2, "--validation-steps"),
     ]
 
 

@@ -1,6 +1,8 @@
 """The real console script, end to end, on the tiny model."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -67,9 +69,11 @@ def test_prompt_file_overrides_and_grid(ldm, tiny_model, tmp_path):
             "--grid", "--json")
     assert r.returncode == 0, r.stderr
     written = json.loads(r.stdout)
-    assert [(w["prompt"], w["seed"], w["cfg"], w["negative"]) for w in written] == [
+    assert [(w["prompt"], w["seed"], w["cfg"], w["negative"]) for w in written[:2]] == [
         ("a red apple", 7, 4.0, "blurry, dark"), ("a cat face", 100, 7.5, "")]
-    assert (out / "00002-grid-a-red-apple.png").exists()
+    grid = out / "00002-grid-a-red-apple.png"  # listed, with metadata, like the images
+    assert written[2]["path"] == str(grid) and written[2]["grid"] and Image.open(grid).size == (128, 64)
+    assert "ldm" in Image.open(grid).text
 
 
 def test_img2img_folder(ldm, tiny_model, tmp_path):
@@ -83,6 +87,7 @@ def test_img2img_folder(ldm, tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr
     written = json.loads(r.stdout)
     assert [w["init_image"] for w in written] == [str(src / "0.png"), str(src / "1.png")]
+    assert [Path(w["path"]).name for w in written] == ["00000-3-0-a-red-cat.png", "00001-3-1-a-red-cat.png"]
     assert all(Image.open(w["path"]).size == (64, 64) for w in written)
     assert "Denoising strength: 0.5" in Image.open(written[0]["path"]).text["parameters"]
 
@@ -93,3 +98,51 @@ def test_info(ldm, tiny_model):
     facts = json.loads(r.stdout)
     assert facts["unet"].startswith("UNet2DConditionModel, 985,444 parameters")
     assert facts["prediction_type"] == "epsilon" and facts["native_size"] == "64px"
+
+
+def test_phone_photo_orientation_and_file_mode(ldm, tiny_model, tmp_path):
+    """EXIF orientation 6 (stored sideways): img2img works on the upright picture; files get the umask."""
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 48), "red").save(photo, exif=exif)
+    out = tmp_path / "out"
+    r = ldm("img2img", photo, "x", "--model", tiny_model, "--steps", 2, "--seed", 1, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    made = Path(json.loads(r.stdout)[0]["path"])
+    assert Image.open(made).size == (48, 80)
+    assert made.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_from_png_applies_given_options_and_redoes_the_embedded_model_anywhere(ldm, tmp_path):
+    out = tmp_path / "out"
+    r = ldm("sample", "cat face", "--steps", 2, "--seed", 3, "--out", out, "-q")
+    assert r.returncode == 0, r.stderr
+    first = out / "00000-3-cat-face.png"
+    assert json.loads(Image.open(first).text["ldm"])["model"] == "embedded"  # no install path in the PNG
+    r = ldm("sample", "--from-png", first, "--steps", 3, "--seed", 8, "-n", 2, "--out", out, "--json",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [(w["seed"], w["steps"], w["prompt"]) for w in json.loads(r.stdout)] == [(8, 3, "cat face"), (9, 3, "cat face")]
+    r = ldm("sample", "--from-png", out / "00001-8-cat-face.png", "--out", tmp_path / "redo", "-q")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(pixels(out / "00001-8-cat-face.png"), pixels(tmp_path / "redo" / "00000-8-cat-face.png"))
+
+
+def test_long_prompt_warns_and_stale_temp_files_go(ldm, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".00000-1-x.png.abc.tmp"
+    stale.write_bytes(b"")
+    os.utime(stale, (1, 1))  # long ago
+    r = ldm("sample", "cat " * 100, "--model", tiny_model, "--steps", 1, "--seed", 1, "--out", out, "-q")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "tokens" in line]
+    assert len(warning) == 1 and "the last" in warning[0] and "are ignored" in warning[0], r.stderr
+    assert not stale.exists()

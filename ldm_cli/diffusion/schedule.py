@@ -61,8 +61,22 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 def schedule_from_config(config: dict) -> Schedule:
     """Build a `Schedule` from a scheduler config dict (scheduler/scheduler_config.json)."""
+    try:
+        return _schedule(config)
+    except (TypeError, ValueError, OverflowError, KeyError, RuntimeError) as e:  # a damaged or hostile config
+        raise LdmError(f"scheduler config: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}; "
+                       "the model's scheduler/scheduler_config.json is damaged") from None
+
+
+def _schedule(config: dict) -> Schedule:
+    check(isinstance(config, dict), "scheduler config: not a JSON object")
     c = {**DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    n = int(c["num_train_timesteps"])
+    n = c["num_train_timesteps"]
+    check(isinstance(n, int) and 1 <= n <= 100_000, f"scheduler config: num_train_timesteps {n!r} is not an "
+          "integer in 1..100000")
+    for key in ("beta_start", "beta_end"):
+        check(isinstance(c[key], (int, float)) and 0 < c[key] < 1, f"scheduler config: {key} {c[key]!r} is not "
+              "a number in (0, 1)")
     if c["trained_betas"] is not None:
         betas = torch.tensor(c["trained_betas"], dtype=torch.float32)
     elif c["beta_schedule"] == "linear":
@@ -75,6 +89,8 @@ def schedule_from_config(config: dict) -> Schedule:
         raise LdmError(f"scheduler config: beta_schedule {c['beta_schedule']!r} is not supported")
     if c["rescale_betas_zero_snr"]:
         betas = rescale_zero_terminal_snr(betas)
+    check(len(betas) == n and bool(torch.isfinite(betas).all()) and bool(((betas > 0) & (betas <= 1)).all()),
+          "scheduler config: the betas are not numbers in (0, 1]")
     alpha_bar = torch.cumprod(1.0 - betas, dim=0)
     check(c["prediction_type"] in ("epsilon", "v_prediction", "sample"),
           f"scheduler config: prediction_type {c['prediction_type']!r} is not supported")

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.io.files import atomic_file
 
-MAX_PIXELS = 8192 * 8192  # refuse larger images instead of decompressing them (decompression bombs)
+MAX_SIDE = 8192
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # refuse larger images instead of decompressing them (decompression bombs)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # What PIL raises on damaged files besides OSError: a PNG with a cut-short header gives ValueError or
 # SyntaxError, a broken compressed stream zlib.error, a short chunk struct.error (all found by fuzzing).
@@ -22,9 +23,17 @@ UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.err
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
+def _regular_file(path: Path) -> None:
+    """Only regular files are opened: a FIFO would hang, a device never end."""
+    check(path.exists(), f"{path}: no such image file")
+    check(path.is_file(), f"{path}: not a regular file (a pipe, device or folder); give an image file")
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB, with one clear error for anything unreadable."""
+    """Open and fully decode an image as RGB, upright by its EXIF orientation, with one clear error for
+    anything unreadable."""
     path = Path(path)
+    _regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own limit, as an error
@@ -33,7 +42,7 @@ def open_image(path: str | Path) -> Image.Image:
                       f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first")
                 im.seek(0)  # first frame of an animation
                 im.load()
-                return _to_rgb(im)
+                return _to_rgb(ImageOps.exif_transpose(im))  # phone photos: stored sideways, EXIF says how
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise LdmError(f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first") from None
     except FileNotFoundError:
@@ -59,12 +68,15 @@ def first_line(e: BaseException) -> str:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the header only, with the same errors as open_image."""
+    """(width, height) from the header only, upright (EXIF orientation), with the same errors as open_image."""
+    _regular_file(Path(path))
     try:
         with warnings.catch_warnings():  # the header alone is read; the size is checked below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated a quarter turn
+                    w, h = h, w
     except Image.DecompressionBombError:  # PIL refuses past 2x its own limit before we see the size
         raise LdmError(f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first") from None
     except FileNotFoundError:
@@ -73,6 +85,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise LdmError(f"{path}: cannot read image ({first_line(e)})") from None
     check(w * h <= MAX_PIXELS, f"{path}: image is larger than {MAX_PIXELS} pixels; resize it first")
     check(w >= 8 and h >= 8, f"{path}: image is {w}x{h}; img2img needs at least 8x8 pixels")
+    check(w <= MAX_SIDE and h <= MAX_SIDE, f"{path}: image is {w}x{h}; sides up to {MAX_SIDE} pixels are "
+          "supported: resize it first")
     return w, h
 
 
@@ -84,6 +98,7 @@ def list_images(path: str | Path) -> list[str]:
         check(found != [], f"{p}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
         return found
     check(p.exists(), f"{p}: no such image file or folder")
+    _regular_file(p)
     return [str(p)]
 
 
@@ -101,11 +116,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
 
 
-def grid(images: list[Image.Image]) -> Image.Image:
+def grid_size(images: list[Image.Image]) -> tuple[int, int]:
     cols = int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / cols))
+    return cols * images[0].size[0], rows * images[0].size[1]
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    cols = int(np.ceil(np.sqrt(len(images))))
     w, h = images[0].size
-    out = Image.new("RGB", (cols * w, rows * h), "white")
+    out = Image.new("RGB", grid_size(images), "white")
     for i, im in enumerate(images):
         out.paste(im, ((i % cols) * w, (i // cols) * h))
     return out

@@ -38,8 +38,13 @@ def png_info(job: Job, model: str, width: int, height: int, lora: str = "") -> P
     return info
 
 
-def read_png_job(path: str | Path) -> tuple[Job, str]:
-    """The (job, model) an ldm PNG was made with, from its `ldm` chunk."""
+EMBEDDED = "embedded"  # the model name PNGs record for the embedded model: the same on every machine
+
+
+def read_png_job(path: str | Path) -> tuple[Job, str | None, str]:
+    """The (job, model, lora) an ldm PNG was made with, from its `ldm` chunk; model None is the embedded
+    model. Paths in a PNG are never followed: an img2img PNG's init image is refused (redo it with
+    `ldm img2img`), a LoRA is only named (the caller asks for --lora)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -61,6 +66,11 @@ def read_png_job(path: str | Path) -> tuple[Job, str]:
         validate(job.settings)
         check(isinstance(data["prompt"], str) and isinstance(data["model"], str), "prompt and model must be text")
         check(isinstance(data["seed"], int) and 0 <= job.seed <= MAX_SEED, "seed out of range")
-        return job, data["model"]
+        lora = data.get("lora", "")
+        check(isinstance(lora, str), "lora must be text")
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError, LdmError) as e:
         raise LdmError(f"{path}: ldm metadata is damaged ({first_line(e)})") from None
+    init = data.get("init_image")
+    check(init is None, f"{path}: made by img2img from {str(init)[:200]!r}; paths in a PNG are not followed: "
+          "redo it with ldm img2img IMAGE and the settings in the PNG")
+    return job, (None if data["model"] == EMBEDDED else data["model"]), lora

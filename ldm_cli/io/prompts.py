@@ -27,9 +27,9 @@ PromptLine = tuple[str, dict, str]  # (prompt, overrides, "file:line: ")
 def read_prompt_file(path: str | Path) -> list[PromptLine]:
     path = Path(path)
     try:
-        size = path.stat().st_size
-        check(size <= MAX_FILE_BYTES, f"{path}: prompt file is {size} bytes, more than {MAX_FILE_BYTES}")
-        data = path.read_bytes()
+        with open(path, "rb") as f:  # read with a bound, not by stat: /dev/zero and pipes have no size
+            data = f.read(MAX_FILE_BYTES + 1)
+        check(len(data) <= MAX_FILE_BYTES, f"{path}: prompt file is larger than {MAX_FILE_BYTES} bytes")
     except OSError as e:
         raise LdmError(f"{path}: cannot read prompt file ({e.strerror or type(e).__name__})") from e
     lines = parse_prompts(decode_utf8(data, path), str(path), jsonl=path.suffix.lower() == ".jsonl")
@@ -47,7 +47,9 @@ def decode_utf8(data: bytes, where) -> str:
 
 def parse_prompts(text: str, name: str = "<prompts>", jsonl: bool = False) -> list[PromptLine]:
     out = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # lines end at \n only (str.splitlines also splits at U+2028, NEL, form feed...: wrong line numbers,
+    # and a prompt cut in two)
+    for number, raw in enumerate(text.split("\n"), start=1):
         where = f"{name}:{number}: "
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -68,6 +70,7 @@ def parse_text_line(line: str, where: str) -> tuple[str, dict]:
     for m in PAIR.finditer(tail):
         check(tail[pos:m.start()].strip() == "", f"{where}cannot read overrides {tail.strip()!r}: "
               "expected key=value pairs after '|' (use a .jsonl file for prompts containing '|')")
+        check(m.group(1) not in pairs, f"{where}{m.group(1)} is given twice; give each key once")
         pairs[m.group(1)] = m.group(2).strip()
         pos = m.end()
     check(tail[pos:].strip() == "" and (pairs or not tail.strip()),
@@ -76,8 +79,14 @@ def parse_text_line(line: str, where: str) -> tuple[str, dict]:
 
 
 def parse_json_line(line: str, where: str) -> tuple[str, dict]:
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        check(dup is None, f"{where}{dup} is given twice; give each key once")
+        return dict(pairs)
+
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise LdmError(f"{where}not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:  # "[[[[..." thousands deep: Python's parser gives up before the line ends

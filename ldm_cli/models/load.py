@@ -41,16 +41,34 @@ def load_components(model: str, device: str = "auto", dtype: str = "auto", allow
         parts = _load_folder(path, allow_unsafe_pickle, dt, dev)
     elif path.is_file():
         parts = _load_single_file(path, allow_unsafe_pickle, config)
-    elif _looks_like_hub_id(model):
+    elif _looks_like_hub_id(model) and not path.parent.is_dir():
         parts = _load_folder(_hub_snapshot(model), allow_unsafe_pickle, dt, dev)
     else:
-        raise LdmError(f"model {model!r} not found: give a diffusers folder, a .safetensors file or a hub id")
+        where = "no such folder or file" if path.parent.is_dir() or model.startswith((".", "/", "~")) else "not found"
+        raise LdmError(f"model {model!r}: {where}; give a diffusers folder, a .safetensors file or a hub id")
     unet, vae, text_encoder, tokenizer, scheduler_config = parts
+    _check_sane(unet, vae, text_encoder, tokenizer, model)
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval().to(dev, dt)
     return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                       scheduler_config=scheduler_config, schedule=schedule_from_config(scheduler_config),
                       name=model, device=dev, dtype=dt)
+
+
+def _check_sane(unet, vae, text_encoder, tokenizer, model: str) -> None:
+    """Configs a crafted or broken folder may carry, refused before they cost hours or all memory."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = getattr(unet.config, "sample_size", 0)
+    side = max(side) if isinstance(side, (list, tuple)) else side
+    check(isinstance(side, int) and 1 <= side * scale <= 8192,
+          f"{model}: the U-Net's sample_size {side} (x{scale} pixels) is outside 1..8192 pixels; the config is damaged")
+    limit = getattr(tokenizer, "model_max_length", 0)
+    positions = getattr(text_encoder.config, "max_position_embeddings", 77)
+    check(isinstance(limit, int) and 1 <= limit <= positions,
+          f"{model}: the tokenizer's model_max_length {limit} is outside 1..{positions} (the text encoder's "
+          "positions); the tokenizer config is damaged")
+    check(len(tokenizer) <= text_encoder.config.vocab_size, f"{model}: the tokenizer has {len(tokenizer)} tokens, "
+          f"the text encoder {text_encoder.config.vocab_size}: they do not belong together")
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -65,9 +83,10 @@ def _hub_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE))
     except Exception as e:  # offline with nothing cached, no such repo, gated repo...
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
-        raise LdmError(f"model {repo_id!r}: could not get it from the Hugging Face hub{hint}: "
-                       f"{type(e).__name__}") from e
+        why = ("no such local folder, and HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+               if offline else f"no such local folder, and the Hugging Face hub did not give it "
+               f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+        raise LdmError(f"model {repo_id!r}: {why}") from e
 
 
 def _read_json(path: Path) -> dict:
@@ -104,7 +123,7 @@ def _load_folder(path: Path, allow_unsafe_pickle: bool, dtype: torch.dtype = tor
         vae = vae_cls.from_pretrained(path, subfolder="vae", **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise LdmError(f"{path}: could not load the model: {_one_line(e)}") from e
     return unet, vae, text_encoder, tokenizer, scheduler_config
 

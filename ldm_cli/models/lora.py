@@ -44,6 +44,16 @@ def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = Fal
         check(found != [], f"--lora {path}: no {WEIGHT_NAME} in this folder")
         p = found[0]
     check(p.is_file(), f"--lora {path}: file not found")
+    check(p.stat().st_size > 0, f"--lora {path}: the file is empty")
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                count = len(list(f.keys()))
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own types for damaged files)
+            raise LdmError(f"--lora {path}: not a valid .safetensors file ({str(e).splitlines()[0][:160]})") from None
+        check(count > 0, f"--lora {path}: the file holds no tensors")
     check(p.suffix == ".safetensors" or allow_unsafe_pickle,
           f"--lora {path}: pickle weights can run code when loaded; use a .safetensors file or pass "
           "--allow-unsafe-pickle if you trust it")
@@ -55,5 +65,7 @@ def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = Fal
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise LdmError(f"--lora {path}: not a LoRA for this model ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    check(bool(getattr(c.unet, "peft_config", None) or getattr(c.text_encoder, "peft_config", None)),
+          f"--lora {path}: none of its tensors fit this model's layers")
     pipe.fuse_lora(lora_scale=scale, adapter_names=["ldm"])
     pipe.unload_lora_weights()  # drops the adapter modules; the fused weights stay

@@ -112,9 +112,20 @@ def _run_batch(c: Components, unet, batch: list[Job], on_step) -> torch.Tensor:
     seeds = [j.seed for j in batch]
     try:
         if batch[0].init_image is None:
-            return txt2img(c, prompts, negatives, seeds, s, on_step, unet)
-        pixels = [images.pil_to_pixels(images.open_image(j.init_image), s.width, s.height) for j in batch]
-        return img2img(c, pixels, prompts, negatives, seeds, s, on_step, unet)
+            out = txt2img(c, prompts, negatives, seeds, s, on_step, unet)
+        else:
+            pixels = [images.pil_to_pixels(images.open_image(j.init_image), s.width, s.height) for j in batch]
+            out = img2img(c, pixels, prompts, negatives, seeds, s, on_step, unet)
     except torch.OutOfMemoryError:
         raise LdmError(f"out of memory at batch size {len(batch)}: try --batch-size 1, a smaller --width/--height "
                        "or --dtype fp16", RUNTIME) from None
+    return finite(out, batch)
+
+
+def finite(images_: torch.Tensor, batch: list[Job]) -> torch.Tensor:
+    """A NaN or infinity in the result (an overflow: fp16 at a huge --cfg or --lora-scale) would be
+    written as a black PNG: it is an error instead."""
+    if not torch.isfinite(images_).all():
+        raise LdmError(f"the image for seed {batch[0].seed} came out as NaN/infinity (an overflow): lower --cfg or "
+                       "--lora-scale, or try --dtype fp32", RUNTIME)
+    return images_

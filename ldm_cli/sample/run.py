@@ -1,6 +1,7 @@
 """Jobs -> files: what `ldm sample` and `ldm img2img` do once their arguments are parsed: load the
 model with its runner, make every job's image, write PNGs (and the grid) with their metadata."""
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from ldm_cli.jobs import Job
 from ldm_cli.models.components import Components, LoadOptions, validate
 from ldm_cli.options import check_ranges, option
 from ldm_cli.sample import pipeline
+
+log = logging.getLogger("ldm")
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,14 @@ class OutputOptions:
 @dataclass(frozen=True)
 class Written:
     path: Path
-    job: Job
+    job: Job  # a grid's: its first image's job
     width: int
     height: int
+    grid: bool = False
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), **self.job.to_dict(), "width": self.width, "height": self.height}
+        return {"path": str(self.path), **self.job.to_dict(), "width": self.width, "height": self.height,
+                **({"grid": True} if self.grid else {})}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ def load(o: LoadOptions) -> Loaded:
     validate(o)
     c = load_components(o.model or default_model(), device=o.device, dtype=o.dtype,
                         allow_unsafe_pickle=o.allow_unsafe_pickle, config=o.config)
+    c = replace(c, name=recorded_name(o.model))
     if o.lora:
         from ldm_cli.models.lora import apply_lora
 
@@ -59,25 +65,71 @@ def load(o: LoadOptions) -> Loaded:
     return Loaded(c, build_runner(c, o.accel))
 
 
+def recorded_name(model: str | None) -> str:
+    """The model as PNGs record it, so that --from-png redoes it anywhere: `embedded` for the embedded
+    model (not its install path), an absolute path for a local file or folder, a hub id as given."""
+    from ldm_cli.io.metadata import EMBEDDED
+    from ldm_cli.models.load import EMBEDDED_MODEL
+
+    if model is None or Path(model).expanduser().resolve() == EMBEDDED_MODEL.resolve():
+        return EMBEDDED
+    local = Path(model).expanduser()
+    return str(local.resolve()) if local.exists() else model
+
+
 def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, on_step=None) -> list[Written]:
-    """Make every job's image and write it; returns the Written records (grid last, if asked)."""
+    """Make every job's image and write it; returns the Written records (the grid last, if asked)."""
     check_ranges(out)
     c = model.components
     out_dir = ensure_dir(out.out)
+    clean_stale_temp_files(out_dir)
     jobs = [pipeline.resolve_size(c, j) for j in jobs]  # reads image headers: bad images fail before any work
+    check(not out.grid or len({(j.settings.width, j.settings.height) for j in jobs}) == 1,
+          "--grid needs images of one size; drop --grid or give --width and --height")
+    warn_about(c, jobs)
     index = 0 if out.overwrite else images.next_index(out_dir)
     written, pils = [], []
     for job, image in pipeline.run_jobs(c, model.unet, jobs, out.batch_size, on_step):
         pil = images.to_pil(image[None])[0]
         info = metadata.png_info(job, c.name, *pil.size, lora=c.lora)
-        name = f"{job.seed}-{images.slug(job.prompt)}"
-        path, index = images.write_image(pil, out_dir, name, info, out.overwrite, index)
+        source = f"{images.slug(Path(job.init_image).stem, 24)}-" if job.init_image else ""
+        path, index = images.write_image(pil, out_dir, f"{job.seed}-{source}{images.slug(job.prompt)}", info,
+                                         out.overwrite, index)
         written.append(Written(path, job, *pil.size))
         pils.append(pil)
         if on_image is not None:
             on_image(written[-1])
     if out.grid and len(pils) > 1:
-        check(len({p.size for p in pils}) == 1, "--grid needs images of one size")
-        name = f"grid-{images.slug(written[0].job.prompt)}"
-        images.write_image(images.grid(pils), out_dir, name, None, out.overwrite, index)
+        first = written[0]
+        path, _ = images.write_image(images.grid(pils), out_dir, f"grid-{images.slug(first.job.prompt)}",
+                                     metadata.png_info(first.job, c.name, first.width, first.height, c.lora),
+                                     out.overwrite, index)
+        written.append(Written(path, first.job, *images.grid_size(pils), grid=True))
     return written
+
+
+def warn_about(c: Components, jobs: list[Job]) -> None:
+    """One warning line each for what would surprise: prompts past the text encoder's limit (their
+    end is cut), sizes far from the model's native one (it draws badly there)."""
+    limit = c.tokenizer.model_max_length if c.tokenizer is not None else None
+    for text in sorted({t for j in jobs for t in (j.prompt, j.settings.negative) if t}) if limit else ():
+        n = len(c.tokenizer(text, truncation=False).input_ids)
+        if n > limit:
+            log.warning(f"warning: prompt {text[:40]!r}... is {n} tokens; the text encoder takes {limit}: "
+                        f"the last {n - limit} are ignored")
+    native = c.unet.config.sample_size * c.vae_scale
+    for w, h in sorted({(j.settings.width, j.settings.height) for j in jobs}):
+        if max(w, h) > 2 * native or min(w, h) < native // 2:
+            log.warning(f"warning: {w}x{h} is far from this model's native {native}x{native}; expect poor images")
+
+
+def clean_stale_temp_files(out_dir: Path, older_than_s: float = 600) -> None:
+    """Hidden temp files of ours left by a killed process (`.NNNNN-*.png.*.tmp`), older than any write."""
+    import time
+
+    for tmp in out_dir.glob(".*.png.*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except OSError:
+            pass

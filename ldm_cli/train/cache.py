@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ldm_cli.errors import LdmError
@@ -45,9 +46,14 @@ def text_sha256(text: str) -> str:
 
 
 def _write_atomic(tensors: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, overwrite=True) as tmp:  # two processes encoding one entry write equal bytes
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, overwrite=True) as tmp:  # two processes encoding one entry write equal bytes
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or str(e)[:120]
+        raise LdmError(f"{path.parent.parent}: cannot write the latent cache ({reason}); free some space, "
+                       "choose another --cache-dir, or train with --no-cache", 1) from None
 
 
 @dataclass

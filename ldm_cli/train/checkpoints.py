@@ -105,7 +105,11 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, dict | None, dict]:
     if problem is not None:
         raise LdmError(f"{ckpt}: damaged checkpoint ({problem}); pass an older one or --resume latest")
     ema = load_file(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").is_file() else None
-    state = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and numbers only: no code runs
+    try:
+        state = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and numbers only: no code runs
+    except Exception as e:  # noqa: BLE001 (torch's message would advise weights_only=False: never that)
+        raise LdmError(f"{ckpt}: state.pt holds more than tensors and numbers, or is damaged "
+                       f"({type(e).__name__}); it is not loaded: pass an older checkpoint") from None
     return load_file(ckpt / "trainable.safetensors"), ema, state
 
 

@@ -17,6 +17,9 @@ from PIL import Image
 from ldm_cli.errors import LdmError, check
 from ldm_cli.io.images import IMAGE_SUFFIXES, open_image, pil_to_pixels
 
+MAX_CAPTION_BYTES = 64 * 1024
+MAX_METADATA_BYTES = 256 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Example:
@@ -44,9 +47,14 @@ def find_examples(root: str | Path, strict: bool = False) -> tuple[list[Example]
         sidecar = path.with_suffix(".txt")
         if caption is None and sidecar.is_file():
             try:
-                caption = sidecar.read_text(encoding="utf-8").strip()
+                with open(sidecar, "rb") as f:  # bounded: a caption is a line or a paragraph, not 50 MB
+                    raw = f.read(MAX_CAPTION_BYTES + 1)
+                caption = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
                 skipped.append(f"{sidecar}: caption is not UTF-8")
+                continue
+            if len(raw) > MAX_CAPTION_BYTES:
+                skipped.append(f"{sidecar}: caption is longer than {MAX_CAPTION_BYTES} bytes")
                 continue
         if not caption:
             skipped.append(f"{path}: no caption")
@@ -61,15 +69,22 @@ def find_examples(root: str | Path, strict: bool = False) -> tuple[list[Example]
 def _read_metadata(meta: Path) -> dict[Path, str]:
     out = {}
     try:
+        with open(meta, "rb") as f:
+            raw = f.read(MAX_METADATA_BYTES + 1)
+        check(len(raw) <= MAX_METADATA_BYTES, f"{meta}: larger than {MAX_METADATA_BYTES} bytes")
+        text = raw.decode("utf-8")
         if meta.suffix == ".jsonl":
-            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [json.loads(line) for line in text.split("\n") if line.strip()]
         else:
-            rows = list(csv.DictReader(meta.read_text(encoding="utf-8").splitlines()))
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-        raise LdmError(f"{meta}: cannot read ({type(e).__name__}: {e})") from None
+            rows = list(csv.DictReader(text.splitlines()))
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, OSError) as e:
+        raise LdmError(f"{meta}: cannot read ({type(e).__name__}: {str(e)[:160]})") from None
+    except RecursionError:  # "[[[[..." nested thousands deep
+        raise LdmError(f"{meta}: JSON nested too deeply") from None
     for row in rows:
-        if isinstance(row, dict) and row.get("file_name") and isinstance(row.get("text"), str):
-            out[(meta.parent / row["file_name"]).resolve()] = row["text"].strip()
+        name, text = (row.get("file_name"), row.get("text")) if isinstance(row, dict) else (None, None)
+        if isinstance(name, str) and name and "\x00" not in name and isinstance(text, str):
+            out[(meta.parent / name).resolve()] = text.strip()[:MAX_CAPTION_BYTES]
     return out
 
 

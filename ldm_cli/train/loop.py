@@ -24,7 +24,7 @@ from ldm_cli.train.config import TrainConfig, steps_for, validate_config, valida
 from ldm_cli.train.log import LossLog
 from ldm_cli.train.loss import diffusion_loss, ema_decay_at, ema_update
 from ldm_cli.train.optim import build_optimizer, build_schedule, check_resume, restore, trainable_unet
-from ldm_cli.train.outputs import prepare_out_folder, validation_grid, write_models
+from ldm_cli.train.outputs import make_out_folder, prepare_out_folder, validation_grid, write_models
 
 log = logging.getLogger("ldm")
 
@@ -51,8 +51,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     cfg = replace(cfg, max_steps=max_steps)
     schedule_changed = check_resume(resume_from, cfg, say) if resume_from else False
     if main:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        checkpoints.clean_stale(out / "checkpoints")
+        make_out_folder(cfg)
 
     unet, named = trainable_unet(c, cfg, cfg.seed)
     unet.to(accelerator.device).train()

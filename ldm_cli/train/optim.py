@@ -22,15 +22,21 @@ def build_unet(c: Components, preset: str, resolution: int):
         check(path.is_file(), f"--unet-config {preset!r}: not a preset ({', '.join(UNET_PRESETS)}) or a file")
         try:
             kw = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-        except (ValueError, UnicodeDecodeError) as e:
+            check(sum(int(w) for w in kw.get("block_out_channels", ())) <= 20_000
+                  and int(kw.get("layers_per_block", 1) if not isinstance(kw.get("layers_per_block"), list)
+                          else max(kw["layers_per_block"])) <= 64,
+                  f"--unet-config {preset}: block_out_channels / layers_per_block far beyond any U-Net")
+        except (ValueError, UnicodeDecodeError, TypeError, AttributeError, RecursionError) as e:
             raise LdmError(f"--unet-config {preset}: not a JSON config ({e})") from None
     channels = c.vae.config.latent_channels
     kw.update(sample_size=resolution // c.vae_scale, in_channels=channels, out_channels=channels,
               cross_attention_dim=c.text_encoder.config.hidden_size)
     try:
-        return UNet2DConditionModel(**kw)
-    except (TypeError, ValueError) as e:
-        raise LdmError(f"--unet-config {preset}: not a valid UNet2DConditionModel config ({e})") from None
+        unet = UNet2DConditionModel(**kw)
+    except (TypeError, ValueError, AttributeError, RuntimeError, MemoryError) as e:
+        raise LdmError(f"--unet-config {preset}: not a valid UNet2DConditionModel config "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    return unet
 
 
 def trainable_unet(c: Components, cfg: TrainConfig, seed: int):

@@ -32,6 +32,9 @@ def prepare_out_folder(cfg: TrainConfig, resuming: bool, clear: bool = True) -> 
               f"the data folder {cfg.data_dir} is inside --out's {name}, which training writes; move it or "
               "choose another --out")
     check(not out.exists() or out.is_dir(), f"--out {cfg.out_dir}: exists and is not a folder; choose another --out")
+    if cfg.cache_dir:
+        check(not Path(cfg.cache_dir).exists() or Path(cfg.cache_dir).is_dir(),
+              f"--cache-dir {cfg.cache_dir}: exists and is not a folder; choose another")
     held = [name for name in OUTPUTS[:4] if (out / name).exists()]
     held += [f"checkpoints up to {c.name}" for c in checkpoints.checkpoints(out / "checkpoints")[-1:]]
     if resuming or not held or not clear:  # clear: the main process only (the others just check)
@@ -46,6 +49,12 @@ def prepare_out_folder(cfg: TrainConfig, resuming: bool, clear: bool = True) -> 
             remove_folder(out / name)
     for name in ("log.jsonl", "skipped.txt"):
         (out / name).unlink(missing_ok=True)
+
+
+def make_out_folder(cfg: TrainConfig) -> None:
+    """OUT/checkpoints, created and proven writable before any training (the main process)."""
+    ensure_dir(Path(cfg.out_dir) / "checkpoints")
+    checkpoints.clean_stale(Path(cfg.out_dir) / "checkpoints")
 
 
 def write_model(unet, c: Components, cfg: TrainConfig, out: Path, name: str) -> Path:
