@@ -215,7 +215,17 @@ def _run(jobs, load: LoadOptions, out: OutputOptions):
             rate = f"{(done - 1) / (now - clock['t']):.2f} it/s" if done > 1 and now > clock["t"] else ""
             progress.update(steps_task, completed=done, total=total, rate=rate)
 
-        written = generate(model, jobs, out, on_image=lambda w: progress.advance(images_task), on_step=on_step)
+        done = []
+
+        def on_image(w):
+            done.append(w)
+            progress.advance(images_task)
+
+        try:
+            written = generate(model, jobs, out, on_image=on_image, on_step=on_step)
+        except KeyboardInterrupt:  # say what is on disk: every image written is whole
+            last = f", the last {done[-1].path}" if done else ""
+            raise LdmError(f"interrupted: {len(done)} of {len(jobs)} image(s) written{last}", 130) from None
     if out.as_json:
         print(json.dumps([w.to_dict() for w in written], indent=2))
     elif not out.quiet:

@@ -74,6 +74,18 @@ def test_train_cli(ldm, shapes, tiny_model, tmp_path):
     assert not (tmp_path / "run2").exists()
 
 
+def test_train_defaults_to_the_models_size_and_logs_every_n_steps(ldm, shapes, tiny_model, tmp_path):
+    """No --resolution: the model's native size (64 px here, not 512); piped output: one line per
+    --log-every steps (and the last), not one per step."""
+    r = ldm("train", shapes, "--model", tiny_model, "--out", tmp_path / "run", "--max-steps", 7, "--log-every", 3,
+            "--batch-size", 2, "--device", "cpu", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    steps = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("step ")]
+    assert steps == ["3/7", "6/7", "7/7"], r.stderr
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step-0000007" / "config.json").read_text())
+    assert saved["train"]["resolution"] == 64 and saved["train"]["max_steps"] == 7
+
+
 def test_lora_trains_and_matches_diffusers_load_lora_weights(shapes, tiny_model, tmp_path, ldm):
     from ldm_cli.models.components import LoadOptions
     from ldm_cli.sample.run import load

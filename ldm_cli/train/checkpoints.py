@@ -34,10 +34,14 @@ MANIFEST = "manifest.json"
 WRITE_ERRORS = (OSError, SafetensorError)
 
 
+class WriteFailed(LdmError):
+    """A checkpoint or output could not be written: trying again to save would fail the same way."""
+
+
 def write_failed(what: Path, e: Exception) -> LdmError:
     """The one-line error for a write that failed (disk full, quota, permissions)."""
     reason = getattr(e, "strerror", None) or str(e).removeprefix("Error while serializing: ")
-    return LdmError(f"{what}: cannot write ({reason}); the last checkpoint is intact: free some space and "
+    return WriteFailed(f"{what}: cannot write ({reason}); the last checkpoint is intact: free some space and "
                     "continue with --resume latest", 1)
 
 

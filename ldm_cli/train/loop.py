@@ -72,17 +72,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     cached, examples = cached_encodings(cfg, examples, skipped, c, encoders, accelerator, say)
     batches = Batches(cfg, examples, encoders, cached, world, rank)
 
-    def save(step: int) -> Path:
-        model = accelerator.unwrap_model(unet)
-        state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "step": step}
-        if accelerator.scaler is not None:
-            state["scaler"] = accelerator.scaler.state_dict()
-        ema_named = dict(zip(named, ema)) if ema is not None else None
-        with checkpoints.uninterrupted():  # a Ctrl-C during a save is delivered after it
-            return checkpoints.save_checkpoint(out / "checkpoints", step, named, ema_named, state,
-                                               {"train": asdict(cfg), "unet": dict(model.config)},
-                                               cfg.keep_checkpoints)
-
+    save = saver(accelerator, unet, optimizer, lr_sched, named, ema, cfg)
     losses = LossLog(out / "log.jsonl", main, max_steps, on_log)
     done = start  # steps finished: what a checkpoint written now holds
     try:
@@ -102,6 +92,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
                 accelerator.wait_for_everyone()
                 if main:
                     save(done)
+    except checkpoints.WriteFailed:  # the disk that refused the save would refuse a rescue too
+        raise
     except BaseException as e:  # save what was done first, whatever stopped the loop
         raise stopped(e, done, rescue(save, losses, main and done > start, done)) from None
     losses.close()
@@ -113,6 +105,22 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         (out / "skipped.txt").write_text("\n".join(skipped + batches.skipped) + "\n")
     with checkpoints.uninterrupted():
         return write_models(accelerator.unwrap_model(unet), params, ema, c, cfg, out)
+
+
+def saver(accelerator, unet, optimizer, lr_sched, named: dict, ema, cfg: TrainConfig):
+    """save(step): write checkpoint `step` of this run (weights, EMA, optimizer, schedule, config)."""
+    def save(step: int) -> Path:
+        model = accelerator.unwrap_model(unet)
+        state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "step": step}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        ema_named = dict(zip(named, ema)) if ema is not None else None
+        with checkpoints.uninterrupted():  # a Ctrl-C during a save is delivered after it
+            return checkpoints.save_checkpoint(Path(cfg.out_dir) / "checkpoints", step, named, ema_named, state,
+                                               {"train": asdict(cfg), "unet": dict(model.config)},
+                                               cfg.keep_checkpoints)
+
+    return save
 
 
 def finished(ckpt: Path, step: int, cfg: TrainConfig, say) -> Path:
