@@ -203,7 +203,7 @@ def _run(jobs, load: LoadOptions, out: OutputOptions):
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=False, disable=not show_progress) as progress:
         images_task = progress.add_task("images", total=len(jobs), rate="")
-        steps_task = progress.add_task("steps", total=None, rate="")
+        steps_task = progress.add_task("steps", total=None, rate="", visible=False)  # shown from the first step
         clock = {"t": None}
 
         def on_step(done, total):
@@ -213,7 +213,7 @@ def _run(jobs, load: LoadOptions, out: OutputOptions):
             if done == 1:
                 clock["t"] = now
             rate = f"{(done - 1) / (now - clock['t']):.2f} it/s" if done > 1 and now > clock["t"] else ""
-            progress.update(steps_task, completed=done, total=total, rate=rate)
+            progress.update(steps_task, completed=done, total=total, rate=rate, visible=True)
 
         done = []
 
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _ARGV = list(argv)
     debug = "--debug" in argv or os.environ.get("LDM_DEBUG", "") not in ("", "0")
-    runtime.setup(quiet="-q" in argv or "--quiet" in argv)
+    runtime.setup(quiet="-q" in argv or "--quiet" in argv, debug=debug)
     try:
         code = app(args=argv, prog_name="ldm", standalone_mode=False)
     except LdmError as e:
@@ -331,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"ldm: error: {e.format_message()} (see 'ldm --help')", file=sys.stderr)
         sys.exit(e.exit_code if e.exit_code else USAGE)
+    except RuntimeError as e:  # torch's CPU allocator reports running out as a RuntimeError
+        if debug or "can't allocate memory" not in str(e):
+            raise
+        print("ldm: error: out of memory (CPU RAM): try a smaller --batch-size, --width/--height or data",
+              file=sys.stderr)
+        sys.exit(1)
     except MemoryError:
         if debug:
             raise

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 
 from ldm_cli.io.files import cache_root
 
@@ -90,8 +91,10 @@ def handle_interrupts() -> None:
         pass
 
 
-def setup(quiet: bool = False) -> None:
+def setup(quiet: bool = False, debug: bool = False) -> None:
     """Everything above that does not depend on the command (torch flags come with the model)."""
+    if not debug:  # libraries' Python warnings (peft, diffusers, torch) are not ldm's output
+        warnings.simplefilter("ignore")
     quiet_environment()
     report_warnings(quiet)
     quiet_libraries()

@@ -47,6 +47,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     cfg = replace(cfg, model=cfg.model or default_model(),  # as saved in checkpoints: nothing left implicit
                   resolution=cfg.resolution or c.unet.config.sample_size * c.vae_scale)
     validate_for_model(cfg, c.schedule.num_train_timesteps)
+    if not c.unet.config.sample_size * c.vae_scale // 2 <= cfg.resolution <= 2 * c.unet.config.sample_size * c.vae_scale:
+        log.warning(f"warning: --resolution {cfg.resolution} is far from this model's native "
+                    f"{c.unet.config.sample_size * c.vae_scale}; expect slow steps and poor images")
     max_steps = steps_for(cfg, len(examples), world)
     cfg = replace(cfg, max_steps=max_steps)
     schedule_changed = check_resume(resume_from, cfg, say) if resume_from else False
