@@ -76,7 +76,7 @@ def build_inputs(tmp, tiny_model):
     (d / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
     Image.new("RGB", (64, 64)).save(d / "b.png")
     (d / "b.txt").write_text("a black square")
-    # ---- reliability round two: crafted files and hostile values
+    # ---- crafted files and hostile values
     (p / "dup.txt").write_text("a cat | steps=2 steps=3\n")
     (p / "dup.jsonl").write_text('{"prompt": "a cat", "seed": 1, "seed": 2}\n')
     (p / "strength.txt").write_text("a cat | strength=0.5\n")
@@ -201,7 +201,7 @@ def cases(tmp, tiny_model, shapes):
          2, "a.txt: caption is not UTF-8"),
         ("train data symlink loop + latin-1 caption", ("train", str(d), *tm, "--resolution", "64", "--max-steps", "1",
                                                        "--device", "cpu", "-q"), 0, None),
-        # reliability round two
+        # crafted files, hostile values, paths in metadata
         ("prompt file duplicate key", ("sample", "--prompt-file", str(p / "dup.txt"), *tm), 2,
          "dup.txt:1: steps is given twice"),
         ("prompt jsonl duplicate key", ("sample", "--prompt-file", str(p / "dup.jsonl"), *tm), 2,
