@@ -90,15 +90,21 @@ def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path
     assert same_weights(unet_weights(tmp_path / "straight" / "model"), unet_weights(out / "model"))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(shapes, tiny_model, tmp_path):
-    out = tmp_path / "run"
-    # A run far longer than the test waits, so that a busy machine cannot let it finish before the
-    # signal (that raced once under two test workers: the run ended, then got a SIGINT it never saw).
-    long_run = [a if a != str(STEPS) else "100000" for a in train_args(shapes, tiny_model, out, tmp_path / "c")]
+def start_long_run(shapes, model, out, cache):
+    """A run far longer than the test waits, so that a busy machine cannot let it finish before the
+    signal (that raced once under two test workers: the run ended, then got a SIGINT it never saw);
+    returns (process, its arguments) once it has logged 3 steps."""
+    long_run = [a if a != str(STEPS) else "100000" for a in train_args(shapes, model, out, cache)]
     proc = start(long_run)
     while not (out / "log.jsonl").is_file() or len(losses(out)) < 3:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
+    return proc, long_run
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(shapes, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    proc, long_run = start_long_run(shapes, tiny_model, out, tmp_path / "c")
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=120)
@@ -218,11 +224,7 @@ def test_second_ctrl_c_during_the_save_loses_nothing(shapes, tiny_model, tmp_pat
     """Ctrl-C, then Ctrl-C again and again while the interrupt's checkpoint is being written: the save
     finishes, the checkpoint verifies, the user is told where it is."""
     out = tmp_path / "run"
-    long_run = [a if a != str(STEPS) else "100000" for a in train_args(shapes, tiny_model, out, tmp_path / "c")]
-    proc = start(long_run)
-    while not (out / "log.jsonl").is_file() or len(losses(out)) < 3:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    proc, _ = start_long_run(shapes, tiny_model, out, tmp_path / "c")
     try:
         proc.send_signal(signal.SIGINT)
         t0 = time.monotonic()
