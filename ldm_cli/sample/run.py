@@ -14,6 +14,7 @@ from ldm_cli.options import check_ranges, option
 from ldm_cli.sample import pipeline
 
 log = logging.getLogger("ldm")
+CPU_PIXELS = 2048 * 2048
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class OutputOptions:
     batch_size: int = option(1, "Images per U-Net batch.", min=1)
     as_json: bool = option(False, "Print written paths and parameters as JSON.", flag="json")
     quiet: bool = option(False, "No progress output.", short="-q")
+    # a typo like --width 8192 on a CPU starts a job of hours: asked for once, not started silently
+    yes: bool = option(False, "Start jobs above 2048x2048 pixels on a CPU (they take hours).")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,9 @@ def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, 
     jobs = [pipeline.resolve_size(c, j) for j in jobs]  # reads image headers: bad images fail before any work
     check(not out.grid or len({(j.settings.width, j.settings.height) for j in jobs}) == 1,
           "--grid needs images of one size; drop --grid or give --width and --height")
+    big = max(j.settings.width * j.settings.height for j in jobs)
+    check(c.device.type != "cpu" or big <= CPU_PIXELS or out.yes, f"{big} pixels per image on the CPU: a job of "
+          f"hours ({big // (512 * 512)}x a 512x512 image); pass --yes to start it, or use a GPU")
     warn_about(c, jobs)
     index = 0 if out.overwrite else images.next_index(out_dir)
     written, pils = [], []
