@@ -68,12 +68,13 @@ class Batches:
         self.scaling_factor = encoders.c.vae.config.scaling_factor
         self.skipped: list[str] = []  # images found unreadable during the run (listed in OUT/skipped.txt)
         self.bad: set = set()
+        self.position = {e.path: i for i, e in enumerate(examples)}  # for the replacement of a bad image
 
     def _pixels(self, e, rng: random.Random) -> torch.Tensor:
         """An example's pixels; an image that cannot be read is skipped (listed), the next readable one in
         the data taken instead, so the step goes on (--strict: the run stops, after its checkpoint)."""
         cfg, n = self.cfg, len(self.examples)
-        start = self.examples.index(e)
+        start = self.position[e.path]
         for k in range(n):
             candidate = self.examples[(start + k) % n]
             if candidate.path in self.bad:
