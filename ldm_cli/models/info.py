@@ -9,9 +9,10 @@ def describe(c: Components) -> dict:
     def params(m):
         return sum(p.numel() for p in m.parameters())
 
+    from ldm_cli.io.metadata import EMBEDDED
     from ldm_cli.models.load import EMBEDDED_MODEL
 
-    path = EMBEDDED_MODEL if c.name == "embedded" else Path(c.name)
+    path = EMBEDDED_MODEL if c.name == EMBEDDED else Path(c.name)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else (
         path.stat().st_size if path.is_file() else None)
     return {
