@@ -8,6 +8,7 @@ job as JSON, so `ldm sample --from-png` can rebuild it exactly.
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from ldm_cli.diffusion.names import SAMPLERS, SCHEDULES, SIGMA_SAMPLERS
 from ldm_cli.errors import check
 from ldm_cli.options import check_ranges, option
 
@@ -20,11 +21,12 @@ MAX_JOBS = 1_000_000  # images one command may ask for: beyond it, split the pro
 @dataclass(frozen=True)
 class Settings:
     """What one image is made with (besides prompt and seed); recorded in every PNG."""
-    steps: int = option(50, "DDIM steps.", min=1)
+    steps: int = option(50, "Sampler steps.", min=1)
     # classifier-free guidance scale; <= 1 turns guidance off (as in diffusers)
     cfg: float = option(7.5, "Classifier-free guidance scale (<= 1: off).", min=0.0, max=100.0, finite=True)
     # DDIM eq. 16: 0 is deterministic DDIM, 1 is DDPM-like noise; above 1 the direction term's root goes negative
-    eta: float = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like.", min=0.0, max=1.0, finite=True)
+    eta: float = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like (--sampler ddim).", min=0.0, max=1.0,
+                        finite=True)
     # pixels; None: the model's native size (or the init image's)
     width: int | None = option(None, "Width in pixels (multiple of 8).")
     height: int | None = option(None, "Height in pixels (multiple of 8).")
@@ -32,6 +34,11 @@ class Settings:
     # img2img only: how much of the init image is replaced by noise
     strength: float | None = option(None, "0..1: how much of the image is replaced (1 = all).", min=0.0,
                                     max=1.0, min_open=True, finite=True)
+    # diffusion/names.py; the stochastic ones draw each step's noise from the image's own generator
+    sampler: str = option("ddim", f"Sampler: {', '.join(SAMPLERS)}.", choices=tuple(SAMPLERS))
+    # sigma spacing of the sigma samplers; "default" keeps the model's leading/trailing/linspace spacing
+    schedule: str = option("default", f"Sigma spacing for {', '.join(SIGMA_SAMPLERS)}: default (the model's), "
+                           "karras or exponential.", choices=tuple(SCHEDULES))
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class Job:
 
 
 OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "eta": float, "width": int, "height": int,
-                  "negative": str, "strength": float, "num_images": int}
+                  "negative": str, "strength": float, "num_images": int, "sampler": str, "schedule": str}
 
 
 def validate(s: Settings, where: str = "") -> None:
@@ -81,6 +88,13 @@ def validate(s: Settings, where: str = "") -> None:
               f"{where or '--'}{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {v}")
     if s.negative:
         check_text(s.negative, f"{where}negative prompt")
+    flag = where or "--"
+    check(s.schedule == "default" or s.sampler in SIGMA_SAMPLERS, f"{flag}schedule {s.schedule} applies to "
+          f"{', '.join(SIGMA_SAMPLERS)}; {s.sampler} keeps the model's spacing (drop it, or pick one of those)")
+    check(s.eta == 0 or s.sampler == "ddim", f"{flag}eta applies to --sampler ddim only, got eta {s.eta} with "
+          f"{s.sampler} (euler-a, dpm++2m-sde, ddpm and lcm add their own noise)")
+    check(s.sampler != "lcm" or s.steps <= 50, f"{flag}steps {s.steps}: the lcm sampler takes at most 50 steps "
+          "(the schedule LCM models are distilled on); 2-8 is usual")
 
 
 def check_text(text: str, what: str) -> None:

@@ -1,5 +1,6 @@
-"""Samplers as plain tensor functions over a denoiser (k-diffusion's form): DDIM today; every other
-sampler goes beside it here.
+"""The discrete-timestep samplers, as plain tensor functions over a model (k-diffusion's form): DDIM,
+DDPM and LCM. Euler/Heun are in k_samplers.py, DPM++/UniPC in multistep.py, the name -> sampler table in
+plan.py.
 
 A "model" here is any callable `model(x_t, t) -> output`, where output is what the network predicts
 (eps, v or x0, by `Schedule.prediction_type`). Guidance (guidance.py) is a wrapper that turns a
@@ -69,6 +70,65 @@ def sample_ddim(model: Model, x: torch.Tensor, timesteps: list[int], stride: int
         x = ddim_step(output, x, alpha_bar_t, alpha_bar_prev, schedule, eta, noise_fn(x) if eta > 0 else None)
         if callback is not None:
             callback({"i": i, "t": t, "x": x})
+    return x
+
+
+def sample_ddpm(model: Model, x: torch.Tensor, timesteps: list[int], schedule: Schedule, noise_fn: NoiseFn,
+                callback: Callable | None = None):
+    """Ancestral sampling from the DDPM posterior q(x_{t'} | x_t, x0_pred) (Ho et al. 2020, eqs. 6-7), with
+    t' the next of `timesteps` and the "fixed small" variance beta-tilde (DDPMScheduler)."""
+    t_device = torch.tensor(timesteps, device=x.device)
+    for i, t in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        alpha_bar_t = schedule.alpha_bar[t]
+        alpha_bar_prev = schedule.alpha_bar[prev] if prev >= 0 else torch.tensor(1.0)
+        alpha_t = alpha_bar_t / alpha_bar_prev  # this step's alpha: alpha_bar_t / alpha_bar_t'
+        output = model(x, t_device[i])
+        x0_pred, _ = predict_x0_eps(output, x, alpha_bar_t, schedule.prediction_type)
+        if schedule.clip_sample_range is not None:
+            x0_pred = x0_pred.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+        # eq. 7: mu = sqrt(a_prev) beta_t / (1 - a_t) x0 + sqrt(alpha_t) (1 - a_prev) / (1 - a_t) x_t
+        x0_coeff = (alpha_bar_prev ** (0.5) * (1 - alpha_t)) / (1 - alpha_bar_t)
+        x_coeff = alpha_t ** (0.5) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+        x_prev = x0_coeff * x0_pred + x_coeff * x
+        if t > 0:  # eq. 7: beta-tilde = (1 - a_prev) / (1 - a_t) beta_t
+            variance = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_t), min=1e-20)
+            x_prev = x_prev + variance**0.5 * noise_fn(output)
+        x = x_prev
+        if callback is not None:
+            callback({"i": i, "x": x})
+    return x
+
+
+def sample_lcm(model: Model, x: torch.Tensor, timesteps: list[int], schedule: Schedule, noise_fn: NoiseFn,
+               callback: Callable | None = None):
+    """Latent consistency sampling (Luo et al. 2023, algorithm 1): each step maps x_t to the consistency
+    function's x0 estimate, then re-noises it to the next timestep (not after the last)."""
+    t_device = torch.tensor(timesteps, device=x.device)
+    for i, t in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else t
+        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar[t], schedule.alpha_bar[prev]
+        # boundary-condition scalings, sigma_data = 0.5 and t scaled by 10 (LCMScheduler's defaults):
+        # f(x, t) = c_skip(t) x + c_out(t) x0_pred, with c_skip(0) = 1, c_out(0) = 0
+        scaled = t_device[i].cpu() * 10.0
+        c_skip = 0.5**2 / (scaled**2 + 0.5**2)
+        c_out = scaled / (scaled**2 + 0.5**2) ** 0.5
+        output = model(x, t_device[i])
+        if schedule.prediction_type == "epsilon":
+            x0_pred = (x - (1 - alpha_bar_t).sqrt() * output) / alpha_bar_t.sqrt()
+        elif schedule.prediction_type == "v_prediction":
+            x0_pred = alpha_bar_t.sqrt() * x - (1 - alpha_bar_t).sqrt() * output
+        else:
+            x0_pred = output
+        if schedule.clip_sample_range is not None:
+            x0_pred = x0_pred.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+        denoised = c_out * x0_pred + c_skip * x
+        if i + 1 < len(timesteps):
+            x = alpha_bar_prev.sqrt() * denoised + (1 - alpha_bar_prev).sqrt() * noise_fn(denoised)
+        else:
+            x = denoised
+        if callback is not None:
+            callback({"i": i, "x": x})
     return x
 
 

@@ -32,6 +32,8 @@ class Schedule:
     clip_sample_range: float | None  # clamp x0_pred to +-this, or None
     timestep_spacing: str
     steps_offset: int
+    beta_schedule: str = "linear"  # how the betas were made (DPM-Solver rounds karras timesteps unless cosine)
+    zero_terminal_snr: bool = False  # rescaled betas (Lin et al. 2023): alpha_bar[-1] == 0, an infinite sigma
 
     @property
     def num_train_timesteps(self) -> int:
@@ -105,6 +107,8 @@ def _schedule(config: dict) -> Schedule:
         clip_sample_range=float(c["clip_sample_range"]) if c["clip_sample"] else None,
         timestep_spacing=c["timestep_spacing"],
         steps_offset=int(c["steps_offset"]),
+        beta_schedule=str(c["beta_schedule"]) if c["trained_betas"] is None else "trained",
+        zero_terminal_snr=bool(c["rescale_betas_zero_snr"]),
     )
 
 

@@ -4,9 +4,10 @@
 None means the plain one.
 
 Reproducibility: image k of a request has its own CPU generator seeded with its seed, from which
-it draws, in order, its initial latent (img2img: VAE posterior sample, then noise) and each DDIM
-step's noise when eta > 0. That is the order diffusers' pipelines draw in, so an image is the same
-made alone, in a batch, or by diffusers with `torch.Generator("cpu").manual_seed(seed)`.
+it draws, in order, its initial latent (img2img: VAE posterior sample, then noise) and each step's
+noise (stochastic samplers, DDIM with eta > 0). That is the order diffusers' pipelines draw in, so an
+image is the same made alone, in a batch, or by diffusers with `torch.Generator("cpu").manual_seed(seed)`
+and the matching scheduler.
 """
 
 from collections.abc import Callable, Iterator
@@ -16,8 +17,7 @@ from itertools import groupby
 import torch
 
 from ldm_cli.diffusion.guidance import guidance_on, guided
-from ldm_cli.diffusion.samplers import add_noise, sample_ddim
-from ldm_cli.diffusion.schedule import ddim_timesteps, img2img_start
+from ldm_cli.diffusion.plan import Plan, make_plan
 from ldm_cli.errors import RUNTIME, LdmError
 from ldm_cli.io import images
 from ldm_cli.jobs import Job, Settings
@@ -32,9 +32,9 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def randn_like_each(shape, gens: list[torch.Generator], c: Components) -> torch.Tensor:
+def randn_like_each(shape, gens: list[torch.Generator], c: Components, dtype=None) -> torch.Tensor:
     """One N(0, I) draw per batch item from its own generator, on the CPU, then moved to the device."""
-    draws = [torch.randn((1, *shape[1:]), generator=g, dtype=c.dtype) for g in gens]
+    draws = [torch.randn((1, *shape[1:]), generator=g, dtype=dtype or c.dtype) for g in gens]
     return torch.cat(draws).to(c.device)
 
 
@@ -43,41 +43,39 @@ def encode_prompts(c: Components, prompts: list[str], negatives: list[str], cfg:
     return encode_text(c, prompts), encode_text(c, negatives) if guidance_on(cfg) else None
 
 
-def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Settings,
-            start: int = 0, on_step: StepCallback | None = None) -> torch.Tensor:
-    """Run DDIM from step `start` of `s.steps` with these embeddings, decode to images in [0, 1]."""
+def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Settings, plan: Plan,
+            on_step: StepCallback | None = None) -> torch.Tensor:
+    """Run the plan's sampler from x with these embeddings, decode to images in [0, 1]."""
     model = guided(unet or plain_runner(c), cond, uncond, s.cfg)
-    timesteps = ddim_timesteps(c.schedule, s.steps)[start:]
-    stride = c.schedule.num_train_timesteps // s.steps
 
     def callback(info):
         if on_step is not None:
-            on_step(info["i"] + 1, len(timesteps))
+            on_step(info["i"] + 1, plan.steps)
 
     with torch.no_grad():
-        x = sample_ddim(model, x, timesteps, stride, c.schedule, s.eta,
-                        noise_fn=lambda ref: randn_like_each(ref.shape, gens, c), callback=callback)
+        x = plan.run(model, x, lambda ref: randn_like_each(ref.shape, gens, c, ref.dtype), callback)
         return decode_latents(c, x)
 
 
 def txt2img(c: Components, prompts: list[str], negatives: list[str], seeds: list[int], s: Settings,
             on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
     gens = generators(seeds)
+    plan = make_plan(c.schedule, s.sampler, s.schedule, s.steps, s.eta)
     shape = (len(seeds), c.unet.config.in_channels, s.height // c.vae_scale, s.width // c.vae_scale)
-    x_T = randn_like_each(shape, gens, c)  # DDIM's init noise sigma is 1
-    return denoise(c, unet, x_T, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, 0, on_step)
+    x_T = randn_like_each(shape, gens, c) * plan.init_sigma  # 1 for DDIM; the largest sigma for Euler
+    return denoise(c, unet, x_T, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, plan, on_step)
 
 
 def img2img(c: Components, pixels: list[torch.Tensor], prompts: list[str], negatives: list[str],
             seeds: list[int], s: Settings, on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
-    """SDEdit (Meng et al. 2021): noise the image's latent to the level of step `start`, denoise from there."""
+    """SDEdit (Meng et al. 2021): noise the image's latent to the level of the first kept step, denoise
+    from there."""
     gens = generators(seeds)
-    start = img2img_start(s.steps, s.strength)
+    plan = make_plan(c.schedule, s.sampler, s.schedule, s.steps, s.eta, s.strength)
     x0 = torch.cat([encode_image(c, p, g) for p, g in zip(pixels, gens)])
     eps = randn_like_each(x0.shape, gens, c)
-    t_start = ddim_timesteps(c.schedule, s.steps)[start]
-    x_t = add_noise(x0, eps, c.schedule.alpha_bar[t_start])
-    return denoise(c, unet, x_t, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, start, on_step)
+    x_t = plan.noised(x0, eps)
+    return denoise(c, unet, x_t, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, plan, on_step)
 
 
 def resolve_size(c: Components, job: Job) -> Job:

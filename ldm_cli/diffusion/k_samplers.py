@@ -1,0 +1,79 @@
+"""Euler, Euler ancestral and Heun: ODE/SDE solvers over sigma (Karras et al. 2022), k-diffusion's form.
+
+Here x lives in the "variance exploding" form x = x0 + sigma eps (spacing.py); the U-Net, trained on
+x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, sees x / sqrt(sigma^2 + 1) at the timestep t of that
+sigma. `denoiser` turns it into D(x, sigma, t) ~ x0; each sampler is a short loop over `sigmas` (ending
+in 0) and the matching `timesteps` (spacing.k_sigmas). Checked against diffusers'
+Euler/EulerAncestral/HeunDiscreteScheduler in tests/test_samplers.py, so the arithmetic follows theirs.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # fresh N(0, I) noise shaped (and typed) like its argument
+
+
+def denoiser(model, prediction_type: str, clip_range: float | None = None) -> Denoiser:
+    """D(x, sigma, t): the network's x0 estimate at x = x0 + sigma eps, from its eps, v or x0 output."""
+
+    def d(x, sigma, t):
+        out = model(x / ((sigma**2 + 1) ** 0.5), t)  # c_in = 1 / sqrt(sigma^2 + 1) (Karras et al. table 1)
+        x = x.to(torch.float32)
+        if prediction_type == "epsilon":  # x = x0 + sigma eps
+            x0 = x - sigma * out
+        elif prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0, with a = 1/(sigma^2 + 1)
+            x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+        else:
+            x0 = out
+        return x0.clamp(-clip_range, clip_range) if clip_range is not None else x0
+
+    return d
+
+
+def sample_euler(d: Denoiser, x, sigmas, timesteps, callback=None):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras eq. 4)."""
+    for i, t in enumerate(timesteps):
+        sigma = sigmas[i]
+        x0 = d(x, sigma, t)
+        derivative = (x.to(torch.float32) - x0) / sigma
+        x = (x.to(torch.float32) + derivative * (sigmas[i + 1] - sigma)).to(x.dtype)
+        if callback is not None:
+            callback({"i": i, "x": x})
+    return x
+
+
+def sample_euler_ancestral(d: Denoiser, x, sigmas, timesteps, noise_fn: NoiseFn, callback=None):
+    """Euler down to sigma_down, then fresh noise up to sigma_next ("Euler a"): the step from sigma to
+    sigma_next split so that sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion get_ancestral_step)."""
+    for i, t in enumerate(timesteps):
+        sigma_from, sigma_to = sigmas[i], sigmas[i + 1]
+        x0 = d(x, sigma_from, t)
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        derivative = (x.to(torch.float32) - x0) / sigma_from
+        x_next = x.to(torch.float32) + derivative * (sigma_down - sigma_from)
+        noise = noise_fn(x)  # drawn at every step, also the last (sigma_up = 0), as diffusers does
+        x = (x_next + noise * sigma_up).to(x.dtype)
+        if callback is not None:
+            callback({"i": i, "x": x})
+    return x
+
+
+def sample_heun(d: Denoiser, x, sigmas, timesteps, callback=None):
+    """Heun's 2nd-order method (Karras et al. 2022, algorithm 1): an Euler step to sigma_next, then the
+    average of the slopes at both ends; the last step (to sigma = 0) is plain Euler. 2n - 1 U-Net calls."""
+    for i, t in enumerate(timesteps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        derivative = (x - d(x, sigma, t)) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + derivative * dt
+        else:
+            x_2 = x + derivative * dt
+            derivative_2 = (x_2 - d(x_2, sigma_next, timesteps[i + 1])) / sigma_next
+            x = x + (derivative + derivative_2) / 2 * dt
+        if callback is not None:
+            callback({"i": i, "x": x})
+    return x
