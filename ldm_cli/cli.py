@@ -160,7 +160,7 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
 def _redo(from_png, settings, request, load, given):
     """The job a PNG records, with the options given on the command line applied over it (and so
     recorded in the new PNG); its model unless --model is given. A LoRA it names must be given again."""
-    from ldm_cli.io.metadata import read_png_job
+    from ldm_cli.io.metadata import NOT_RECORDED, read_png_job
     from ldm_cli.jobs import build_jobs
 
     job, png_model, png_lora = read_png_job(from_png)
@@ -170,7 +170,8 @@ def _redo(from_png, settings, request, load, given):
     over = {f: getattr(settings, f) for f in settings.__dataclass_fields__ if f in given}
     seed = request.seed if "seed" in given else job.seed
     jobs = build_jobs([(job.prompt, over, "")], job.settings, seed, request.num_images)
-    return jobs, load if "model" in given else replace(load, model=png_model)
+    keep = "model" in given or png_model == NOT_RECORDED  # another tool's PNG names no model we can load
+    return jobs, load if keep else replace(load, model=png_model)
 
 
 def _jobs(prompt, settings, request, init_images):

@@ -81,6 +81,9 @@ def build_inputs(tmp, tiny_model):
     (p / "dup.jsonl").write_text('{"prompt": "a cat", "seed": 1, "seed": 2}\n')
     (p / "strength.txt").write_text("a cat | strength=0.5\n")
     (p / "ff.txt").write_text("a cat\x0cin a hat\nanother | steps=0\n")
+    (p / "sampler.txt").write_text("a cat | sampler=dpm++2m schedule=karras\na dog | sampler=euler-x\n")
+    (p / "sampler.jsonl").write_text('{"prompt": "a cat", "sampler": "lcm", "steps": 4}\n'
+                                     '{"prompt": "a dog", "sampler": "ddim", "schedule": "karras"}\n')
     (p / "newline.jsonl").write_text('{"prompt": "a cat\\nSteps: 99, Sampler: Evil"}\n')
     os.mkfifo(img / "fifo.png")
     Image.new("1", (8192 + 8, 16)).save(img / "wide.png")
@@ -144,6 +147,17 @@ def cases(tmp, tiny_model, shapes):
          "output folder is not writable"),
         ("cuda absent", ("sample", "x", *tm, "--device", "cuda"), 2, "CUDA is not available"),
         ("from-png not ldm", ("sample", "--from-png", x / "notimage.png"), 2, "cannot read PNG"),
+        ("unknown sampler", (*s, "--sampler", "dpm2"), 2, "--sampler must be ddim, ddpm, euler"),
+        ("unknown schedule", (*s, "--schedule", "polyexponential"), 2, "--schedule must be default, karras or"),
+        ("schedule for ddim", (*s, "--schedule", "karras"), 2, "--schedule karras applies to euler"),
+        ("eta for euler", (*s, "--sampler", "euler", "--eta", "0.5"), 2, "--eta applies to --sampler ddim only"),
+        ("lcm above 50 steps", (*s, "--sampler", "lcm", "--steps", "60"), 2, "the lcm sampler takes at most 50"),
+        ("prompt-file unknown sampler", ("sample", "--prompt-file", p / "sampler.txt", *tm), 2,
+         "sampler.txt:2: sampler must be ddim"),
+        ("jsonl schedule for ddim", ("sample", "--prompt-file", p / "sampler.jsonl", *tm), 2,
+         "sampler.jsonl:2: schedule karras applies to euler"),
+        ("sampler and schedule ok", (*s, "--sampler", "dpm++2m-sde", "--schedule", "exponential", "--steps", "3"),
+         0, None),
         ("sample -n 0", (*s, "-n", "0"), 2, "num-images"),
         ("sample -n not a number", (*s, "-n", "two"), 2, "--num-images"),
         ("sample --batch-size 0", (*s, "--batch-size", "0"), 2, "--batch-size must be >= 1"),

@@ -122,7 +122,9 @@ def test_samplers_differ(tiny_model):
             if {a, b} == {"ddpm", "euler-a"}:  # one process: DDPM's posterior step is Euler a's in sigma form,
                 assert np.abs(images[a] - images[b]).max() <= TOL  # and both draw the same noise
                 continue
-            assert np.abs(images[a] - images[b]).max() > 100 * TOL, (a, b)
+            # DDIM (eta 0) is Euler's method in other coordinates (Karras et al. 2022, sec. 3); they differ
+            # by the last step only (DDIM ends on alpha_bar[0], Euler on sigma 0): ~1e-3 here
+            assert np.abs(images[a] - images[b]).max() > 20 * TOL, (a, b)
     karras = run_pair(tiny_model, "dpm++2m", "leading", "txt2img", "karras")[0]
     assert np.abs(karras - images["dpm++2m"]).max() > 100 * TOL
 

@@ -174,3 +174,25 @@ def test_resume_refuses_a_changed_model_shape(shapes, tiny_model, tmp_path):
         train(TrainConfig(**{**base, "max_steps": 4, "lora_rank": 8}), resume="latest")
     assert e.value.exit_code == 2
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002"]
+
+
+def test_validation_grid_uses_the_chosen_sampler(shapes, tiny_model, tmp_path):
+    """The grid is the pipeline's own images of the validation prompts (seed k for prompt k) with the
+    trained weights, sampled with --validation-sampler."""
+    grids = {}
+    for sampler in ("ddim", "euler-a"):
+        out = tmp_path / sampler
+        cfg = TrainConfig(data_dir=str(shapes), model=str(tiny_model), out_dir=str(out), max_steps=2, batch_size=2,
+                          seed=1, device="cpu", cache_dir=str(tmp_path / "cache"), validate_every=2,
+                          validation_prompts=("a red circle", "a blue square"), validation_steps=4,
+                          validation_sampler=sampler)
+        model_dir = train(cfg)
+        grid = sorted((out / "validation").glob("*.png"))
+        assert [p.name for p in grid] == ["step-0000002.png"]
+        grids[sampler] = np.asarray(Image.open(grid[0]).convert("RGB"))
+        c = load_components(str(model_dir), device="cpu")
+        s = Settings(steps=4, width=64, height=64, sampler=sampler)
+        first = pipeline.txt2img(c, ["a red circle"], [""], [0], s)[0].permute(1, 2, 0).numpy()
+        assert grids[sampler].shape[:2] == (64, 128)  # the two prompts side by side
+        assert np.abs(grids[sampler][:, :64].astype(float) / 255 - first).max() <= 1 / 255 + 1e-6
+    assert np.abs(grids["ddim"].astype(int) - grids["euler-a"]).max() > 10

@@ -27,7 +27,7 @@ class GraphedUNet:
         return call_unet(self.unet, x, t, context)
 
     def __call__(self, x, t, context):
-        key = (tuple(x.shape), tuple(context.shape), x.dtype)
+        key = (tuple(x.shape), tuple(context.shape), x.dtype, t.dtype)  # t: int64 (DDIM) or float32 (Euler)
         if key not in self.graphs:
             self.graphs[key] = self._capture(x, t, context)
         graph, (x_in, t_in, ctx_in), out = self.graphs[key]

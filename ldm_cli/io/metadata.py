@@ -10,22 +10,10 @@ from PIL import Image, PngImagePlugin
 
 from ldm_cli.errors import LdmError, check
 from ldm_cli.io.images import MAX_PIXELS, UNREADABLE, first_line
+from ldm_cli.io.infotext import parameters_text, parse_parameters
 from ldm_cli.jobs import MAX_SEED, Job, validate
 
 MAX_METADATA_BYTES = 1 << 20
-
-
-def parameters_text(job: Job, model: str, width: int, height: int, lora: str = "") -> str:
-    """A1111's `parameters` format, which image browsers and web UIs read."""
-    s = job.settings
-    lines = [job.prompt]
-    if s.negative:
-        lines.append(f"Negative prompt: {s.negative}")
-    extra = f", Denoising strength: {s.strength}" if s.strength is not None else ""
-    extra += f", Lora: {lora}" if lora else ""
-    lines.append(f"Steps: {s.steps}, Sampler: DDIM, CFG scale: {s.cfg}, Seed: {job.seed}, "
-                 f"Size: {width}x{height}, Model: {Path(model).name or model}, Eta: {s.eta}{extra}")
-    return "\n".join(lines)
 
 
 def png_info(job: Job, model: str, width: int, height: int, lora: str = "") -> PngImagePlugin.PngInfo:
@@ -39,12 +27,14 @@ def png_info(job: Job, model: str, width: int, height: int, lora: str = "") -> P
 
 
 EMBEDDED = "embedded"  # the model name PNGs record for the embedded model: the same on every machine
+NOT_RECORDED = ""  # model of a PNG from another tool (A1111 names a checkpoint, not a path): use --model
 
 
 def read_png_job(path: str | Path) -> tuple[Job, str | None, str]:
     """The (job, model, lora) an ldm PNG was made with, from its `ldm` chunk; model None is the embedded
-    model. Paths in a PNG are never followed: an img2img PNG's init image is refused (redo it with
-    `ldm img2img`), a LoRA is only named (the caller asks for --lora)."""
+    model. A PNG without one but with A1111's `parameters` (AUTOMATIC1111, Forge) gives its settings and
+    model NOT_RECORDED. Paths in a PNG are never followed: an img2img PNG's init image is refused (redo it
+    with `ldm img2img`), a LoRA is only named (the caller asks for --lora)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -52,12 +42,15 @@ def read_png_job(path: str | Path) -> tuple[Job, str | None, str]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 check(im.format == "PNG", f"{path}: not a PNG file")
-                text = im.text.get("ldm") if hasattr(im, "text") else None
+                chunks = im.text if hasattr(im, "text") else {}
+                text, a1111 = chunks.get("ldm"), chunks.get("parameters")
     except Image.DecompressionBombError:
         raise LdmError(f"{path}: image is larger than {MAX_PIXELS} pixels; not an ldm PNG") from None
     except UNREADABLE as e:
         raise LdmError(f"{path}: cannot read PNG ({first_line(e)})") from None
-    check(size >= 0 and text is not None, f"{path}: PNG has no ldm metadata; was it made by ldm?")
+    if text is None and a1111 is not None:
+        return _a1111_job(path, a1111)
+    check(size >= 0 and text is not None, f"{path}: PNG has no ldm or A1111 metadata; was it made by ldm?")
     check(len(text) <= MAX_METADATA_BYTES, f"{path}: ldm metadata is too large")
     try:
         data = json.loads(text)
@@ -74,3 +67,14 @@ def read_png_job(path: str | Path) -> tuple[Job, str | None, str]:
     check(init is None, f"{path}: made by img2img from {str(init)[:200]!r}; paths in a PNG are not followed: "
           "redo it with ldm img2img IMAGE and the settings in the PNG")
     return job, (None if data["model"] == EMBEDDED else data["model"]), lora
+
+
+def _a1111_job(path: Path, text: str) -> tuple[Job, str, str]:
+    check(len(text) <= MAX_METADATA_BYTES, f"{path}: A1111 parameters are too large")
+    try:
+        job, _ = parse_parameters(text)
+        validate(job.settings)
+        check(0 <= job.seed <= MAX_SEED, "seed out of range")
+    except (ValueError, TypeError, OverflowError, LdmError) as e:
+        raise LdmError(f"{path}: A1111 parameters: {first_line(e)}") from None
+    return job, NOT_RECORDED, ""

@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ldm_cli.diffusion.names import SAMPLERS
 from ldm_cli.errors import check
 from ldm_cli.options import check_ranges, option
 
@@ -71,7 +72,10 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "Checkpoints kept.", min=1)
     validate_every: int = option(0, "Steps between validation grids (0: never).", min=0)
     validation_prompts: tuple[str, ...] = option((), "Prompt for validation grids; repeat.", flag="validation-prompt")
-    validation_steps: int = option(20, "DDIM steps of validation images.", min=1)
+    validation_steps: int = option(20, "Sampler steps of validation images.", min=1)
+    # any of sample's samplers; the default keeps grids comparable with older runs
+    validation_sampler: str = option("ddim", f"Sampler of validation images ({', '.join(SAMPLERS)}).",
+                                     choices=tuple(SAMPLERS))
     # losses stay on the device in between: no host sync every step
     log_every: int = option(10, "Steps between log lines.", min=1)
     strict: bool = option(False, "Fail on unreadable or caption-less images.")
@@ -93,6 +97,8 @@ def validate_config(cfg: TrainConfig) -> None:
 
 def validate_for_model(cfg: TrainConfig, num_train_timesteps: int) -> None:
     """What can only be checked once the model is known, still before the first step."""
+    check(cfg.validation_sampler != "lcm" or cfg.validation_steps <= 50, "--validation-steps: the lcm sampler "
+          f"takes at most 50 steps, got {cfg.validation_steps}")
     check(cfg.validation_steps <= num_train_timesteps, f"--validation-steps must be between 1 and "
           f"{num_train_timesteps} (the model's training steps), got {cfg.validation_steps}")
     check(all(p.strip() and "\x00" not in p for p in cfg.validation_prompts),
@@ -114,8 +120,8 @@ MUST_MATCH = ("model", "from_scratch", "unet_config", "lora_rank", "lora_alpha",
 SCHEDULE = ("lr", "lr_scheduler", "warmup_steps", "max_steps")
 # Where the run is written, how often it logs, what it keeps: changes nothing in the numbers.
 FREE = ("data_dir", "out_dir", "epochs", "device", "cache", "cache_dir", "checkpoint_every", "keep_checkpoints",
-        "validate_every", "validation_prompts", "validation_steps", "log_every", "strict", "overwrite", "compile",
-        "gradient_checkpointing")
+        "validate_every", "validation_prompts", "validation_steps", "validation_sampler", "log_every", "strict",
+        "overwrite", "compile", "gradient_checkpointing")
 
 
 def _same(key: str, old, new) -> bool:

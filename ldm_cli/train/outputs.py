@@ -96,7 +96,7 @@ def validation_grid(accelerator, unet, ema, params, c: Components, cfg: TrainCon
             with accelerator.autocast():
                 pics = pipeline.txt2img(replace(c, unet=model), list(cfg.validation_prompts), [""] * n,
                                         list(range(n)), Settings(steps=cfg.validation_steps, width=cfg.resolution,
-                                                                 height=cfg.resolution))
+                                                                 height=cfg.resolution, sampler=cfg.validation_sampler))
             model.train()
         if saved is not None:
             swap_in(params, saved)
