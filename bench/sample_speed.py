@@ -94,20 +94,11 @@ def ldm_runs(mode, c, emb, neg, init, args, record):
     s = Settings(steps=50, cfg=7.5, width=512, height=512)
 
     def txt2img(bs):
-        gens = pipeline.generators(list(range(bs)))
-        x = pipeline.randn_like_each((bs, 4, 64, 64), gens, c)
-        return pipeline.denoise(c, unet, x, emb.expand(bs, -1, -1), neg.expand(bs, -1, -1), gens, s)
+        return pipeline.txt2img_from(c, emb.expand(bs, -1, -1), neg.expand(bs, -1, -1), list(range(bs)), s,
+                                     unet=unet)
 
     def img2img():  # pipeline.img2img with the embeddings given (as diffusers gets them)
-        from ldm_cli.diffusion.samplers import add_noise
-        from ldm_cli.diffusion.schedule import ddim_timesteps, img2img_start
-        from ldm_cli.models.codecs import encode_image
-
-        gens, start = pipeline.generators([0]), img2img_start(50, 0.75)
-        x0 = encode_image(c, init, gens[0])
-        x_t = add_noise(x0, pipeline.randn_like_each(x0.shape, gens, c), c.schedule.alpha_bar[ddim_timesteps(
-            c.schedule, 50)[start]])
-        return pipeline.denoise(c, unet, x_t, emb, neg, gens, replace(s, strength=0.75), start)
+        return pipeline.img2img_from(c, [init], emb, neg, [0], replace(s, strength=0.75), unet=unet)
 
     for i, bs in enumerate(int(b) for b in args.batches.split(",")):
         t1 = time.perf_counter()

@@ -58,9 +58,8 @@ def main():
     unet_runner = build_runner(c, "graphs")
 
     def ours(size, tiling):
-        s, gens = Settings(steps=50, cfg=7.5, width=size, height=size), pipeline.generators([0])
-        x = pipeline.randn_like_each((1, 4, size // 8, size // 8), gens, c)
-        return pipeline.denoise(replace(c, vae_tiling=tiling), unet_runner, x, emb, neg, gens, s)
+        s = Settings(steps=50, cfg=7.5, width=size, height=size)
+        return pipeline.txt2img_from(replace(c, vae_tiling=tiling), emb, neg, [0], s, unet=unet_runner)
 
     for size in sizes:
         for tiling in ("off", "on", "auto"):

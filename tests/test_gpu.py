@@ -56,3 +56,18 @@ def test_tiled_decode_on_cuda(cuda_model):
     untiled = pipeline.txt2img(replace(c, vae_tiling="off"), ["a red cat"], [""], [3], s)
     assert tiled.shape == untiled.shape == (1, 3, 128, 160)
     assert 0 < (tiled - untiled).abs().max() < 0.5  # blended seams differ, the picture does not
+
+
+@pytest.mark.parametrize("sampler, schedule", [("euler", "karras"), ("euler-a", "default"), ("heun", "default"),
+                                               ("dpm++2m", "karras"), ("dpm++2m-sde", "karras"), ("unipc", "default"),
+                                               ("ddpm", "default"), ("lcm", "default")])
+def test_samplers_on_cuda_graphs_equal_eager(cuda_model, sampler, schedule):
+    """Every sampler through the CUDA-graphed runner (float timesteps for the sigma samplers, int64 for the
+    others) gives the eager image; the CPU-drawn step noise gives the CPU's picture up to kernel rounding."""
+    s = Settings(steps=8, cfg=7.5, width=64, height=64, sampler=sampler, schedule=schedule)
+    eager = pipeline.txt2img(cuda_model, ["a red cat"], [""], [3], s)
+    graphed = pipeline.txt2img(cuda_model, ["a red cat"], [""], [3], s, unet=build_runner(cuda_model, "graphs"))
+    cpu = pipeline.txt2img(load_components(str(cuda_model.name), device="cpu", dtype="fp32"), ["a red cat"], [""],
+                           [3], s)
+    assert torch.allclose(graphed, eager, atol=1e-4), (graphed - eager).abs().max()
+    assert torch.allclose(eager.cpu(), cpu, atol=2e-3), (eager.cpu() - cpu).abs().max()

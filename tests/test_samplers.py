@@ -8,12 +8,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionPipeline, UniPCMultistepScheduler)
+from diffusers import (
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
 from PIL import Image
 
-from ldm_cli.diffusion.names import SAMPLERS, STOCHASTIC
+from ldm_cli.diffusion.names import STOCHASTIC
 from ldm_cli.diffusion.schedule import schedule_from_config
 from ldm_cli.io.images import pil_to_pixels
 from ldm_cli.jobs import Settings

@@ -93,7 +93,7 @@ def _unipc_update(x, sigmas, s, x0s, order, corrector=None):
     sigmas[s]; with `corrector` (the x0 estimate at sigmas[s + 1]) the corrector (eq. 7) instead."""
     alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigmas[s + 1])
     _, sigma_s0, lambda_s0 = _alpha_sigma_lambda(sigmas[s])
-    m0 = x0s[-1] if corrector is None else x0s[-1]
+    m0 = x0s[-1]
     h = lambda_t - lambda_s0
     hh = -h  # data prediction
     h_phi_1 = torch.expm1(hh)  # h phi_1(h) = e^h - 1

@@ -110,7 +110,7 @@ def sample_lcm(model: Model, x: torch.Tensor, timesteps: list[int], schedule: Sc
         alpha_bar_t, alpha_bar_prev = schedule.alpha_bar[t], schedule.alpha_bar[prev]
         # boundary-condition scalings, sigma_data = 0.5 and t scaled by 10 (LCMScheduler's defaults):
         # f(x, t) = c_skip(t) x + c_out(t) x0_pred, with c_skip(0) = 1, c_out(0) = 0
-        scaled = t_device[i].cpu() * 10.0
+        scaled = torch.tensor(t) * 10.0  # int64 * float: float32, as LCMScheduler computes it
         c_skip = 0.5**2 / (scaled**2 + 0.5**2)
         c_out = scaled / (scaled**2 + 0.5**2) ** 0.5
         output = model(x, t_device[i])

@@ -59,23 +59,33 @@ def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Setting
 
 def txt2img(c: Components, prompts: list[str], negatives: list[str], seeds: list[int], s: Settings,
             on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
+    return txt2img_from(c, *encode_prompts(c, prompts, negatives, s.cfg), seeds, s, on_step, unet)
+
+
+def txt2img_from(c: Components, cond, uncond, seeds: list[int], s: Settings, on_step: StepCallback | None = None,
+                 unet=None) -> torch.Tensor:
+    """txt2img from text embeddings (uncond None: no guidance)."""
     gens = generators(seeds)
     plan = make_plan(c.schedule, s.sampler, s.schedule, s.steps, s.eta)
     shape = (len(seeds), c.unet.config.in_channels, s.height // c.vae_scale, s.width // c.vae_scale)
     x_T = randn_like_each(shape, gens, c) * plan.init_sigma  # 1 for DDIM; the largest sigma for Euler
-    return denoise(c, unet, x_T, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, plan, on_step)
+    return denoise(c, unet, x_T, cond, uncond, gens, s, plan, on_step)
 
 
 def img2img(c: Components, pixels: list[torch.Tensor], prompts: list[str], negatives: list[str],
             seeds: list[int], s: Settings, on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
+    return img2img_from(c, pixels, *encode_prompts(c, prompts, negatives, s.cfg), seeds, s, on_step, unet)
+
+
+def img2img_from(c: Components, pixels: list[torch.Tensor], cond, uncond, seeds: list[int], s: Settings,
+                 on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
     """SDEdit (Meng et al. 2021): noise the image's latent to the level of the first kept step, denoise
     from there."""
     gens = generators(seeds)
     plan = make_plan(c.schedule, s.sampler, s.schedule, s.steps, s.eta, s.strength)
     x0 = torch.cat([encode_image(c, p, g) for p, g in zip(pixels, gens)])
     eps = randn_like_each(x0.shape, gens, c)
-    x_t = plan.noised(x0, eps)
-    return denoise(c, unet, x_t, *encode_prompts(c, prompts, negatives, s.cfg), gens, s, plan, on_step)
+    return denoise(c, unet, plan.noised(x0, eps), cond, uncond, gens, s, plan, on_step)
 
 
 def resolve_size(c: Components, job: Job) -> Job:
