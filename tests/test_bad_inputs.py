@@ -92,10 +92,17 @@ def build_inputs(tmp, tiny_model):
     for name, sub, file, change in (("huge-sample", "unet", "config.json", {"sample_size": 100000}),
                                     ("huge-tokens", "tokenizer", "tokenizer_config.json", {"model_max_length": 10**9}),
                                     ("bad-scheduler", "scheduler", "scheduler_config.json",
-                                     {"num_train_timesteps": -5})):
+                                     {"num_train_timesteps": -5}),
+                                    ("missing-weights", "unet", "config.json", {"time_cond_proj_dim": 8})):
         shutil.copytree(tiny_model, m / name)
         cfg_path = m / name / sub / file
         cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
+    shutil.copytree(tiny_model, m / "lcm-distilled")  # a U-Net with a guidance embedding, all its weights saved
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    lcm = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": 8})
+    lcm.load_state_dict(unet.state_dict(), strict=False)
+    lcm.save_pretrained(m / "lcm-distilled" / "unet")
     shutil.copytree(tiny_model, m / "list-vocab")
     for f in ("vocab.json", "tokenizer.json"):
         (m / "list-vocab" / "tokenizer" / f).write_text("[1, 2, 3]")
@@ -156,6 +163,10 @@ def cases(tmp, tiny_model, shapes):
          "sampler.txt:2: sampler must be ddim"),
         ("jsonl schedule for ddim", ("sample", "--prompt-file", p / "sampler.jsonl", *tm), 2,
          "sampler.jsonl:2: schedule karras applies to euler"),
+        ("LCM-distilled U-Net", ("sample", "x", "--model", m / "lcm-distilled", "--steps", "2"), 2,
+         "takes a guidance-scale embedding"),
+        ("weights missing for the config", ("sample", "x", "--model", m / "missing-weights", "--steps", "2"), 2,
+         "the U-Net's weights lack 1 tensor(s)"),
         ("sampler and schedule ok", (*s, "--sampler", "dpm++2m-sde", "--schedule", "exponential", "--steps", "3"),
          0, None),
         ("sample -n 0", (*s, "-n", "0"), 2, "num-images"),

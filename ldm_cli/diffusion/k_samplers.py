@@ -69,11 +69,11 @@ def sample_heun(d: Denoiser, x, sigmas, timesteps, callback=None):
         derivative = (x - d(x, sigma, t)) / sigma
         dt = sigma_next - sigma
         if sigma_next == 0:
-            x = x + derivative * dt
-        else:
-            x_2 = x + derivative * dt
+            x = (x + derivative * dt).to(x.dtype)
+        else:  # the U-Net takes x in its own dtype (fp16 on a GPU): the sums are fp32, x is not
+            x_2 = (x + derivative * dt).to(x.dtype)
             derivative_2 = (x_2 - d(x_2, sigma_next, timesteps[i + 1])) / sigma_next
-            x = x + (derivative + derivative_2) / 2 * dt
+            x = (x + (derivative + derivative_2) / 2 * dt).to(x.dtype)
         if callback is not None:
             callback({"i": i, "x": x})
     return x

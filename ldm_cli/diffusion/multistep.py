@@ -73,6 +73,7 @@ def sample_unipc(model, x, sigmas, timesteps, prediction_type, callback=None):
     first corrects the previous prediction with the new x0 estimate (UniC), then predicts the next x
     (UniP); first order at the first and last step."""
     t_device = timesteps.to(x.device)
+    sigmas = sigmas.to(x.device)  # as diffusers: UniPC's coefficients are computed on the latents' device
     x0s = []  # x0 estimates of the previous steps, newest last
     last_x, order = None, 1
     for i in range(len(timesteps)):

@@ -67,6 +67,10 @@ def _check_sane(unet, vae, text_encoder, tokenizer, model: str) -> None:
     check(isinstance(limit, int) and 1 <= limit <= positions,
           f"{model}: the tokenizer's model_max_length {limit} is outside 1..{positions} (the text encoder's "
           "positions); the tokenizer config is damaged")
+    for name, module in (("U-Net", unet), ("VAE", vae), ("text encoder", text_encoder)):
+        missing = [n for n, p in module.named_parameters() if p.is_meta]
+        check(not missing, f"{model}: the {name}'s weights lack {len(missing)} tensor(s) its config asks for "
+              f"({missing[0] if missing else ''}...); the weights and config do not belong together")
     check(len(tokenizer) <= text_encoder.config.vocab_size, f"{model}: the tokenizer has {len(tokenizer)} tokens, "
           f"the text encoder {text_encoder.config.vocab_size}: they do not belong together")
 

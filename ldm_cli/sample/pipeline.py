@@ -46,6 +46,9 @@ def encode_prompts(c: Components, prompts: list[str], negatives: list[str], cfg:
 def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Settings, plan: Plan,
             on_step: StepCallback | None = None) -> torch.Tensor:
     """Run the plan's sampler from x with these embeddings, decode to images in [0, 1]."""
+    if getattr(c.unet.config, "time_cond_proj_dim", None) is not None:
+        raise LdmError("this U-Net takes a guidance-scale embedding (an LCM-distilled model, time_cond_proj_dim); "
+                       "ldm does not feed one yet: use the base model with an LCM LoRA (--lora) and --sampler lcm")
     model = guided(unet or plain_runner(c), cond, uncond, s.cfg)
 
     def callback(info):
