@@ -39,6 +39,13 @@ class Settings:
     # sigma spacing of the sigma samplers; "default" keeps the model's leading/trailing/linspace spacing
     schedule: str = option("default", f"Sigma spacing for {', '.join(SIGMA_SAMPLERS)}: default (the model's), "
                            "karras or exponential.", choices=tuple(SCHEDULES))
+    # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2); None: diffusers' defaults
+    original_size: str | None = option(None, "SDXL: the original size it is told, WIDTHxHEIGHT (default: the "
+                                       "output size).", metavar="WxH")
+    crops_coords_top_left: str | None = option(None, "SDXL: the crop corner it is told, TOP,LEFT (default: 0,0).",
+                                               metavar="TOP,LEFT")
+    target_size: str | None = option(None, "SDXL: the target size it is told, WIDTHxHEIGHT (default: the output "
+                                     "size).", metavar="WxH")
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class Job:
         known = {f.name for f in fields(Settings)}
         kw = {}
         for k, v in d.items():  # metadata may be hostile: coerce every value to its declared type
-            if k in known and not (v is None and k in ("width", "height", "strength")):
+            if k in known and not (v is None and k in ("width", "height", "strength", *MICRO)):
                 if isinstance(v, (bool, dict, list)):
                     raise ValueError(f"{k} has the wrong type")
                 if OVERRIDE_TYPES[k] is int and not isinstance(v, int):  # steps 2.9 must not become 2
@@ -75,7 +82,20 @@ class Job:
 
 
 OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "eta": float, "width": int, "height": int,
-                  "negative": str, "strength": float, "num_images": int, "sampler": str, "schedule": str}
+                  "negative": str, "strength": float, "num_images": int, "sampler": str, "schedule": str,
+                  "original_size": str, "crops_coords_top_left": str, "target_size": str}
+
+
+MICRO = ("original_size", "crops_coords_top_left", "target_size")
+
+
+def micro_pair(text: str, what: str) -> tuple[int, int]:
+    """'1024x768' (width x height) -> (768, 1024), diffusers' (height, width); 'TOP,LEFT' -> (top, left)."""
+    sep = "," if what.endswith("crops_coords_top_left") else "x"
+    a, _, b = text.partition(sep)
+    check(a.strip().isdigit() and b.strip().isdigit() and int(a) <= 100_000 and int(b) <= 100_000,
+          f"{what.replace('_', '-')} must be {'TOP,LEFT' if sep == ',' else 'WIDTHxHEIGHT'} in pixels, got {text!r}")
+    return (int(a), int(b)) if sep == "," else (int(b), int(a))
 
 
 def validate(s: Settings, where: str = "") -> None:
@@ -89,6 +109,9 @@ def validate(s: Settings, where: str = "") -> None:
     if s.negative:
         check_text(s.negative, f"{where}negative prompt")
     flag = where or "--"
+    for name in MICRO:
+        if getattr(s, name) is not None:
+            micro_pair(getattr(s, name), f"{flag}{name}")
     check(s.schedule == "default" or s.sampler in SIGMA_SAMPLERS, f"{flag}schedule {s.schedule} applies to "
           f"{', '.join(SIGMA_SAMPLERS)}; {s.sampler} keeps the model's spacing (drop it, or pick one of those)")
     check(s.eta == 0 or s.sampler == "ddim", f"{flag}eta applies to --sampler ddim only, got eta {s.eta} with "

@@ -80,3 +80,18 @@ def shapes(tmp_path_factory):
         (sub / f"{i}.txt").write_text(f"a {colour} {shape}")
     Image.new("RGB", (64, 64)).save(root / "no-caption.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL model folder (two text encoders, text_time addition embedding), save_pretrained."""
+    from tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory) -> Path:
+    from tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-refiner", refiner=True, seed=2)

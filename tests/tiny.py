@@ -77,3 +77,53 @@ def guided_inputs(unet, batch: int):
     x = torch.randn(batch, unet.config.in_channels, 16, 16, generator=g)
     context = torch.randn(2 * batch, 7, unet.config.cross_attention_dim, generator=g)
     return x, torch.tensor(10), context
+
+
+def build_sdxl_pipeline(refiner: bool = False, seed: int = 0, tokenizer_dir: Path | None = None):
+    """A diffusers StableDiffusionXL(Img2Img)Pipeline with tiny random weights: two text encoders (CLIP-L
+    and a bigG-like one with a projection), addition_embed_type "text_time" (pooled embedding + six
+    micro-conditioning numbers), 64x64 images. refiner: only the second encoder, aesthetic-score ids."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(Path(tokenizer_dir or tempfile.mkdtemp()))
+    text_kw = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                   num_hidden_layers=3, vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="gelu",
+                   projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_kw))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_kw))
+    # time ids: 6 numbers x addition_time_embed_dim 8, plus the pooled 32 (the refiner: 5 numbers)
+    ids = 5 if refiner else 6
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=ids * 8 + 32,
+        cross_attention_dim=32 if refiner else 64, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=64, force_upcast=True, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_encoder_2,
+                                                tokenizer=None, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def save_tiny_sdxl(folder: Path, **kw) -> Path:
+    pipe = build_sdxl_pipeline(tokenizer_dir=folder.parent / (folder.name + "-tok"), **kw)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -8,6 +8,7 @@ launch. Capture costs about a second, not the ~100 s of torch.compile.
 
 import torch
 
+from ldm_cli.diffusion.conditioning import parts, rebuild
 from ldm_cli.models.unet import call_unet
 
 
@@ -23,23 +24,25 @@ class GraphedUNet:
         self.graphs = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def _forward(self, x, t, context):
-        return call_unet(self.unet, x, t, context)
+    def _forward(self, x, t, *context):
+        return call_unet(self.unet, x, t, rebuild(self.like, context))
 
     def __call__(self, x, t, context):
-        key = (tuple(x.shape), tuple(context.shape), x.dtype, t.dtype)  # t: int64 (DDIM) or float32 (Euler)
+        ctx = parts(context)  # SDXL: token states, pooled embedding, micro-conditioning
+        # t: int64 (DDIM) or float32 (Euler)
+        key = (tuple(x.shape), *(tuple(c.shape) for c in ctx), x.dtype, t.dtype)
+        self.like = context
         if key not in self.graphs:
-            self.graphs[key] = self._capture(x, t, context)
-        graph, (x_in, t_in, ctx_in), out = self.graphs[key]
-        x_in.copy_(x)
-        t_in.copy_(t)
-        ctx_in.copy_(context)
+            self.graphs[key] = self._capture(x, t, ctx)
+        graph, inputs, out = self.graphs[key]
+        for static, value in zip(inputs, (x, t, *ctx)):
+            static.copy_(value)
         graph.replay()
         return out
 
     @torch.no_grad()
     def _capture(self, x, t, context):
-        inputs = (x.clone(), t.clone(), context.clone())
+        inputs = (x.clone(), t.clone(), *(c.clone() for c in context))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up: cuDNN/cuBLAS pick algorithms, lazy inits run

@@ -4,6 +4,8 @@ from collections.abc import Callable
 
 import torch
 
+from ldm_cli.diffusion.conditioning import cat
+
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -23,7 +25,7 @@ def guided(unet: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_
     """
     if not guidance_on(cfg_scale, uncond is not None):
         return lambda x, t: unet(x, t, cond)
-    context = torch.cat([uncond, cond])
+    context = cat([uncond, cond])
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out_uncond, out_cond = unet(x, t, context).chunk(2)

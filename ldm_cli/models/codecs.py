@@ -17,14 +17,40 @@ def encode_text(c: Components, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_text_sdxl(c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning (StableDiffusionXLPipeline.encode_prompt): each text encoder's penultimate
+    hidden states, concatenated on the feature axis ([B, 77, 768 + 1280] for SDXL base, 1280 for the
+    refiner), and the second encoder's pooled, projected embedding [B, 1280]."""
+    if c.batch_invariant and len(prompts) > 1:
+        pairs = [encode_text_sdxl(c, [p]) for p in prompts]
+        return torch.cat([h for h, _ in pairs]), torch.cat([p for _, p in pairs])
+    states, pooled = [], None
+    for tokenizer, encoder in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
+        if encoder is None:  # the refiner has only the second
+            continue
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(c.device), output_hidden_states=True)
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
+            pooled = out[0]
+        states.append(out.hidden_states[-2])  # the penultimate layer, as SDXL was trained
+    return torch.cat(states, dim=-1).to(c.text_encoder_2.dtype), pooled
+
+
+@torch.no_grad()
 def encode_image(c: Components, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Pixels in [-1, 1], [1, 3, H, W] -> latent, drawn from the VAE posterior with `generator`."""
-    pixels = pixels.to(c.device, c.dtype)
+    pixels = pixels.to(c.device, vae_dtype(c))
     use_vae_tiling(c, *pixels.shape[-2:])
     out = c.vae.encode(pixels)
     # AutoencoderKL gives a posterior to sample; AutoencoderTiny gives the latent itself.
     latent = out.latent_dist.sample(generator) if hasattr(out, "latent_dist") else out.latents
-    return latent * c.vae.config.scaling_factor
+    return c.vae.config.scaling_factor * latent.to(c.dtype)
+
+
+def vae_dtype(c: Components) -> torch.dtype:
+    """The VAE's own dtype: fp32 for SDXL's VAE under fp16 (it overflows there; load.py upcasts it)."""
+    return next(c.vae.parameters()).dtype
 
 
 TILE_ABOVE_PIXELS = 1024 * 1024
@@ -45,5 +71,5 @@ def decode_latents(c: Components, latents: torch.Tensor) -> torch.Tensor:
     if c.batch_invariant and len(latents) > 1:
         return torch.cat([decode_latents(c, x[None]) for x in latents])
     use_vae_tiling(c, latents.shape[-2] * c.vae_scale, latents.shape[-1] * c.vae_scale)
-    image = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
+    image = c.vae.decode((latents / c.vae.config.scaling_factor).to(vae_dtype(c)), return_dict=False)[0]
     return (image / 2 + 0.5).clamp(0, 1).float()

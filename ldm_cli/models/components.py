@@ -50,6 +50,13 @@ class Components:
     dtype: torch.dtype
     lora: str = ""  # LoRA fused into the weights, "file@scale" (recorded in PNGs), or ""
     vae_tiling: str = "auto"  # "on", "off", or "auto": tiles only above TILE_ABOVE_PIXELS
+    # SDXL (detected from the files, never the name): a second text encoder, OpenCLIP bigG with projection;
+    # the refiner has only that one (text_encoder and tokenizer None)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+    family: str = "sd"  # "sd" (1.x/2.x), "sdxl", "sdxl-refiner"
+    force_zeros_for_empty_prompt: bool = False  # SDXL base: no negative prompt means zero embeddings
+    requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score in place of the target size
 
     @property
     def batch_invariant(self) -> bool:

@@ -46,33 +46,46 @@ def load_components(model: str, device: str = "auto", dtype: str = "auto", allow
     else:
         where = "no such folder or file" if path.parent.is_dir() or model.startswith((".", "/", "~")) else "not found"
         raise LdmError(f"model {model!r}: {where}; give a diffusers folder, a .safetensors file or a hub id")
-    unet, vae, text_encoder, tokenizer, scheduler_config = parts
-    _check_sane(unet, vae, text_encoder, tokenizer, model)
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval().to(dev, dt)
-    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                      scheduler_config=scheduler_config, schedule=schedule_from_config(scheduler_config),
-                      name=model, device=dev, dtype=dt)
+    _check_sane(parts, model)
+    unet, vae = parts["unet"], parts["vae"]
+    for m in (unet, vae, parts.get("text_encoder"), parts.get("text_encoder_2")):
+        if m is not None:
+            m.requires_grad_(False).eval().to(dev, dt)
+    family = "sd" if parts.get("text_encoder_2") is None else "sdxl" if parts.get("text_encoder") else "sdxl-refiner"
+    if family != "sd" and dt == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16; diffusers upcasts it too (force_upcast)
+    return Components(unet=unet, vae=vae, text_encoder=parts.get("text_encoder"), tokenizer=parts.get("tokenizer"),
+                      scheduler_config=parts["scheduler_config"], schedule=schedule_from_config(parts["scheduler_config"]),
+                      name=model, device=dev, dtype=dt, text_encoder_2=parts.get("text_encoder_2"),
+                      tokenizer_2=parts.get("tokenizer_2"), family=family,
+                      force_zeros_for_empty_prompt=bool(parts.get("force_zeros_for_empty_prompt", False)),
+                      requires_aesthetics_score=bool(parts.get("requires_aesthetics_score", False)))
 
 
-def _check_sane(unet, vae, text_encoder, tokenizer, model: str) -> None:
+def _check_sane(parts: dict, model: str) -> None:
     """Configs a crafted or broken folder may carry, refused before they cost hours or all memory."""
+    unet, vae = parts["unet"], parts["vae"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     side = getattr(unet.config, "sample_size", 0)
     side = max(side) if isinstance(side, (list, tuple)) else side
     check(isinstance(side, int) and 1 <= side * scale <= 8192,
           f"{model}: the U-Net's sample_size {side} (x{scale} pixels) is outside 1..8192 pixels; the config is damaged")
-    limit = getattr(tokenizer, "model_max_length", 0)
-    positions = getattr(text_encoder.config, "max_position_embeddings", 77)
-    check(isinstance(limit, int) and 1 <= limit <= positions,
-          f"{model}: the tokenizer's model_max_length {limit} is outside 1..{positions} (the text encoder's "
-          "positions); the tokenizer config is damaged")
-    for name, module in (("U-Net", unet), ("VAE", vae), ("text encoder", text_encoder)):
-        missing = [n for n, p in module.named_parameters() if p.is_meta]
+    for te, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        text_encoder, tokenizer = parts.get(te), parts.get(tok)
+        if text_encoder is None:
+            continue
+        limit = getattr(tokenizer, "model_max_length", 0)
+        positions = getattr(text_encoder.config, "max_position_embeddings", 77)
+        check(isinstance(limit, int) and 1 <= limit <= positions,
+              f"{model}: the {tok}'s model_max_length {limit} is outside 1..{positions} (the text encoder's "
+              "positions); the tokenizer config is damaged")
+        check(len(tokenizer) <= text_encoder.config.vocab_size, f"{model}: the {tok} has {len(tokenizer)} tokens, "
+              f"its text encoder {text_encoder.config.vocab_size}: they do not belong together")
+    for name, module in (("U-Net", unet), ("VAE", vae), ("text encoder", parts.get("text_encoder")),
+                         ("second text encoder", parts.get("text_encoder_2"))):
+        missing = [n for n, p in module.named_parameters() if p.is_meta] if module is not None else []
         check(not missing, f"{model}: the {name}'s weights lack {len(missing)} tensor(s) its config asks for "
               f"({missing[0] if missing else ''}...); the weights and config do not belong together")
-    check(len(tokenizer) <= text_encoder.config.vocab_size, f"{model}: the tokenizer has {len(tokenizer)} tokens, "
-          f"the text encoder {text_encoder.config.vocab_size}: they do not belong together")
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -101,21 +114,27 @@ def _read_json(path: Path) -> dict:
 
 
 def _load_folder(path: Path, allow_unsafe_pickle: bool, dtype: torch.dtype = torch.float32,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu")) -> dict:
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     check((path / "model_index.json").is_file(),
           f"{path}: not a diffusers model folder (no model_index.json)")
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    index = _read_json(path / "model_index.json")
+    sdxl = (path / "text_encoder_2").is_dir()  # the family from the files: SDXL has a second text encoder
+    encoders = [("text_encoder", "tokenizer", CLIPTextModel)] if (path / "text_encoder").is_dir() or not sdxl else []
+    encoders += [("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)] if sdxl else []
+    for sub in ("unet", "vae", "scheduler", *(name for pair in encoders for name in pair[:2])):
         check((path / sub).is_dir(), f"{path}: model folder has no {sub}/ component")
     if not allow_unsafe_pickle:
-        for sub in ("unet", "vae", "text_encoder"):
+        for sub in ("unet", "vae", *(pair[0] for pair in encoders)):
             has_safe = any((path / sub).glob("*.safetensors"))
             check(has_safe or not any(p.suffix in PICKLE_SUFFIXES for p in (path / sub).iterdir()),
                   f"{path / sub}: weights are pickle files only, which can run code when loaded; "
                   "convert them to .safetensors or pass --allow-unsafe-pickle if you trust them")
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    parts = {"scheduler_config": _read_json(path / "scheduler" / "scheduler_config.json"),
+             "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", False) is True,
+             "requires_aesthetics_score": index.get("requires_aesthetics_score", False) is True}
     vae_class = _read_json(path / "vae" / "config.json").get("_class_name", "AutoencoderKL")
     vae_cls = AutoencoderTiny if vae_class == "AutoencoderTiny" else AutoencoderKL
     safe = True if not allow_unsafe_pickle else None  # None: safetensors where present, else pickle
@@ -123,13 +142,14 @@ def _load_folder(path: Path, allow_unsafe_pickle: bool, dtype: torch.dtype = tor
     if device.type == "cuda":
         kw["device_map"] = str(device)  # safetensors straight to the GPU, no staging copy in CPU memory
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = vae_cls.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        parts["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        parts["vae"] = vae_cls.from_pretrained(path, subfolder="vae", **kw)
+        for encoder, tokenizer, cls in encoders:
+            parts[encoder] = cls.from_pretrained(path, subfolder=encoder, **kw)
+            parts[tokenizer] = CLIPTokenizer.from_pretrained(path, subfolder=tokenizer)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise LdmError(f"{path}: could not load the model: {_one_line(e)}") from e
-    return unet, vae, text_encoder, tokenizer, scheduler_config
+    return parts
 
 
 def _load_single_file(path: Path, allow_unsafe_pickle: bool, config: str | None):
@@ -148,7 +168,8 @@ def _load_single_file(path: Path, allow_unsafe_pickle: bool, config: str | None)
     except Exception as e:  # diffusers raises many types here; the message is what matters
         hint = "" if config else " (--config DIR_OR_HUB_ID gives the component configs)"
         raise LdmError(f"{path}: could not load as a Stable Diffusion checkpoint{hint}: {_one_line(e)}") from e
-    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config)
+    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+            "scheduler_config": dict(pipe.scheduler.config)}
 
 
 def _check_safetensors_header(path: Path) -> None:

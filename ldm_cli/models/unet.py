@@ -3,6 +3,7 @@
 
 import torch
 
+from ldm_cli.diffusion.conditioning import unet_kwargs
 from ldm_cli.models.components import Components
 
 
@@ -21,8 +22,9 @@ def plain_runner(c: Components):
     return f
 
 
-def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """The U-Net's output for latents `x` under `context`, whose batch is k times x's: each latent is
+def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context) -> torch.Tensor:
+    """The U-Net's output for latents `x` under `context` (a tensor, or SDXL's conditioning.AddedCond),
+    whose batch is k times x's: each latent is
     evaluated under k contexts, as the batch [x; x; ...] (k = 2 for guidance's [uncond; cond]).
     With k == 2 the first self-attention runs once for both halves (SharedHalvesAttention)."""
     repeats = len(context) // len(x)
@@ -33,10 +35,10 @@ def call_unet(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> 
         t = t.repeat(repeats) if t.dim() else t
     shared = first_self_attention(unet) if repeats == 2 else None
     if shared is None:
-        return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        return unet(x, t, **unet_kwargs(context), return_dict=False)[0]
     shared.halves_equal = True
     try:
-        return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        return unet(x, t, **unet_kwargs(context), return_dict=False)[0]
     finally:
         shared.halves_equal = False
 

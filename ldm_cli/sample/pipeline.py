@@ -16,12 +16,13 @@ from itertools import groupby
 
 import torch
 
+from ldm_cli.diffusion.conditioning import AddedCond
 from ldm_cli.diffusion.guidance import guidance_on, guided
 from ldm_cli.diffusion.plan import Plan, make_plan
-from ldm_cli.errors import RUNTIME, LdmError
+from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.io import images
-from ldm_cli.jobs import Job, Settings
-from ldm_cli.models.codecs import decode_latents, encode_image, encode_text
+from ldm_cli.jobs import MICRO, Job, Settings, micro_pair
+from ldm_cli.models.codecs import decode_latents, encode_image, encode_text, encode_text_sdxl
 from ldm_cli.models.components import Components
 from ldm_cli.models.unet import plain_runner
 
@@ -38,9 +39,36 @@ def randn_like_each(shape, gens: list[torch.Generator], c: Components, dtype=Non
     return torch.cat(draws).to(c.device)
 
 
-def encode_prompts(c: Components, prompts: list[str], negatives: list[str], cfg: float):
-    """(cond, uncond) text embeddings; uncond only when guidance is on. Once per batch, outside the loop."""
-    return encode_text(c, prompts), encode_text(c, negatives) if guidance_on(cfg) else None
+def encode_prompts(c: Components, prompts: list[str], negatives: list[str], s: Settings):
+    """(cond, uncond) conditioning; uncond only when guidance is on. Once per batch, outside the loop."""
+    if c.family == "sd":
+        check(all(getattr(s, k) is None for k in MICRO), "--original-size, --crops-coords-top-left and "
+              "--target-size are SDXL's micro-conditioning; this model is not SDXL")
+        return encode_text(c, prompts), encode_text(c, negatives) if guidance_on(s.cfg) else None
+    hidden, pooled = encode_text_sdxl(c, prompts)
+    ids, negative_ids = sdxl_time_ids(c, s)
+    cond = AddedCond(hidden, pooled, ids.to(c.device, hidden.dtype).expand(len(prompts), -1))
+    if not guidance_on(s.cfg):
+        return cond, None
+    if c.force_zeros_for_empty_prompt and not any(negatives):  # SDXL base's rule for "no negative prompt"
+        uncond_hidden, uncond_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    else:
+        uncond_hidden, uncond_pooled = encode_text_sdxl(c, negatives)
+    return cond, AddedCond(uncond_hidden, uncond_pooled, negative_ids.to(c.device, hidden.dtype).expand(len(prompts), -1))
+
+
+def sdxl_time_ids(c: Components, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's six micro-conditioning numbers, for the prompt and the negative prompt: original size (h, w),
+    crop top-left (top, left), and the target size (h, w), or for the refiner an aesthetic score (6 for
+    the prompt, 2.5 for the negative, diffusers' defaults) in its place."""
+    size = (s.height, s.width)
+    original = micro_pair(s.original_size, "original_size") if s.original_size else size
+    crop = micro_pair(s.crops_coords_top_left, "crops_coords_top_left") if s.crops_coords_top_left else (0, 0)
+    target = micro_pair(s.target_size, "target_size") if s.target_size else size
+    if c.requires_aesthetics_score:
+        return torch.tensor([[*original, *crop, 6.0]]), torch.tensor([[*original, *crop, 2.5]])
+    ids = torch.tensor([[*original, *crop, *target]], dtype=torch.float32)
+    return ids, ids
 
 
 def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Settings, plan: Plan,
@@ -62,7 +90,7 @@ def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Setting
 
 def txt2img(c: Components, prompts: list[str], negatives: list[str], seeds: list[int], s: Settings,
             on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
-    return txt2img_from(c, *encode_prompts(c, prompts, negatives, s.cfg), seeds, s, on_step, unet)
+    return txt2img_from(c, *encode_prompts(c, prompts, negatives, s), seeds, s, on_step, unet)
 
 
 def txt2img_from(c: Components, cond, uncond, seeds: list[int], s: Settings, on_step: StepCallback | None = None,
@@ -77,7 +105,7 @@ def txt2img_from(c: Components, cond, uncond, seeds: list[int], s: Settings, on_
 
 def img2img(c: Components, pixels: list[torch.Tensor], prompts: list[str], negatives: list[str],
             seeds: list[int], s: Settings, on_step: StepCallback | None = None, unet=None) -> torch.Tensor:
-    return img2img_from(c, pixels, *encode_prompts(c, prompts, negatives, s.cfg), seeds, s, on_step, unet)
+    return img2img_from(c, pixels, *encode_prompts(c, prompts, negatives, s), seeds, s, on_step, unet)
 
 
 def img2img_from(c: Components, pixels: list[torch.Tensor], cond, uncond, seeds: list[int], s: Settings,
