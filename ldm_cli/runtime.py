@@ -21,12 +21,13 @@ def quiet_environment() -> None:
 
 
 def quiet_libraries() -> None:
-    """diffusers/transformers print progress bars and advice on every load and save."""
+    """diffusers/transformers print progress bars and advice on every load and save, and log as errors
+    what ldm then reports itself, in one line (a LoRA that does not fit): only critical lines pass."""
     import diffusers
     import transformers
 
     for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.set_verbosity(logging.CRITICAL)
         lib.utils.logging.disable_progress_bar()
 
 

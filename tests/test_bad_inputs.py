@@ -88,6 +88,10 @@ def build_inputs(tmp, tiny_model):
     os.mkfifo(img / "fifo.png")
     Image.new("1", (8192 + 8, 16)).save(img / "wide.png")
     (m / "empty.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file  # names of an SGM-layout SDXL checkpoint, tiny tensors
+    save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+               "conditioner.embedders.1.model.ln_final.weight": torch.ones(4),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4, 3, 3)}, m / "sdxl-like.safetensors")
     (m / "huge-unet.json").write_text(json.dumps({"block_out_channels": [100000, 100000]}))
     for name, sub, file, change in (("huge-sample", "unet", "config.json", {"sample_size": 100000}),
                                     ("huge-tokens", "tokenizer", "tokenizer_config.json", {"model_max_length": 10**9}),
@@ -163,6 +167,12 @@ def cases(tmp, tiny_model, shapes):
          "sampler.txt:2: sampler must be ddim"),
         ("jsonl schedule for ddim", ("sample", "--prompt-file", p / "sampler.jsonl", *tm), 2,
          "sampler.jsonl:2: schedule karras applies to euler"),
+        ("SDXL single file, no configs offline", ("sample", "x", "--model", m / "sdxl-like.safetensors"), 2,
+         "could not load as an SDXL checkpoint (--config DIR_OR_HUB_ID"),
+        ("SDXL micro-conditioning on SD", (*s, "--target-size", "64x64"), 2, "this model is not SDXL"),
+        ("bad --original-size", (*s, "--original-size", "64by64"), 2, "--original-size must be WIDTHxHEIGHT"),
+        ("bad --crops-coords-top-left", (*s, "--crops-coords-top-left", "3x4"), 2,
+         "--crops-coords-top-left must be TOP,LEFT"),
         ("LCM-distilled U-Net", ("sample", "x", "--model", m / "lcm-distilled", "--steps", "2"), 2,
          "takes a guidance-scale embedding"),
         ("weights missing for the config", ("sample", "x", "--model", m / "missing-weights", "--steps", "2"), 2,

@@ -102,3 +102,46 @@ def test_cli_sample_and_info(ldm, tiny_sdxl, tiny_model, tmp_path):
     assert Image.open(made["path"]).size == (64, 64) and made["original_size"] == "128x128"
     r = ldm("sample", "a cat", "--model", tiny_model, "--steps", 1, "--original-size", "128x128", "--out", tmp_path)
     assert r.returncode == 2 and "not SDXL" in r.stderr and r.stderr.count("\n") == 1
+
+
+def write_lora(unet_dir, out, sdxl):
+    """A random rank-4 LoRA for this U-Net, in diffusers' file format."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from ldm_cli.models.lora import add_lora
+
+    unet = UNet2DConditionModel.from_pretrained(unet_dir)
+    add_lora(unet, 4)
+    torch.manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
+        out, unet_lora_layers=layers, safe_serialization=True)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def test_sdxl_lora_matches_diffusers_and_mismatches_are_one_line(ldm, tiny_sdxl, tiny_model, tmp_path):
+    from ldm_cli.models.lora import apply_lora
+
+    lora = write_lora(tiny_sdxl / "unet", tmp_path / "xl", sdxl=True)
+    sd_lora = write_lora(tiny_model / "unet", tmp_path / "sd", sdxl=False)
+    c = load_components(str(tiny_sdxl), device="cpu", dtype="fp32")
+    apply_lora(c, str(lora), 0.8)
+    s = Settings(steps=4, cfg=5.0, width=64, height=64)
+    ours = pipeline.txt2img(c, ["a cat"], [""], [2], s).permute(0, 2, 3, 1).numpy()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    pipe.fuse_lora(lora_scale=0.8)
+    ref = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(2)).images
+    plain = pipeline.txt2img(ours_loaded(tiny_sdxl), ["a cat"], [""], [2], s).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - ref).max() <= TOL and np.abs(ours - plain).max() > 100 * TOL
+    for model, wrong in ((tiny_model, lora), (tiny_sdxl, sd_lora)):
+        r = ldm("sample", "x", "--model", model, "--lora", wrong, "--steps", 1, "--out", tmp_path / "out")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--lora" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

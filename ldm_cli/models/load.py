@@ -153,32 +153,44 @@ def _load_folder(path: Path, allow_unsafe_pickle: bool, dtype: torch.dtype = tor
 
 
 def _load_single_file(path: Path, allow_unsafe_pickle: bool, config: str | None):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     suffix = path.suffix.lower()
+    keys = ()
     if suffix in PICKLE_SUFFIXES:
         check(allow_unsafe_pickle, f"{path}: {suffix} files are pickles, which can run code when loaded; "
               "use a .safetensors file or pass --allow-unsafe-pickle if you trust it")
     else:
         check(suffix == ".safetensors", f"{path}: not a model file (expected .safetensors or a folder)")
-        _check_safetensors_header(path)
+        keys = _check_safetensors_header(path)
+    # the family from the tensors' names (original SGM layout): SDXL's conditioner holds its text encoders,
+    # the base two (embedders.0 CLIP-L, .1 bigG), the refiner one (embedders.0 bigG)
+    sdxl = any(k.startswith("conditioner.embedders.") for k in keys)
+    refiner = sdxl and not any(k.startswith("conditioner.embedders.1.") for k in keys)
+    cls = (StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline) if sdxl else StableDiffusionPipeline
+    kw = {} if sdxl else dict(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=config, safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_single_file(str(path), config=config, **kw)
     except Exception as e:  # diffusers raises many types here; the message is what matters
         hint = "" if config else " (--config DIR_OR_HUB_ID gives the component configs)"
-        raise LdmError(f"{path}: could not load as a Stable Diffusion checkpoint{hint}: {_one_line(e)}") from e
-    return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
-            "scheduler_config": dict(pipe.scheduler.config)}
+        family = "an SDXL" if sdxl else "a Stable Diffusion"
+        raise LdmError(f"{path}: could not load as {family} checkpoint{hint}: {_one_line(e)}") from e
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+             "scheduler_config": dict(pipe.scheduler.config)}
+    if sdxl:
+        parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                     force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+                     requires_aesthetics_score=bool(pipe.config.get("requires_aesthetics_score", False)))
+    return parts
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Fail early, with the file's name, on a truncated or non-safetensors file."""
+def _check_safetensors_header(path: Path) -> list[str]:
+    """The tensor names; fails early, with the file's name, on a truncated or non-safetensors file."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            f.keys()
+            return list(f.keys())
     except Exception as e:
         raise LdmError(f"{path}: not a valid .safetensors file ({_one_line(e)})") from e
 

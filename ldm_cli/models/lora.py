@@ -34,9 +34,22 @@ def save_lora(unet, out_dir: Path) -> Path:
     return out_dir / WEIGHT_NAME
 
 
+def _lora_pipeline(c):
+    """The diffusers pipeline whose LoRA loader fits c's family (SDXL's reads both text encoders' keys,
+    and kohya's SDXL names), over c's own modules."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    if c.family == "sd":
+        return StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                       scheduler=None, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    cls = StableDiffusionXLPipeline if c.family == "sdxl" else StableDiffusionXLImg2ImgPipeline
+    return cls(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
+               tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=None)
+
+
 def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = False) -> None:
     """Fuse the LoRA at `path` (a file, or a folder holding pytorch_lora_weights.*) into c's networks."""
-    from diffusers import StableDiffusionPipeline
 
     p = Path(path)
     if p.is_dir():
@@ -57,15 +70,13 @@ def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = Fal
     check(p.suffix == ".safetensors" or allow_unsafe_pickle,
           f"--lora {path}: pickle weights can run code when loaded; use a .safetensors file or pass "
           "--allow-unsafe-pickle if you trust it")
-    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                   scheduler=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = _lora_pipeline(c)
     try:
         pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name="ldm")
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise LdmError(f"--lora {path}: not a LoRA for this model ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    check(bool(getattr(c.unet, "peft_config", None) or getattr(c.text_encoder, "peft_config", None)),
+    check(any(getattr(m, "peft_config", None) for m in (c.unet, c.text_encoder, c.text_encoder_2)),
           f"--lora {path}: none of its tensors fit this model's layers")
     pipe.fuse_lora(lora_scale=scale, adapter_names=["ldm"])
     pipe.unload_lora_weights()  # drops the adapter modules; the fused weights stay
