@@ -71,3 +71,16 @@ def test_samplers_on_cuda_graphs_equal_eager(cuda_model, sampler, schedule):
                            [3], s)
     assert torch.allclose(graphed, eager, atol=2e-3), (graphed - eager).abs().max()  # seen: <= 1.0e-3
     assert torch.allclose(eager.cpu(), cpu, atol=2e-3), (eager.cpu() - cpu).abs().max()
+
+
+def test_sdxl_on_cuda_fp16(tiny_sdxl):
+    """SDXL through the CUDA-graphed runner in fp16 (the AddedCond's three tensors copied into the graph's
+    inputs; the VAE upcast to fp32 by load) gives the eager image, and the fp32 CPU one up to fp16 rounding."""
+    c = load_components(str(tiny_sdxl), device="cuda", dtype="fp16")
+    assert next(c.vae.parameters()).dtype == torch.float32 and c.unet.dtype == torch.float16
+    s = Settings(steps=6, cfg=5.0, width=64, height=64, original_size="128x96")
+    eager = pipeline.txt2img(c, ["a red cat"], [""], [3], s)
+    graphed = pipeline.txt2img(c, ["a red cat"], [""], [3], s, unet=build_runner(c, "graphs"))
+    cpu = pipeline.txt2img(load_components(str(tiny_sdxl), device="cpu", dtype="fp32"), ["a red cat"], [""], [3], s)
+    assert torch.allclose(graphed, eager, atol=2e-3), (graphed - eager).abs().max()
+    assert torch.allclose(eager.cpu(), cpu, atol=2e-2), (eager.cpu() - cpu).abs().max()
