@@ -145,3 +145,77 @@ def test_sdxl_lora_matches_diffusers_and_mismatches_are_one_line(ldm, tiny_sdxl,
         r = ldm("sample", "x", "--model", model, "--lora", wrong, "--steps", 1, "--out", tmp_path / "out")
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--lora" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_train_sdxl_full_and_lora_load_in_diffusers(shapes, tiny_sdxl, tmp_path):
+    """Fine-tune and LoRA on a tiny SDXL: loss falls; diffusers' SDXL pipeline loads what was written and
+    gives ldm's image; the micro-conditioning is the images' own (72x64 images: a 4-pixel centre crop)."""
+    from ldm_cli.models.lora import apply_lora
+    from ldm_cli.train.config import TrainConfig
+    from ldm_cli.train.loop import train
+
+    base = dict(data_dir=str(shapes), model=str(tiny_sdxl), batch_size=4, seed=1, device="cpu",
+                cache_dir=str(tmp_path / "cache"))
+    model_dir = train(TrainConfig(**base, out_dir=str(tmp_path / "full"), max_steps=40, lr=1e-3))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 40 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    s = Settings(steps=4, cfg=5.0, width=64, height=64)
+    ours = pipeline.txt2img(load_components(str(model_dir), device="cpu"), ["a red circle"], [""], [4], s)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    ref = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(4)).images
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - ref).max() <= TOL
+
+    lora_dir = train(TrainConfig(**base, out_dir=str(tmp_path / "lora"), max_steps=10, lr=1e-2, lora_rank=4))
+    c = load_components(str(tiny_sdxl), device="cpu", dtype="fp32")
+    apply_lora(c, str(lora_dir))
+    ours = pipeline.txt2img(c, ["a red circle"], [""], [4], s).permute(0, 2, 3, 1).numpy()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.fuse_lora()
+    ref = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(4)).images
+    plain = pipeline.txt2img(ours_loaded(tiny_sdxl), ["a red circle"], [""], [4], s).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - ref).max() <= TOL and np.abs(ours - plain).max() > 100 * TOL
+
+
+def test_train_sdxl_resume_is_bitwise(shapes, tiny_sdxl, tmp_path):
+    from ldm_cli.train.config import TrainConfig
+    from ldm_cli.train.loop import train
+
+    base = dict(data_dir=str(shapes), model=str(tiny_sdxl), batch_size=2, seed=3, device="cpu", max_steps=4,
+                checkpoint_every=2, lr=1e-3, cache=False)  # uncached: the crop comes from the pixels' path
+    whole = train(TrainConfig(**base, out_dir=str(tmp_path / "whole")))
+    cut = TrainConfig(**{**base, "max_steps": 2}, out_dir=str(tmp_path / "cut"))
+    train(cut)
+    resumed = train(TrainConfig(**base, out_dir=str(tmp_path / "cut")), resume="latest")
+    a = load_components(str(whole), device="cpu").unet.state_dict()
+    b = load_components(str(resumed), device="cpu").unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_centre_crop_conditioning_matches_the_pixels(shapes):
+    """The cached path's micro-conditioning (from the header) equals what loading the pixels records."""
+    import random
+
+    from ldm_cli.train.data import centre_crop_of, find_examples, load_pixels_and_crop
+
+    ex = find_examples(shapes)[0][0]
+    assert centre_crop_of(ex, 64) == load_pixels_and_crop(ex, 64, random.Random(0))[1] == (64, 72, 0, 4)
+    assert centre_crop_of(ex, 48) == load_pixels_and_crop(ex, 48, random.Random(0))[1]
+
+
+def test_train_refuses_what_it_cannot_train(shapes, tiny_sdxl, tiny_sdxl_refiner, tmp_path):
+    from ldm_cli.errors import LdmError
+    from ldm_cli.train.config import TrainConfig
+    from ldm_cli.train.loop import train
+
+    base = dict(data_dir=str(shapes), batch_size=2, device="cpu", max_steps=1, cache=False)
+    with pytest.raises(LdmError, match="an SDXL refiner"):
+        train(TrainConfig(**base, model=str(tiny_sdxl_refiner), out_dir=str(tmp_path / "a")))
+    with pytest.raises(LdmError, match="--from-scratch builds an SD-1.x-shaped U-Net"):
+        train(TrainConfig(**base, model=str(tiny_sdxl), from_scratch=True, unet_config="tiny",
+                          out_dir=str(tmp_path / "b")))
+    assert not (tmp_path / "a" / "model").exists() and not (tmp_path / "b" / "model").exists()

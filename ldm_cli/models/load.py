@@ -201,19 +201,28 @@ def _one_line(e: BaseException) -> str:
 
 
 def save_components(c: Components, out: Path) -> None:
-    """Write a diffusers folder that StableDiffusionPipeline.from_pretrained and ldm both load."""
+    """Write a diffusers folder that StableDiffusion(XL)Pipeline.from_pretrained and ldm both load."""
     from diffusers import DDIMScheduler
 
     c.unet.save_pretrained(out / "unet")
     c.vae.save_pretrained(out / "vae")
-    c.text_encoder.save_pretrained(out / "text_encoder")
-    c.tokenizer.save_pretrained(out / "tokenizer")
+    encoders = {"text_encoder": (c.text_encoder, c.tokenizer), "text_encoder_2": (c.text_encoder_2, c.tokenizer_2)}
+    index = {"_class_name": "StableDiffusionXLPipeline" if c.family != "sd" else "StableDiffusionPipeline",
+             "_diffusers_version": _diffusers_version(), "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", type(c.vae).__name__], "scheduler": ["diffusers", "DDIMScheduler"]}
+    for name, (encoder, tokenizer) in encoders.items():
+        if encoder is not None:
+            encoder.save_pretrained(out / name)
+            tokenizer.save_pretrained(out / name.replace("text_encoder", "tokenizer"))
+        if encoder is not None or c.family != "sd":
+            index[name] = ["transformers", type(encoder).__name__] if encoder is not None else [None, None]
+            index[name.replace("text_encoder", "tokenizer")] = (["transformers", "CLIPTokenizer"]
+                                                                if encoder is not None else [None, None])
+    if c.family == "sd":
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    else:
+        index.update(force_zeros_for_empty_prompt=c.force_zeros_for_empty_prompt)
     DDIMScheduler.from_config(c.scheduler_config).save_pretrained(out / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", type(c.vae).__name__],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "requires_safety_checker": False}
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 

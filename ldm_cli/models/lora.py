@@ -23,14 +23,16 @@ def add_lora(unet, rank: int, alpha: float | None = None) -> None:
                                 target_modules=TARGET_MODULES))
 
 
-def save_lora(unet, out_dir: Path) -> Path:
-    """Write the adapters as out_dir/pytorch_lora_weights.safetensors (diffusers' format)."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(unet, out_dir: Path, sdxl: bool = False) -> Path:
+    """Write the adapters as out_dir/pytorch_lora_weights.safetensors (diffusers' format, read by
+    StableDiffusion(XL)Pipeline.load_lora_weights)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    cls.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
     return out_dir / WEIGHT_NAME
 
 

@@ -12,11 +12,12 @@ from dataclasses import replace
 
 import torch
 
+from ldm_cli.diffusion.conditioning import AddedCond
 from ldm_cli.errors import LdmError
-from ldm_cli.models.codecs import encode_text
+from ldm_cli.models.codecs import encode_text, encode_text_sdxl
 from ldm_cli.train.cache import EncodedData
 from ldm_cli.train.config import TrainConfig
-from ldm_cli.train.data import load_pixels
+from ldm_cli.train.data import centre_crop_of, load_pixels_and_crop
 from ldm_cli.train.loss import sample_posterior
 
 log = logging.getLogger("ldm")
@@ -51,9 +52,14 @@ class Encoders:
                                   for p in pixels])
             return c.vae.encode(pixels.to(c.device, self.vae_dtype)).latent_dist.parameters.float()
 
-    def captions(self, captions: list[str]) -> torch.Tensor:
+    def captions(self, captions: list[str]):
+        """Token states [B, 77, D]; for SDXL (token states, pooled embedding)."""
+        c = replace(self.c, device=self.accelerator.device)
         with self.accelerator.autocast():
-            return encode_text(replace(self.c, device=self.accelerator.device), captions).float()
+            if c.family != "sd":
+                hidden, pooled = encode_text_sdxl(c, captions)
+                return hidden.float(), pooled.float()
+            return encode_text(c, captions).float()
 
 
 class Batches:
@@ -66,11 +72,12 @@ class Batches:
         self.world, self.rank = world, rank
         self.device = encoders.accelerator.device
         self.scaling_factor = encoders.c.vae.config.scaling_factor
+        self.sdxl = encoders.c.family != "sd"
         self.skipped: list[str] = []  # images found unreadable during the run (listed in OUT/skipped.txt)
         self.bad: set = set()
         self.position = {e.path: i for i, e in enumerate(examples)}  # for the replacement of a bad image
 
-    def _pixels(self, e, rng: random.Random) -> torch.Tensor:
+    def _pixels(self, e, rng: random.Random) -> tuple[torch.Tensor, tuple]:
         """An example's pixels; an image that cannot be read is skipped (listed), the next readable one in
         the data taken instead, so the step goes on (--strict: the run stops, after its checkpoint)."""
         cfg, n = self.cfg, len(self.examples)
@@ -80,7 +87,7 @@ class Batches:
             if candidate.path in self.bad:
                 continue
             try:
-                return load_pixels(candidate, cfg.resolution, rng, cfg.random_crop, cfg.random_flip)
+                return load_pixels_and_crop(candidate, cfg.resolution, rng, cfg.random_crop, cfg.random_flip)
             except LdmError as err:
                 if cfg.strict:
                     raise
@@ -100,8 +107,18 @@ class Batches:
         captions = ["" if d else e.caption for e, d in zip(batch, drop)]
         if self.cached is not None:
             moments = torch.stack([self.cached.moments[e.path] for e in batch]).to(self.device)
-            context = torch.stack([self.cached.context[cap] for cap in captions]).to(self.device)
+            texts = [self.cached.context[cap] for cap in captions]
+            crops = [centre_crop_of(e, cfg.resolution) for e in batch] if self.sdxl else None
         else:
-            pixels = torch.stack([self._pixels(e, rng) for e in batch])
-            moments, context = self.encoders.pixels(pixels), self.encoders.captions(captions)
-        return sample_posterior(moments, gen) * self.scaling_factor, context
+            loaded = [self._pixels(e, rng) for e in batch]
+            moments = self.encoders.pixels(torch.stack([p for p, _ in loaded]))
+            encoded = self.encoders.captions(captions)
+            texts = list(zip(*encoded)) if self.sdxl else list(encoded)
+            crops = [crop for _, crop in loaded]
+        latents = sample_posterior(moments, gen) * self.scaling_factor
+        if not self.sdxl:
+            return latents, torch.stack(texts).to(self.device)
+        # SDXL's micro-conditioning: original (h, w), crop (top, left), target (R, R), per image
+        ids = torch.tensor([[*crop, cfg.resolution, cfg.resolution] for crop in crops], dtype=torch.float32)
+        return latents, AddedCond(torch.stack([h for h, _ in texts]).to(self.device),
+                                  torch.stack([p for _, p in texts]).to(self.device), ids.to(self.device))

@@ -28,12 +28,14 @@ from ldm_cli.train.data import Example, load_pixels
 def cache_folder(cache_dir: str | None, resolution: int, c: Components) -> Path:
     """The cache folder for these encoders and settings (the layout above)."""
     h = hashlib.blake2b(digest_size=12)
-    for module in (c.vae, c.text_encoder):
+    for module in (m for m in (c.vae, c.text_encoder, c.text_encoder_2) if m is not None):
         for name, p in module.state_dict().items():
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(sorted(c.tokenizer.get_vocab().items())).encode())
-    h.update(f"res={resolution} crop=centre maxlen={c.tokenizer.model_max_length}".encode())
+    for tok in (t for t in (c.tokenizer, c.tokenizer_2) if t is not None):
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+        h.update(f"maxlen={tok.model_max_length}".encode())
+    h.update(f"res={resolution} crop=centre".encode())
     return (Path(cache_dir) if cache_dir else cache_root() / "latents") / h.hexdigest()
 
 
@@ -60,30 +62,35 @@ def _write_atomic(tensors: dict, path: Path) -> None:
 class EncodedData:
     """In memory for the run: posterior parameters per image and embeddings per caption ('' included)."""
     moments: dict[Path, torch.Tensor]
-    context: dict[str, torch.Tensor]
+    context: dict[str, torch.Tensor | tuple]  # SDXL: (token states, pooled embedding)
     encoded: int  # entries computed in this run (0 when the cache had everything)
     seconds: float
     skipped: list[str]  # images that could not be read: left out of the run
 
 
-def _load_entry(path: Path, key: str):
-    """A cache entry, or None if it is missing or damaged (then it is encoded again and rewritten)."""
+def _load_entry(path: Path, keys: tuple[str, ...]):
+    """A cache entry (a tensor, or a tuple for several keys), or None if it is missing or damaged (then
+    it is encoded again and rewritten)."""
     if not path.is_file():
         return None
     try:
-        tensor = load_file(path)[key]
+        entry = load_file(path)
+        tensors = tuple(entry[k] for k in keys)
     except Exception:  # noqa: BLE001 (a cut-short or corrupt file: any safetensors/OS error)
         return None
-    return tensor if torch.isfinite(tensor).all() else None
+    if not all(torch.isfinite(t).all() for t in tensors):
+        return None
+    return tensors if len(keys) > 1 else tensors[0]
 
 
-def _load_or_encode(items: dict, key: str, prepare, encode, batch_size: int) -> tuple[dict, int, list[str]]:
+def _load_or_encode(items: dict, keys: tuple[str, ...], prepare, encode, batch_size: int):
     """items: {id: (cache file, input)}. Cached entries are loaded; the rest are prepared one by one with
-    `prepare` (an LdmError there skips the item, with its message), encoded in batches with `encode`,
-    stored, and counted. Returns ({id: tensor}, number encoded, skip messages)."""
+    `prepare` (an LdmError there skips the item, with its message), encoded in batches with `encode`
+    (a tensor, or a tuple of one per key), stored, and counted. Returns ({id: tensor or tuple}, number
+    encoded, skip messages)."""
     out, todo, skipped = {}, [], []
     for ident, (path, value) in items.items():
-        tensor = _load_entry(path, key)
+        tensor = _load_entry(path, keys)
         if tensor is not None:
             out[ident] = tensor
         else:
@@ -97,14 +104,16 @@ def _load_or_encode(items: dict, key: str, prepare, encode, batch_size: int) -> 
                 skipped.append(str(e))
         if not ready:
             continue
-        for (ident, path, _), tensor in zip(ready, encode([v for _, _, v in ready])):
-            _write_atomic({key: tensor}, path)
-            out[ident] = tensor.cpu()
+        encoded = encode([v for _, _, v in ready])
+        rows = zip(*encoded) if isinstance(encoded, tuple) else ((t,) for t in encoded)
+        for (ident, path, _), row in zip(ready, rows):
+            _write_atomic(dict(zip(keys, row)), path)
+            out[ident] = tuple(t.cpu() for t in row) if len(keys) > 1 else row[0].cpu()
     return out, len(todo) - len(skipped), skipped
 
 
 def encode_dataset(examples: list[Example], folder: Path, resolution: int, encode_pixels, encode_captions,
-                   batch_size: int = 8) -> EncodedData:
+                   batch_size: int = 8, pooled: bool = False) -> EncodedData:
     """Load what `folder` has, encode (in batches) and store what it lacks, return it all. Images that
     cannot be read are left out and listed in `skipped`."""
     t0 = time.perf_counter()
@@ -115,9 +124,10 @@ def encode_dataset(examples: list[Example], folder: Path, resolution: int, encod
         except OSError as e:
             skipped.append(f"{ex.path}: cannot read ({e.strerror or type(e).__name__})")
     moments, n_img, bad = _load_or_encode(
-        images, "moments", lambda ex: load_pixels(ex, resolution, random.Random(0)),
+        images, ("moments",), lambda ex: load_pixels(ex, resolution, random.Random(0)),
         lambda pixels: encode_pixels(torch.stack(pixels)), batch_size)
     captions = {cap: (folder / "txt" / f"{text_sha256(cap)}.safetensors", cap)
                 for cap in sorted({ex.caption for ex in examples} | {""})}
-    context, n_txt, _ = _load_or_encode(captions, "context", lambda cap: cap, encode_captions, batch_size)
+    keys = ("context", "pooled") if pooled else ("context",)  # SDXL: token states and the pooled embedding
+    context, n_txt, _ = _load_or_encode(captions, keys, lambda cap: cap, encode_captions, batch_size)
     return EncodedData(moments, context, n_img + n_txt, time.perf_counter() - t0, skipped + bad)

@@ -91,14 +91,33 @@ def _read_metadata(meta: Path) -> dict[Path, str]:
 def load_pixels(ex: Example, resolution: int, rng: random.Random, random_crop: bool = False,
                 flip: bool = False) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square (centre or random), maybe flip: [3, R, R]."""
+    return load_pixels_and_crop(ex, resolution, rng, random_crop, flip)[0]
+
+
+def load_pixels_and_crop(ex: Example, resolution: int, rng: random.Random, random_crop: bool = False,
+                         flip: bool = False) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """load_pixels, and what SDXL's micro-conditioning records of it (as diffusers'
+    train_text_to_image_sdxl.py): the original (height, width) and the crop's (top, left) in the resized
+    image, its left edge mirrored when flipped."""
     im = open_image(ex.path)
-    w, h = im.size
-    scale = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w0, h0 = im.size
+    scale = resolution / min(w0, h0)
+    im = im.resize((max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))), Image.BICUBIC)
     w, h = im.size
     left = rng.randint(0, w - resolution) if random_crop else (w - resolution) // 2
     top = rng.randint(0, h - resolution) if random_crop else (h - resolution) // 2
     im = im.crop((left, top, left + resolution, top + resolution))
     if flip and rng.random() < 0.5:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    return pil_to_pixels(im, resolution, resolution)[0]
+        left = w - resolution - left
+    return pil_to_pixels(im, resolution, resolution)[0], (h0, w0, top, left)
+
+
+def centre_crop_of(ex: Example, resolution: int) -> tuple[int, int, int, int]:
+    """What load_pixels_and_crop records for the centre crop, from the image's header alone."""
+    from ldm_cli.io.images import image_size
+
+    w0, h0 = image_size(ex.path)
+    scale = resolution / min(w0, h0)
+    w, h = max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))
+    return h0, w0, (h - resolution) // 2, (w - resolution) // 2

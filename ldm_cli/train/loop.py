@@ -47,6 +47,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     cfg = replace(cfg, model=cfg.model or default_model(),  # as saved in checkpoints: nothing left implicit
                   resolution=cfg.resolution or c.unet.config.sample_size * c.vae_scale)
     validate_for_model(cfg, c.schedule.num_train_timesteps)
+    check(c.family != "sdxl-refiner", f"{cfg.model}: an SDXL refiner; ldm trains SD 1.x/2.x and SDXL base models")
+    check(c.family == "sd" or not cfg.from_scratch, "--from-scratch builds an SD-1.x-shaped U-Net; with an SDXL "
+          "model, fine-tune it (drop --from-scratch) or train a LoRA")
     if not c.unet.config.sample_size * c.vae_scale // 2 <= cfg.resolution <= 2 * c.unet.config.sample_size * c.vae_scale:
         log.warning(f"warning: --resolution {cfg.resolution} is far from this model's native "
                     f"{c.unet.config.sample_size * c.vae_scale}; expect slow steps and poor images")
@@ -174,7 +177,7 @@ def cached_encodings(cfg: TrainConfig, examples, skipped: list, c, encoders: Enc
     folder = cache.cache_folder(cfg.cache_dir, cfg.resolution, c)
     with accelerator.main_process_first():  # the first process encodes, the others then find it all
         cached = cache.encode_dataset(examples, folder, cfg.resolution, encoders.pixels, encoders.captions,
-                                      batch_size=max(cfg.batch_size, 8))
+                                      batch_size=max(cfg.batch_size, 8), pooled=c.family != "sd")
     if accelerator.is_main_process:
         say(f"latent cache {folder}: {cached.encoded} entries encoded, "
             f"{len(cached.moments) + len(cached.context) - cached.encoded} reused, {cached.seconds:.2f} s")

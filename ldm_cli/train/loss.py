@@ -6,6 +6,7 @@ Notation as diffusion/samplers.py: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_b
 import torch
 import torch.nn.functional as F
 
+from ldm_cli.diffusion.conditioning import unet_kwargs
 from ldm_cli.diffusion.samplers import add_noise
 from ldm_cli.diffusion.schedule import Schedule
 
@@ -29,7 +30,7 @@ def diffusion_loss(unet, schedule: Schedule, latents, context, gen: torch.Genera
     a = alpha_bar.to(latents.device).reshape(-1, 1, 1, 1)
     v_pred = schedule.prediction_type == "v_prediction"
     target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise  # v = sqrt(a) eps - sqrt(1-a) x0
-    pred = unet(x_t, t_cpu.to(latents.device), encoder_hidden_states=context, return_dict=False)[0]
+    pred = unet(x_t, t_cpu.to(latents.device), **unet_kwargs(context), return_dict=False)[0]
     per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:  # weight min(SNR, gamma) / SNR on eps (/(SNR + 1) on v): tames the low-noise steps
         snr = alpha_bar / (1 - alpha_bar)

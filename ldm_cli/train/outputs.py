@@ -65,7 +65,7 @@ def write_model(unet, c: Components, cfg: TrainConfig, out: Path, name: str) -> 
             if cfg.lora_rank:
                 from ldm_cli.models.lora import save_lora
 
-                save_lora(unet, tmp)
+                save_lora(unet, tmp, sdxl=c.family != "sd")
             else:
                 save_components(replace(c, unet=unet), tmp)
     except WRITE_ERRORS as e:
