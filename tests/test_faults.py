@@ -304,3 +304,51 @@ def test_a_damaged_latent_cache_entry_is_rebuilt(shapes, tiny_model, tmp_path):
     train(TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "again")}), say=notes.append)
     assert any("1 entries encoded" in n for n in notes), notes
     assert losses(tmp_path / "run") == losses(tmp_path / "again")
+
+
+IN_A_SMALL_MOUNT = r"""
+import json, subprocess, sys
+mount, options, result, *cmd = sys.argv[1:]
+subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", mount], check=True)
+proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+listing = sorted(str(p) for p in __import__("pathlib").Path(mount).rglob("*"))
+json.dump({"rc": proc.returncode, "stderr": proc.stderr, "listing": listing}, open(result, "w"))
+"""
+
+
+def in_a_small_mount(tmp_path, options, cmd):
+    """Run `cmd` with a fresh tmpfs (mount options `options`) at tmp_path/mnt, in a private mount
+    namespace; returns its exit code, stderr and what it left in the mount."""
+    import shutil
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small tmpfs")
+    (tmp_path / "mnt").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(["unshare", "-rm", sys.executable, "-c", IN_A_SMALL_MOUNT, str(tmp_path / "mnt"), options,
+                    str(tmp_path / "result.json"), *cmd], check=True, env=env, timeout=300)
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+def test_a_full_disk_under_the_latent_cache_is_one_line(shapes, tiny_model, tmp_path):
+    """The latent cache on a 16 KB disk: the first entry does not fit. One line naming the cache and what
+    to do, exit 1, no traceback, no half-written entry, no model."""
+    mnt = tmp_path / "mnt"
+    r = in_a_small_mount(tmp_path, "size=16k", [LDM, *train_args(shapes, tiny_model, tmp_path / "run", mnt / "c")])
+    lines = r["stderr"].strip().splitlines()
+    assert r["rc"] == 1 and len(lines) == 1 and "Traceback" not in r["stderr"], r
+    assert "cannot write the latent cache" in lines[0] and "--no-cache" in lines[0], lines[0]
+    assert not [p for p in r["listing"] if p.endswith(".safetensors")], r["listing"]  # nothing half-written
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_read_only_out_folder_is_one_line(shapes, tiny_model, tmp_path):
+    """--out on a read-only file system (root cannot write there either): one line, exit 2, nothing trained."""
+    mnt = tmp_path / "mnt"
+    r = in_a_small_mount(tmp_path, "ro,size=1m", [LDM, *train_args(shapes, tiny_model, mnt / "run", tmp_path / "c")])
+    lines = r["stderr"].strip().splitlines()
+    assert r["rc"] == 2 and len(lines) == 1 and "Traceback" not in r["stderr"], r
+    assert "--out" in lines[0] and "not writable" in lines[0], lines[0]
+    assert r["listing"] == [] and not (tmp_path / "c").exists()  # refused before the cache was built
