@@ -30,6 +30,7 @@ from ldm_cli.sample import pipeline
 
 TOL = 1e-5
 SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
@@ -39,7 +40,8 @@ SCHEDULERS = {
     "unipc": (UniPCMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
 }
-NEW = list(SCHEDULERS)
+ALL = list(SCHEDULERS)  # DDIM too: its leading/trailing x eps/v x txt2img/img2img cases live here
+NEW = ALL[1:]
 
 
 @functools.cache
@@ -95,7 +97,7 @@ def run_pair(model_dir, sampler, spacing, mode, schedule="default", steps=8, cfg
 @pytest.mark.parametrize("mode", ["txt2img", "img2img"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("model", ["tiny_model", "tiny_v_model"])
-@pytest.mark.parametrize("sampler", NEW)
+@pytest.mark.parametrize("sampler", ALL)
 def test_sampler_matches_diffusers(sampler, model, spacing, mode, request):
     ours, theirs = run_pair(request.getfixturevalue(model), sampler, spacing, mode)
     assert ours.shape == theirs.shape == (1, 64, 64, 3)
