@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
