@@ -39,6 +39,11 @@ class Settings:
     # sigma spacing of the sigma samplers; "default" keeps the model's leading/trailing/linspace spacing
     schedule: str = option("default", f"Sigma spacing for {', '.join(SIGMA_SAMPLERS)}: default (the model's), "
                            "karras or exponential.", choices=tuple(SCHEDULES))
+    # how prompts are read: AUTOMATIC1111's emphasis/BREAK/long prompts, or as plain text cut at 77 tokens
+    prompt_syntax: str = option("a1111", "a1111: (emphasis:1.2), [less], BREAK, prompts past 75 tokens; plain: "
+                                "the text as is, cut at the encoder's limit.", choices=("a1111", "plain"))
+    # A1111's numbering: 1 = the text encoder's last layer, 2 = the one before (model cards' "clip skip 2")
+    clip_skip: int = option(1, "Text encoder layer from the end (1: last; 2: penultimate).", min=1, max=12)
     # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2); None: diffusers' defaults
     original_size: str | None = option(None, "SDXL: the original size it is told, WIDTHxHEIGHT (default: the "
                                        "output size).", metavar="WxH")
@@ -77,12 +82,14 @@ class Job:
                 if OVERRIDE_TYPES[k] is int and not isinstance(v, int):  # steps 2.9 must not become 2
                     raise ValueError(f"{k} must be an integer, got {v!r}")
                 kw[k] = OVERRIDE_TYPES[k](v)
+        kw.setdefault("prompt_syntax", "plain")  # a PNG from before prompt syntax existed was read as plain text
         settings = Settings(**kw)
         return cls(prompt=str(d["prompt"]), seed=int(d["seed"]), settings=settings, init_image=d.get("init_image"))
 
 
 OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "eta": float, "width": int, "height": int,
                   "negative": str, "strength": float, "num_images": int, "sampler": str, "schedule": str,
+                  "prompt_syntax": str, "clip_skip": int,
                   "original_size": str, "crops_coords_top_left": str, "target_size": str}
 
 

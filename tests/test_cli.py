@@ -141,8 +141,11 @@ def test_long_prompt_warns_and_stale_temp_files_go(ldm, tiny_model, tmp_path):
     stale = out / ".00000-1-x.png.abc.tmp"
     stale.write_bytes(b"")
     os.utime(stale, (1, 1))  # long ago
-    r = ldm("sample", "cat " * 100, "--model", tiny_model, "--steps", 1, "--seed", 1, "--out", out, "-q")
+    r = ldm("sample", "cat " * 100, "--model", tiny_model, "--steps", 1, "--seed", 1, "--out", out, "-q",
+            "--prompt-syntax", "plain")
     assert r.returncode == 0, r.stderr
     warning = [line for line in r.stderr.splitlines() if "tokens" in line]
     assert len(warning) == 1 and "the last" in warning[0] and "are ignored" in warning[0], r.stderr
     assert not stale.exists()
+    r = ldm("sample", "cat " * 100, "--model", tiny_model, "--steps", 1, "--seed", 1, "--out", out, "-q")
+    assert r.returncode == 0 and "tokens" not in r.stderr, r.stderr  # a1111 syntax: nothing is cut

@@ -34,6 +34,8 @@ def parameters_text(job: Job, model: str, width: int, height: int, lora: str = "
                f"Model: {Path(model).name or model}"]
     if s.sampler == "ddim":
         fields.append(f"Eta: {s.eta}")
+    if s.clip_skip > 1:
+        fields.append(f"Clip skip: {s.clip_skip}")
     if s.strength is not None:
         fields.append(f"Denoising strength: {s.strength}")
     if lora:
@@ -59,7 +61,8 @@ def parse_parameters(text: str) -> tuple[Job, str]:
     sampler, schedule = from_a1111(values.get("Sampler", "DDIM"), values.get("Schedule type"))
     settings = {"sampler": sampler, "schedule": schedule, "negative": " ".join(negative).strip()}
     for key, name, kind in (("Steps", "steps", int), ("CFG scale", "cfg", float),
-                            ("Denoising strength", "strength", float), ("Eta", "eta", float)):
+                            ("Denoising strength", "strength", float), ("Eta", "eta", float),
+                            ("Clip skip", "clip_skip", int)):
         if key in values:
             settings[name] = _number(values[key], kind, key)
     if "Size" in values:

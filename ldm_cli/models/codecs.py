@@ -2,18 +2,33 @@
 
 import torch
 
+from ldm_cli.errors import check
 from ldm_cli.models.components import Components
 
 
 @torch.no_grad()
-def encode_text(c: Components, prompts: list[str]) -> torch.Tensor:
-    """CLIP hidden states [B, 77, D] for prompts, padded to the tokenizer's max length (as SD was trained)."""
+def encode_text(c: Components, prompts: list[str], syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
+    """CLIP token states [B, 77 k, D] for prompts. plain: each padded or cut to the tokenizer's max length
+    (as SD was trained); a1111: AUTOMATIC1111's emphasis, BREAK and chunks of 75 tokens (text/encode.py),
+    shorter prompts padded with the empty prompt's chunks. clip_skip: 1 = the last layer (A1111's count)."""
+    from ldm_cli.text import encode as a1111
+
+    use_mask = getattr(c.text_encoder.config, "use_attention_mask", False)
+    layers = c.text_encoder.config.num_hidden_layers
+    check(1 <= clip_skip <= layers, f"--clip-skip {clip_skip}: this text encoder has {layers} layers")
+    if syntax == "a1111":
+        z = [a1111.encode(c.tokenizer, c.text_encoder, p, c.device, clip_skip, use_mask) for p in prompts]
+        longest = max(t.shape[1] for t in z)
+        if any(t.shape[1] != longest for t in z):
+            empty = a1111.encode(c.tokenizer, c.text_encoder, "", c.device, clip_skip, use_mask)
+            z = [a1111.pad_to(t, longest, empty) for t in z]
+        return torch.cat(z).to(c.dtype)
     if c.batch_invariant and len(prompts) > 1:
-        return torch.cat([encode_text(c, [p]) for p in prompts])
+        return torch.cat([encode_text(c, [p], syntax, clip_skip) for p in prompts])
     tok = c.tokenizer(prompts, padding="max_length", max_length=c.tokenizer.model_max_length,
                       truncation=True, return_tensors="pt")
-    mask = tok.attention_mask.to(c.device) if getattr(c.text_encoder.config, "use_attention_mask", False) else None
-    return c.text_encoder(tok.input_ids.to(c.device), attention_mask=mask)[0].to(c.dtype)
+    mask = tok.attention_mask.to(c.device) if use_mask else None
+    return a1111.states(c.text_encoder, tok.input_ids.to(c.device), clip_skip, mask).to(c.dtype)
 
 
 @torch.no_grad()

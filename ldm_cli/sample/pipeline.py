@@ -44,7 +44,19 @@ def encode_prompts(c: Components, prompts: list[str], negatives: list[str], s: S
     if c.family == "sd":
         check(all(getattr(s, k) is None for k in MICRO), "--original-size, --crops-coords-top-left and "
               "--target-size are SDXL's micro-conditioning; this model is not SDXL")
-        return encode_text(c, prompts), encode_text(c, negatives) if guidance_on(s.cfg) else None
+        cond = encode_text(c, prompts, s.prompt_syntax, s.clip_skip)
+        if not guidance_on(s.cfg):
+            return cond, None
+        uncond = encode_text(c, negatives, s.prompt_syntax, s.clip_skip)  # clip skip on both, as A1111
+        if cond.shape[1] != uncond.shape[1]:  # chunk counts differ: the shorter gets empty-prompt chunks
+            from ldm_cli.text.encode import pad_to
+
+            empty = encode_text(c, [""], s.prompt_syntax, s.clip_skip)
+            longest = max(cond.shape[1], uncond.shape[1])
+            cond, uncond = pad_to(cond, longest, empty), pad_to(uncond, longest, empty)
+        return cond, uncond
+    check(s.clip_skip == 1, "--clip-skip: SDXL already takes its text encoders' penultimate layers; "
+          "other layers are not supported")
     hidden, pooled = encode_text_sdxl(c, prompts)
     ids, negative_ids = sdxl_time_ids(c, s)
     cond = AddedCond(hidden, pooled, ids.to(c.device, hidden.dtype).expand(len(prompts), -1))

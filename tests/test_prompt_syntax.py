@@ -1,0 +1,158 @@
+"""AUTOMATIC1111's prompt syntax: the parser, and the conditioning it gives, against tensors written here
+from A1111's published description (wiki "Features": attention/emphasis, BREAK, infinite prompt length,
+clip skip), on the tiny model's real text encoder."""
+
+import functools
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from ldm_cli.errors import LdmError
+from ldm_cli.jobs import Settings
+from ldm_cli.models.codecs import encode_text
+from ldm_cli.models.load import load_components
+from ldm_cli.sample import pipeline
+from ldm_cli.text.attention import parse
+from ldm_cli.text.encode import chunks
+
+R, S = 1.1, 1 / 1.1
+
+
+@pytest.mark.parametrize("text, runs", [
+    ("a cat", [("a cat", 1.0)]),
+    ("a (red) cat", [("a ", 1.0), ("red", R), (" cat", 1.0)]),
+    ("((big)) [[small]]", [("big", R * R), (" ", 1.0), ("small", S * S)]),
+    ("(red:1.5) and (blue:0.5)", [("red", 1.5), (" and ", 1.0), ("blue", 0.5)]),
+    ("((a (b:2)))", [("a ", R * R), ("b", 2 * R * R)]),
+    (r"\(not\) \[emphasis\] \\", [(r"(not) [emphasis] \ ".strip(), 1.0)]),
+    ("open (bracket to the end", [("open ", 1.0), ("bracket to the end", R)]),
+    ("stray) closer]", [("stray) closer]", 1.0)]),
+    ("a cat BREAK a dog", [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]),
+    ("time: 5:30", [("time: 5:30", 1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_parse(text, runs):
+    got = parse(text)
+    assert [t for t, _ in got] == [t for t, _ in runs]
+    assert [w for _, w in got] == pytest.approx([w for _, w in runs], rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["(cat:-1)", "(cat:1.2.3)", "(cat:1000)"])
+def test_bad_weights_are_one_line(bad):
+    with pytest.raises(LdmError, match="prompt weight"):
+        parse(bad)
+
+
+@given(st.text(alphabet="ab ,:.()[]\\1-BREAK", max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_parser_never_crashes(text):
+    try:
+        runs = parse(text)
+    except LdmError as e:
+        assert "prompt weight" in str(e) and "\n" not in str(e)
+        return
+    assert runs and all(isinstance(t, str) and (w > 0 or (t, w) == ("BREAK", -1.0)) for t, w in runs)
+
+
+@functools.cache
+def loaded(model_dir):
+    return load_components(str(model_dir), device="cpu", dtype="fp32")
+
+
+def expected(c, token_rows, weight_rows, clip_skip=1):
+    """A1111's algorithm, written out: per chunk [BOS] tokens [EOS] padding, the encoder's states (clip
+    skip: hidden_states[-n] through the final layer norm), times the weights, the mean restored."""
+    tok, enc = c.tokenizer, c.text_encoder
+    out = []
+    for tokens, weights in zip(token_rows, weight_rows):
+        pad = 75 - len(tokens)
+        ids = torch.tensor([[tok.bos_token_id, *tokens, tok.eos_token_id] + [tok.pad_token_id] * pad])
+        w = torch.tensor([[1.0, *weights, 1.0] + [1.0] * pad])
+        o = enc(ids, output_hidden_states=True)
+        z = o[0] if clip_skip == 1 else enc.final_layer_norm(o.hidden_states[-clip_skip])
+        mean = z.mean()
+        z = z * w.unsqueeze(-1)
+        out.append(z * (mean / z.mean()))
+    return torch.cat(out, dim=1)
+
+
+def ids(c, text):
+    return c.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_plain_prompts_are_unchanged(tiny_model):
+    c = loaded(tiny_model)
+    assert torch.equal(encode_text(c, ["a red cat"], "a1111"), encode_text(c, ["a red cat"], "plain"))
+
+
+def test_emphasis_matches_the_algorithm(tiny_model):
+    c = loaded(tiny_model)
+    with torch.no_grad():
+        got = encode_text(c, ["a (red:1.5) [cat]"], "a1111")
+        a, red, cat = ids(c, "a "), ids(c, "red"), ids(c, " cat")
+        want = expected(c, [a + red + cat], [[1.0] * len(a) + [1.5] * len(red) + [S] * len(cat)])
+    assert got.shape == (1, 77, 32) and torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, encode_text(c, ["a red cat"], "a1111"), atol=1e-3)
+
+
+def test_long_prompts_break_and_comma_backtrack(tiny_model):
+    c = loaded(tiny_model)
+    cat, comma, dog = ids(c, "cat")[0], ids(c, ",")[0], ids(c, "dog")[0]
+    with torch.no_grad():
+        # 100 tokens: chunks of 75 and 25, nothing dropped
+        got = encode_text(c, ["cat " * 100], "a1111")
+        assert got.shape == (1, 154, 32)
+        assert torch.allclose(got, expected(c, [[cat] * 75, [cat] * 25], [[1.0] * 75, [1.0] * 25]), atol=1e-6)
+        # BREAK: a chunk each side
+        got = encode_text(c, ["cat cat BREAK dog"], "a1111")
+        assert torch.allclose(got, expected(c, [[cat, cat], [dog]], [[1.0] * 2, [1.0]]), atol=1e-6)
+        # a comma 10 tokens before the 75-token limit: the phrase after it moves to the next chunk
+        text = "cat " * 64 + ", " + "dog " * 20
+        rows = [[cat] * 64 + [comma], [dog] * 20]
+        assert [t.index(c.tokenizer.eos_token_id) - 1 for t, _ in chunks(c.tokenizer, text)] == [65, 20]
+        assert torch.allclose(encode_text(c, [text], "a1111"), expected(c, rows, [[1.0] * 65, [1.0] * 20]), atol=1e-6)
+        # plain: cut at 77, as before
+        assert encode_text(c, ["cat " * 100], "plain").shape == (1, 77, 32)
+
+
+def test_clip_skip_on_prompt_and_negative(tiny_model):
+    """--clip-skip 2 is the penultimate layer through the final layer norm, for the prompt and the negative
+    prompt alike (A1111; diffusers' clip_skip applies to the prompt only)."""
+    c = loaded(tiny_model)
+    s = Settings(steps=2, width=64, height=64, negative="blurry", clip_skip=2)
+    with torch.no_grad():
+        cond, uncond = pipeline.encode_prompts(c, ["a red cat"], ["blurry"], s)
+        want_c = expected(c, [ids(c, "a red cat")], [[1.0] * 3], clip_skip=2)
+        want_u = expected(c, [ids(c, "blurry")], [[1.0] * len(ids(c, "blurry"))], clip_skip=2)
+    assert torch.allclose(cond, want_c, atol=1e-6) and torch.allclose(uncond, want_u, atol=1e-6)
+    assert not torch.allclose(cond, encode_text(c, ["a red cat"]), atol=1e-3)
+    with pytest.raises(LdmError, match="this text encoder has 2 layers"):
+        encode_text(c, ["x"], clip_skip=3)
+
+
+def test_guidance_halves_padded_to_one_length(tiny_model):
+    c = loaded(tiny_model)
+    with torch.no_grad():
+        cond, uncond = pipeline.encode_prompts(c, ["cat " * 80], ["blurry"], Settings(width=64, height=64))
+        empty = encode_text(c, [""], "a1111")
+        assert cond.shape == uncond.shape == (1, 154, 32)
+        assert torch.equal(uncond[:, 77:], empty) and torch.equal(uncond[:, :77], encode_text(c, ["blurry"], "a1111"))
+
+
+def test_cli_long_emphasised_prompt_is_recorded_and_redone(ldm, tiny_model, tmp_path):
+    prompt = "a (red:1.3) cat, " * 12 + "BREAK on a table"
+    r = ldm("sample", prompt, "--model", tiny_model, "--steps", 3, "--seed", 2, "--clip-skip", 2, "--out",
+            tmp_path / "a", "--json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)[0]["path"]
+    meta = json.loads(Image.open(made).text["ldm"])
+    assert (meta["prompt_syntax"], meta["clip_skip"]) == ("a1111", 2)
+    assert ", Clip skip: 2" in Image.open(made).text["parameters"]
+    r = ldm("sample", "--from-png", made, "--out", tmp_path / "b", "--json")
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)[0]["path"]
+    assert Image.open(made).tobytes() == Image.open(again).tobytes()
