@@ -156,3 +156,40 @@ def test_cli_long_emphasised_prompt_is_recorded_and_redone(ldm, tiny_model, tmp_
     assert r.returncode == 0, r.stderr
     again = json.loads(r.stdout)[0]["path"]
     assert Image.open(made).tobytes() == Image.open(again).tobytes()
+
+
+def test_sdxl_emphasis_and_long_prompts(tiny_sdxl):
+    """SDXL: per text encoder, each chunk's penultimate states weighted with the mean restored, the two
+    encoders concatenated on the feature axis; the pooled embedding from the first chunk, unweighted."""
+    from ldm_cli.models.codecs import encode_text_sdxl
+
+    c = loaded(tiny_sdxl)
+    tok = c.tokenizer
+    red, cat = ids(c, "red"), ids(c, "cat")[0]
+
+    def written_out(token_rows, weight_rows):
+        per_encoder, pooled = [], None
+        for encoder in (c.text_encoder, c.text_encoder_2):
+            zs = []
+            for k, (tokens, weights) in enumerate(zip(token_rows, weight_rows)):
+                pad = 75 - len(tokens)
+                row = torch.tensor([[tok.bos_token_id, *tokens, tok.eos_token_id] + [tok.pad_token_id] * pad])
+                out = encoder(row, output_hidden_states=True)
+                pooled = out[0] if k == 0 and encoder is c.text_encoder_2 else pooled
+                z = out.hidden_states[-2]
+                mean = z.mean()
+                z = z * torch.tensor([[1.0, *weights, 1.0] + [1.0] * pad]).unsqueeze(-1)
+                zs.append(z * (mean / z.mean()))
+            per_encoder.append(torch.cat(zs, dim=1))
+        return torch.cat(per_encoder, dim=-1), pooled
+
+    with torch.no_grad():
+        hidden, pooled = encode_text_sdxl(c, ["(red:1.4) " + "cat " * 80], "a1111")
+        want_h, want_p = written_out([red + [cat] * 74, [cat] * 6], [[1.4] * len(red) + [1.0] * 74, [1.0] * 6])
+        assert hidden.shape == (1, 154, 64) and torch.allclose(hidden, want_h, atol=1e-5)
+        assert torch.allclose(pooled, want_p, atol=1e-6)
+        plain = encode_text_sdxl(c, ["a red cat"], "plain")
+        same = encode_text_sdxl(c, ["a red cat"], "a1111")
+        assert torch.equal(plain[0], same[0]) and torch.equal(plain[1], same[1])
+        cond, uncond = pipeline.encode_prompts(c, ["cat " * 80], ["blurry"], Settings(width=64, height=64))
+        assert cond.hidden.shape == uncond.hidden.shape == (1, 154, 64)

@@ -32,12 +32,23 @@ def encode_text(c: Components, prompts: list[str], syntax: str = "plain", clip_s
 
 
 @torch.no_grad()
-def encode_text_sdxl(c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text_sdxl(c: Components, prompts: list[str], syntax: str = "plain") -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's text conditioning (StableDiffusionXLPipeline.encode_prompt): each text encoder's penultimate
     hidden states, concatenated on the feature axis ([B, 77, 768 + 1280] for SDXL base, 1280 for the
-    refiner), and the second encoder's pooled, projected embedding [B, 1280]."""
+    refiner), and the second encoder's pooled, projected embedding [B, 1280]. a1111: emphasis, BREAK and
+    chunks as for SD (text/encode.encode_sdxl); shorter prompts padded with the empty prompt's chunks."""
+    if syntax == "a1111":
+        from ldm_cli.text import encode as a1111
+
+        pairs = [(t, e) for t, e in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)) if e is not None]
+        encoded = [a1111.encode_sdxl(pairs, p, c.device) for p in prompts]
+        longest = max(h.shape[1] for h, _ in encoded)
+        if any(h.shape[1] != longest for h, _ in encoded):
+            empty = a1111.encode_sdxl(pairs, "", c.device)[0]
+            encoded = [(a1111.pad_to(h, longest, empty), p) for h, p in encoded]
+        return (torch.cat([h for h, _ in encoded]).to(c.text_encoder_2.dtype), torch.cat([p for _, p in encoded]))
     if c.batch_invariant and len(prompts) > 1:
-        pairs = [encode_text_sdxl(c, [p]) for p in prompts]
+        pairs = [encode_text_sdxl(c, [p], syntax) for p in prompts]
         return torch.cat([h for h, _ in pairs]), torch.cat([p for _, p in pairs])
     states, pooled = [], None
     for tokenizer, encoder in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):

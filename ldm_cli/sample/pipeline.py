@@ -57,16 +57,23 @@ def encode_prompts(c: Components, prompts: list[str], negatives: list[str], s: S
         return cond, uncond
     check(s.clip_skip == 1, "--clip-skip: SDXL already takes its text encoders' penultimate layers; "
           "other layers are not supported")
-    hidden, pooled = encode_text_sdxl(c, prompts)
+    hidden, pooled = encode_text_sdxl(c, prompts, s.prompt_syntax)
     ids, negative_ids = sdxl_time_ids(c, s)
-    cond = AddedCond(hidden, pooled, ids.to(c.device, hidden.dtype).expand(len(prompts), -1))
     if not guidance_on(s.cfg):
-        return cond, None
+        return AddedCond(hidden, pooled, ids.to(c.device, hidden.dtype).expand(len(prompts), -1)), None
     if c.force_zeros_for_empty_prompt and not any(negatives):  # SDXL base's rule for "no negative prompt"
         uncond_hidden, uncond_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
     else:
-        uncond_hidden, uncond_pooled = encode_text_sdxl(c, negatives)
-    return cond, AddedCond(uncond_hidden, uncond_pooled, negative_ids.to(c.device, hidden.dtype).expand(len(prompts), -1))
+        uncond_hidden, uncond_pooled = encode_text_sdxl(c, negatives, s.prompt_syntax)
+    if hidden.shape[1] != uncond_hidden.shape[1]:  # chunk counts differ: the shorter gets empty-prompt chunks
+        from ldm_cli.text.encode import pad_to
+
+        empty = encode_text_sdxl(c, [""], s.prompt_syntax)[0]
+        longest = max(hidden.shape[1], uncond_hidden.shape[1])
+        hidden, uncond_hidden = pad_to(hidden, longest, empty), pad_to(uncond_hidden, longest, empty)
+    n = len(prompts)
+    return (AddedCond(hidden, pooled, ids.to(c.device, hidden.dtype).expand(n, -1)),
+            AddedCond(uncond_hidden, uncond_pooled, negative_ids.to(c.device, hidden.dtype).expand(n, -1)))
 
 
 def sdxl_time_ids(c: Components, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,11 +118,7 @@ def warn_about(c: Components, jobs: list[Job]) -> None:
     """One warning line each for what would surprise: prompts past the text encoder's limit (their
     end is cut), sizes far from the model's native one (it draws badly there)."""
     limit = c.tokenizer.model_max_length if c.tokenizer is not None else None
-    cut = {t for j in jobs for t in (j.prompt, j.settings.negative) if t and (j.settings.prompt_syntax == "plain"
-                                                                              or c.family != "sd")}
-    if c.family != "sd" and any(j.settings.prompt_syntax == "a1111" and _marked_up(j.prompt) for j in jobs):
-        log.warning("warning: SDXL prompts are read as plain text for now: (emphasis), [ ] and BREAK are not "
-                    "applied; --prompt-syntax plain silences this")
+    cut = {t for j in jobs for t in (j.prompt, j.settings.negative) if t and j.settings.prompt_syntax == "plain"}
     for text in sorted(cut) if limit else ():
         n = len(c.tokenizer(text, truncation=False).input_ids)
         if n > limit:
@@ -132,12 +128,6 @@ def warn_about(c: Components, jobs: list[Job]) -> None:
     for w, h in sorted({(j.settings.width, j.settings.height) for j in jobs}):
         if max(w, h) > 2 * native or min(w, h) < native // 2:
             log.warning(f"warning: {w}x{h} is far from this model's native {native}x{native}; expect poor images")
-
-
-def _marked_up(prompt: str) -> bool:
-    from ldm_cli.text.attention import parse
-
-    return any(w != 1.0 for _, w in parse(prompt))
 
 
 def clean_stale_temp_files(out_dir: Path, older_than_s: float = 600) -> None:

@@ -13,6 +13,7 @@ A prompt without emphasis, BREAK or more than 75 tokens gives exactly the plain 
 
 import torch
 
+from ldm_cli.errors import check
 from ldm_cli.text.attention import BREAK, parse
 
 CHUNK = 75  # tokens per chunk between BOS and EOS for CLIP's 77 positions (the tokenizer's limit - 2 in general)
@@ -89,3 +90,22 @@ def pad_to(z: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
     the shorter of prompt and negative prompt."""
     missing = (length - z.shape[1]) // empty.shape[1]
     return torch.cat([z, empty.expand(len(z), -1, -1).repeat(1, missing, 1)], dim=1) if missing else z
+
+
+def encode_sdxl(pairs, prompt: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning of one prompt the A1111 way: per text encoder, each chunk's penultimate states
+    (no final norm, as SDXL was trained), weighted with its mean restored; the encoders' states
+    concatenated on the feature axis ([1, 77 k, 768 + 1280]); the pooled embedding from the first chunk,
+    unweighted (A1111). `pairs`: (tokenizer, encoder) for each encoder present (the refiner has one)."""
+    states_per_encoder, pooled = [], None
+    for tokenizer, encoder in pairs:
+        zs = []
+        for k, (ids, weights) in enumerate(chunks(tokenizer, prompt)):
+            out = encoder(torch.tensor([ids], device=device), output_hidden_states=True)
+            if k == 0 and out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
+                pooled = out[0]
+            z = out.hidden_states[-2]
+            zs.append(z if all(w == 1.0 for w in weights) else weighted(z, torch.tensor([weights], device=device)))
+        states_per_encoder.append(torch.cat(zs, dim=1))
+    check(len({z.shape[1] for z in states_per_encoder}) == 1, "the two SDXL tokenizers chunk this prompt differently")
+    return torch.cat(states_per_encoder, dim=-1), pooled
