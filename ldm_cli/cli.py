@@ -165,8 +165,8 @@ def _redo(from_png, settings, request, load, given):
 
     job, png_model, png_lora = read_png_job(from_png)
     if png_lora and not load.lora:
-        raise LdmError(f"{from_png}: made with the LoRA {png_lora}; paths in a PNG are not followed: pass "
-                       f"--lora FILE --lora-scale SCALE to redo it")
+        raise LdmError(f"{from_png}: made with the LoRA(s) {png_lora}; paths in a PNG are not followed: pass "
+                       f"--lora FILE:SCALE (once per LoRA) to redo it")
     over = {f: getattr(settings, f) for f in settings.__dataclass_fields__ if f in given}
     seed = request.seed if "seed" in given else job.seed
     jobs = build_jobs([(job.prompt, over, "")], job.settings, seed, request.num_images)

@@ -193,3 +193,41 @@ def test_sdxl_emphasis_and_long_prompts(tiny_sdxl):
         assert torch.equal(plain[0], same[0]) and torch.equal(plain[1], same[1])
         cond, uncond = pipeline.encode_prompts(c, ["cat " * 80], ["blurry"], Settings(width=64, height=64))
         assert cond.hidden.shape == uncond.hidden.shape == (1, 154, 64)
+
+
+def test_two_loras_equal_diffusers_set_adapters(ldm, tiny_model, tmp_path):
+    """--lora A:0.7 --lora B:0.4 equals diffusers' set_adapters([A, B], [0.7, 0.4]) (unfused), both recorded."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.models.lora import add_lora, save_lora
+    from ldm_cli.sample.run import load
+
+    files = []
+    for seed in (0, 1):
+        unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+        add_lora(unet, 4)
+        torch.manual_seed(seed)
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.3)
+        files.append(save_lora(unet, tmp_path / f"lora{seed}"))
+    s = Settings(steps=4, width=64, height=64)
+    o = LoadOptions(model=str(tiny_model), device="cpu", dtype="fp32", accel="none",
+                    lora=(f"{files[0]}:0.7", f"{files[1]}:0.4"))
+    c = load(o).components
+    ours = pipeline.txt2img(c, ["a red cat"], [""], [3], s).permute(0, 2, 3, 1).numpy()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for i, f in enumerate(files):
+        pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=f"l{i}")
+    pipe.set_adapters(["l0", "l1"], adapter_weights=[0.7, 0.4])
+    theirs = pipe("a red cat", num_inference_steps=4, guidance_scale=7.5, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(3)).images
+    one = pipeline.txt2img(load(LoadOptions(model=str(tiny_model), device="cpu", dtype="fp32", accel="none",
+                                            lora=(f"{files[0]}:0.7",))).components, ["a red cat"], [""], [3], s)
+    assert abs(ours - theirs).max() <= 1e-5
+    assert abs(ours - one.permute(0, 2, 3, 1).numpy()).max() > 1e-3  # the second LoRA counts
+    assert c.lora == f"{files[0]}@0.7, {files[1]}@0.4"
+    r = ldm("sample", "x", "--model", tiny_model, "--lora", f"{files[0]}:11", "--steps", 1, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "the scale must be in [-10, 10]" in r.stderr and r.stderr.count("\n") == 1

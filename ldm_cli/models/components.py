@@ -23,8 +23,10 @@ class LoadOptions:
                         choices=("auto", *DTYPES))
     allow_unsafe_pickle: bool = option(False, "Allow .ckpt/.bin/.pt weights (pickle can run code).")
     accel: str = option("auto", "auto (CUDA graphs on CUDA), none, graphs, compile.", choices=ACCEL_MODES)
-    lora: str | None = option(None, "LoRA file (or folder) to apply, e.g. OUT/lora from ldm train.")
-    lora_scale: float = option(1.0, "LoRA strength (1: as trained; -10..10).", min=-10.0, max=10.0, finite=True)
+    lora: tuple[str, ...] = option((), "LoRA file or folder to apply (e.g. OUT/lora), FILE or FILE:SCALE; repeat "
+                                   "for several.")
+    lora_scale: float = option(1.0, "Scale of a --lora given without :SCALE (1: as trained; -10..10).", min=-10.0,
+                               max=10.0, finite=True)
     vae_tiling: str = option("auto", "Tiled VAE decode/encode: auto (above 1024x1024 pixels), on, off.",
                              choices=VAE_TILING)
 

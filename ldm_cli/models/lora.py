@@ -50,9 +50,8 @@ def _lora_pipeline(c):
                tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=None)
 
 
-def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = False) -> None:
-    """Fuse the LoRA at `path` (a file, or a folder holding pytorch_lora_weights.*) into c's networks."""
-
+def lora_file(path: str, allow_unsafe_pickle: bool = False) -> Path:
+    """The weights file of a --lora argument (a file, or a folder holding pytorch_lora_weights.*), checked."""
     p = Path(path)
     if p.is_dir():
         found = [p / n for n in (WEIGHT_NAME, "pytorch_lora_weights.bin") if (p / n).is_file()]
@@ -72,13 +71,44 @@ def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = Fal
     check(p.suffix == ".safetensors" or allow_unsafe_pickle,
           f"--lora {path}: pickle weights can run code when loaded; use a .safetensors file or pass "
           "--allow-unsafe-pickle if you trust it")
-    pipe = _lora_pipeline(c)
+    return p
+
+
+def parse_spec(spec: str, default_scale: float) -> tuple[str, float]:
+    """'FILE' or 'FILE:SCALE' -> (FILE, scale); a path's own colons stay (only a numeric tail is a scale)."""
+    head, sep, tail = spec.rpartition(":")
     try:
-        pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name="ldm")
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
-        raise LdmError(f"--lora {path}: not a LoRA for this model ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    check(any(getattr(m, "peft_config", None) for m in (c.unet, c.text_encoder, c.text_encoder_2)),
-          f"--lora {path}: none of its tensors fit this model's layers")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["ldm"])
+        scale = float(tail) if sep and head else None
+    except ValueError:
+        scale = None
+    if scale is None:
+        return spec, default_scale
+    check(scale == scale and -10 <= scale <= 10, f"--lora {spec}: the scale must be in [-10, 10]")
+    return head, scale
+
+
+def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = False) -> None:
+    """Fuse the LoRA at `path` into c's networks."""
+    apply_loras(c, [(path, scale)], allow_unsafe_pickle)
+
+
+def apply_loras(c, loras: list[tuple[str, float]], allow_unsafe_pickle: bool = False) -> None:
+    """Fuse LoRAs (path, scale) into c's networks: W' = W + sum_i scale_i (alpha_i / r_i) B_i A_i, as
+    diffusers' set_adapters with those weights computes it unfused."""
+    files = [lora_file(path, allow_unsafe_pickle) for path, _ in loras]
+    pipe = _lora_pipeline(c)
+    names = [f"ldm{i}" for i in range(len(loras))]
+    for (path, _), p, name in zip(loras, files, names):
+        try:
+            pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=name)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise LdmError(f"--lora {path}: not a LoRA for this model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        check(any(getattr(m, "peft_config", None) for m in (c.unet, c.text_encoder, c.text_encoder_2)),
+              f"--lora {path}: none of its tensors fit this model's layers")
+    if len(loras) == 1:
+        pipe.fuse_lora(lora_scale=loras[0][1], adapter_names=names)
+    else:
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        pipe.fuse_lora(adapter_names=names)
     pipe.unload_lora_weights()  # drops the adapter modules; the fused weights stay

@@ -60,10 +60,11 @@ def load(o: LoadOptions) -> Loaded:
                         allow_unsafe_pickle=o.allow_unsafe_pickle, config=o.config)
     c = replace(c, name=recorded_name(o.model))
     if o.lora:
-        from ldm_cli.models.lora import apply_lora
+        from ldm_cli.models.lora import apply_loras, parse_spec
 
-        apply_lora(c, o.lora, o.lora_scale, o.allow_unsafe_pickle)
-        c = replace(c, lora=f"{o.lora}@{o.lora_scale:g}")
+        loras = [parse_spec(spec, o.lora_scale) for spec in ((o.lora,) if isinstance(o.lora, str) else o.lora)]
+        apply_loras(c, loras, o.allow_unsafe_pickle)
+        c = replace(c, lora=", ".join(f"{path}@{scale:g}" for path, scale in loras))
     c = replace(c, vae_tiling=o.vae_tiling)
     return Loaded(c, build_runner(c, o.accel))
 
