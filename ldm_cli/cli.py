@@ -160,13 +160,17 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
 def _redo(from_png, settings, request, load, given):
     """The job a PNG records, with the options given on the command line applied over it (and so
     recorded in the new PNG); its model unless --model is given. A LoRA it names must be given again."""
-    from ldm_cli.io.metadata import NOT_RECORDED, read_png_job
+    from ldm_cli.io.metadata import NOT_RECORDED, png_embeddings, read_png_job
     from ldm_cli.jobs import build_jobs
 
     job, png_model, png_lora = read_png_job(from_png)
     if png_lora and not load.lora:
         raise LdmError(f"{from_png}: made with the LoRA(s) {png_lora}; paths in a PNG are not followed: pass "
                        f"--lora FILE:SCALE (once per LoRA) to redo it")
+    named = png_embeddings(from_png) if png_model != NOT_RECORDED else ""
+    if named and not load.embedding:
+        raise LdmError(f"{from_png}: made with the embedding(s) {named}; paths in a PNG are not followed: pass "
+                       "--embedding FILE:TOKEN (once each) to redo it")
     over = {f: getattr(settings, f) for f in settings.__dataclass_fields__ if f in given}
     seed = request.seed if "seed" in given else job.seed
     jobs = build_jobs([(job.prompt, over, "")], job.settings, seed, request.num_images)

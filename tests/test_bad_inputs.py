@@ -88,6 +88,7 @@ def build_inputs(tmp, tiny_model):
     os.mkfifo(img / "fifo.png")
     Image.new("1", (8192 + 8, 16)).save(img / "wide.png")
     (m / "empty.safetensors").write_bytes(b"")
+    (m / "embedding.pt").write_bytes(b"\x80\x04 pickle")
     from safetensors.torch import save_file  # names of an SGM-layout SDXL checkpoint, tiny tensors
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4),
                "conditioner.embedders.1.model.ln_final.weight": torch.ones(4),
@@ -173,6 +174,9 @@ def cases(tmp, tiny_model, shapes):
         ("bad --original-size", (*s, "--original-size", "64by64"), 2, "--original-size must be WIDTHxHEIGHT"),
         ("bad --crops-coords-top-left", (*s, "--crops-coords-top-left", "3x4"), 2,
          "--crops-coords-top-left must be TOP,LEFT"),
+        ("embedding missing", (*s, "--embedding", m / "nope.safetensors"), 2, "file not found"),
+        ("embedding pickle refused", (*s, "--embedding", m / "embedding.pt"), 2, "--allow-unsafe-pickle"),
+        ("embedding not an embedding", (*s, "--embedding", m / "sdxl-like.safetensors"), 2, "holds 3 tensors"),
         ("negative prompt weight", ("sample", "a (cat:-1)", *tm, "--steps", "1"), 2, "prompt weight :-1 is not"),
         ("--clip-skip 0", (*s, "--clip-skip", "0"), 2, "--clip-skip must be between 1 and 12"),
         ("--clip-skip past the encoder", (*s, "--clip-skip", "5"), 2, "this text encoder has 2 layers"),

@@ -231,3 +231,41 @@ def test_two_loras_equal_diffusers_set_adapters(ldm, tiny_model, tmp_path):
     assert c.lora == f"{files[0]}@0.7, {files[1]}@0.4"
     r = ldm("sample", "x", "--model", tiny_model, "--lora", f"{files[0]}:11", "--steps", 1, "--out", tmp_path / "o")
     assert r.returncode == 2 and "the scale must be in [-10, 10]" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_textual_inversion_equals_diffusers(ldm, tiny_model, tmp_path):
+    """--embedding in the diffusers format (one vector) and A1111's safetensors (emb_params, two vectors):
+    the image equals diffusers' load_textual_inversion + its pipeline; recorded, and asked for on redo."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.sample.run import load
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"<toy>": torch.randn(1, 32, generator=g)}, tmp_path / "toy.safetensors")
+    save_file({"emb_params": torch.randn(2, 32, generator=g) * 2}, tmp_path / "style.safetensors")
+    prompt = "a <toy> cat, (style:1.0)"
+    s = Settings(steps=4, width=64, height=64)
+    c = load(LoadOptions(model=str(tiny_model), device="cpu", dtype="fp32", accel="none",
+                         embedding=(str(tmp_path / "toy.safetensors"), f"{tmp_path / 'style.safetensors'}:sty"))).components
+    ours = pipeline.txt2img(c, [prompt.replace("style", "sty")], [""], [5], s).permute(0, 2, 3, 1).numpy()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_textual_inversion(str(tmp_path / "toy.safetensors"), token="<toy>")
+    pipe.load_textual_inversion(str(tmp_path / "style.safetensors"), token="sty")
+    theirs = pipe("a <toy> cat, sty", num_inference_steps=4, guidance_scale=7.5, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(5)).images
+    plain = pipeline.txt2img(loaded(tiny_model), ["a toy cat, sty"], [""], [5], s).permute(0, 2, 3, 1).numpy()
+    assert abs(ours - theirs).max() <= 1e-5 and abs(ours - plain).max() > 1e-3
+    assert c.embeddings.startswith("<toy>@") and ", sty@" in c.embeddings
+    out = tmp_path / "o"
+    r = ldm("sample", "a <toy> cat", "--model", tiny_model, "--embedding", tmp_path / "toy.safetensors", "--steps", 2,
+            "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)[0]["path"]
+    assert "TI: <toy>@" in Image.open(made).text["parameters"]
+    r = ldm("sample", "--from-png", made, "--out", tmp_path / "redo")
+    assert r.returncode == 2 and "--embedding FILE:TOKEN" in r.stderr and r.stderr.count("\n") == 1
+    r = ldm("sample", "x", "--model", tiny_model, "--embedding", tmp_path / "toy.pt", "--out", out)
+    assert r.returncode == 2 and "file not found" in r.stderr

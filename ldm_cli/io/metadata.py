@@ -16,13 +16,16 @@ from ldm_cli.jobs import MAX_SEED, Job, validate
 MAX_METADATA_BYTES = 1 << 20
 
 
-def png_info(job: Job, model: str, width: int, height: int, lora: str = "") -> PngImagePlugin.PngInfo:
+def png_info(job: Job, model: str, width: int, height: int, lora: str = "",
+             embeddings: str = "") -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_itxt("parameters", parameters_text(job, model, width, height, lora))
+    text = parameters_text(job, model, width, height, lora)
+    info.add_itxt("parameters", text + (f", TI: {embeddings}" if embeddings else ""))
     from ldm_cli import __version__
 
     info.add_itxt("ldm", json.dumps({"version": __version__, "model": model, **job.to_dict(),
-                                     **({"lora": lora} if lora else {})}))
+                                     **({"lora": lora} if lora else {}),
+                                     **({"embeddings": embeddings} if embeddings else {})}))
     return info
 
 
@@ -78,3 +81,11 @@ def _a1111_job(path: Path, text: str) -> tuple[Job, str, str]:
     except (ValueError, TypeError, OverflowError, LdmError) as e:
         raise LdmError(f"{path}: A1111 parameters: {first_line(e)}") from None
     return job, NOT_RECORDED, ""
+
+
+def png_embeddings(path: str | Path) -> str:
+    """The textual-inversion tokens an ldm PNG names ("" for none); read_png_job has checked the chunk."""
+    with Image.open(path) as im:
+        data = json.loads(im.text.get("ldm", "{}")) if hasattr(im, "text") else {}
+    value = data.get("embeddings", "") if isinstance(data, dict) else ""
+    return value if isinstance(value, str) else ""

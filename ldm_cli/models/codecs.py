@@ -11,8 +11,10 @@ def encode_text(c: Components, prompts: list[str], syntax: str = "plain", clip_s
     """CLIP token states [B, 77 k, D] for prompts. plain: each padded or cut to the tokenizer's max length
     (as SD was trained); a1111: AUTOMATIC1111's emphasis, BREAK and chunks of 75 tokens (text/encode.py),
     shorter prompts padded with the empty prompt's chunks. clip_skip: 1 = the last layer (A1111's count)."""
+    from ldm_cli.models.embeddings import expand
     from ldm_cli.text import encode as a1111
 
+    prompts = [expand(p, c.tokenizer) for p in prompts]  # multi-vector embeddings written out
     use_mask = getattr(c.text_encoder.config, "use_attention_mask", False)
     layers = c.text_encoder.config.num_hidden_layers
     check(1 <= clip_skip <= layers, f"--clip-skip {clip_skip}: this text encoder has {layers} layers")

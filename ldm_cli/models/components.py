@@ -25,6 +25,8 @@ class LoadOptions:
     accel: str = option("auto", "auto (CUDA graphs on CUDA), none, graphs, compile.", choices=ACCEL_MODES)
     lora: tuple[str, ...] = option((), "LoRA file or folder to apply (e.g. OUT/lora), FILE or FILE:SCALE; repeat "
                                    "for several.")
+    embedding: tuple[str, ...] = option((), "Textual-inversion embedding, FILE or FILE:TOKEN (default token: the "
+                                        "file's name); repeat for several.")
     lora_scale: float = option(1.0, "Scale of a --lora given without :SCALE (1: as trained; -10..10).", min=-10.0,
                                max=10.0, finite=True)
     vae_tiling: str = option("auto", "Tiled VAE decode/encode: auto (above 1024x1024 pixels), on, off.",
@@ -50,6 +52,7 @@ class Components:
     name: str  # what the user passed, recorded in PNG metadata
     device: torch.device
     dtype: torch.dtype
+    embeddings: str = ""  # textual-inversion tokens loaded, "token@sha256[:10], ..." (recorded in PNGs)
     lora: str = ""  # LoRA fused into the weights, "file@scale" (recorded in PNGs), or ""
     vae_tiling: str = "auto"  # "on", "off", or "auto": tiles only above TILE_ABOVE_PIXELS
     # SDXL (detected from the files, never the name): a second text encoder, OpenCLIP bigG with projection;

@@ -65,6 +65,10 @@ def load(o: LoadOptions) -> Loaded:
         loras = [parse_spec(spec, o.lora_scale) for spec in ((o.lora,) if isinstance(o.lora, str) else o.lora)]
         apply_loras(c, loras, o.allow_unsafe_pickle)
         c = replace(c, lora=", ".join(f"{path}@{scale:g}" for path, scale in loras))
+    if o.embedding:
+        from ldm_cli.models.embeddings import load_embeddings
+
+        c = replace(c, embeddings=load_embeddings(c, o.embedding, o.allow_unsafe_pickle))
     c = replace(c, vae_tiling=o.vae_tiling)
     return Loaded(c, build_runner(c, o.accel))
 
@@ -98,7 +102,7 @@ def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, 
     written, pils = [], []
     for job, image in pipeline.run_jobs(c, model.unet, jobs, out.batch_size, on_step):
         pil = images.to_pil(image[None])[0]
-        info = metadata.png_info(job, c.name, *pil.size, lora=c.lora)
+        info = metadata.png_info(job, c.name, *pil.size, lora=c.lora, embeddings=c.embeddings)
         source = f"{images.slug(Path(job.init_image).stem, 24)}-" if job.init_image else ""
         path, index = images.write_image(pil, out_dir, f"{job.seed}-{source}{images.slug(job.prompt)}", info,
                                          out.overwrite, index)
@@ -109,7 +113,7 @@ def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, 
     if out.grid and len(pils) > 1:
         first = written[0]
         path, _ = images.write_image(images.grid(pils), out_dir, f"grid-{images.slug(first.job.prompt)}",
-                                     metadata.png_info(first.job, c.name, first.width, first.height, c.lora),
+                                     metadata.png_info(first.job, c.name, first.width, first.height, c.lora, c.embeddings),
                                      out.overwrite, index)
         written.append(Written(path, first.job, *images.grid_size(pils), grid=True))
     return written
