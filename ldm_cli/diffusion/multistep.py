@@ -73,7 +73,6 @@ def sample_unipc(model, x, sigmas, timesteps, prediction_type, callback=None):
     first corrects the previous prediction with the new x0 estimate (UniC), then predicts the next x
     (UniP); first order at the first and last step."""
     t_device = timesteps.to(x.device)
-    sigmas = sigmas.to(x.device)  # as diffusers: UniPC's coefficients are computed on the latents' device
     x0s = []  # x0 estimates of the previous steps, newest last
     last_x, order = None, 1
     for i in range(len(timesteps)):
@@ -119,7 +118,8 @@ def _unipc_update(x, sigmas, s, x0s, order, corrector=None):
     b = [h_phi_k / b_h]
     h_phi_k = h_phi_k / hh - 1 / 2
     b.append(h_phi_k * 2 / b_h)
-    rks = torch.stack([rk, torch.ones((), device=x.device)])
+    # the 2x2 solve on the sigmas' device (the CPU): no host sync per step on a GPU
+    rks = torch.stack([rk, torch.ones((), device=rk.device)])
     rhos_c = torch.linalg.solve(torch.stack([rks**0, rks**1]), torch.stack(b)).to(x.device).to(x.dtype)
     corr = torch.einsum("k,bkc...->bc...", rhos_c[:-1], d1)
     return (x_t - alpha_t * b_h * (corr + rhos_c[-1] * d1_t)).to(x.dtype)

@@ -44,10 +44,10 @@ def default_token(path: Path) -> str:
 def load_embeddings(c, specs, allow_unsafe_pickle: bool = False) -> str:
     """Load each embedding into c's tokenizer and text encoder; returns what PNGs record
     ("token@sha256[:10], ...")."""
-    from diffusers import StableDiffusionPipeline
+    from ldm_cli.models.lora import loader_pipeline
 
     check(c.family == "sd", "--embedding: SDXL embeddings (clip_l/clip_g pairs) are not supported yet")
-    recorded = []
+    pipe, recorded = loader_pipeline(c), []
     for spec in specs:
         path, token = parse_spec(spec)
         check(path.is_file(), f"--embedding {spec}: file not found")
@@ -58,9 +58,6 @@ def load_embeddings(c, specs, allow_unsafe_pickle: bool = False) -> str:
               f"--embedding {spec}: expected a .safetensors (or, with --allow-unsafe-pickle, .pt) file")
         check(token not in c.tokenizer.get_vocab(), f"--embedding {spec}: the token {token!r} is already a word "
               "of this tokenizer; name another with FILE:TOKEN")
-        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                       scheduler=None, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
         try:
             pipe.load_textual_inversion(str(path), token=token)
         except Exception as e:  # noqa: BLE001 (diffusers and safetensors raise many types for a wrong file)

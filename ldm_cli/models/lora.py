@@ -36,9 +36,9 @@ def save_lora(unet, out_dir: Path, sdxl: bool = False) -> Path:
     return out_dir / WEIGHT_NAME
 
 
-def _lora_pipeline(c):
-    """The diffusers pipeline whose LoRA loader fits c's family (SDXL's reads both text encoders' keys,
-    and kohya's SDXL names), over c's own modules."""
+def loader_pipeline(c):
+    """A diffusers pipeline over c's own modules, for its loaders (LoRA, textual inversion): the one of c's
+    family, whose loaders know its keys (SDXL's read both text encoders', and kohya's SDXL names)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     if c.family == "sd":
@@ -96,7 +96,7 @@ def apply_loras(c, loras: list[tuple[str, float]], allow_unsafe_pickle: bool = F
     """Fuse LoRAs (path, scale) into c's networks: W' = W + sum_i scale_i (alpha_i / r_i) B_i A_i, as
     diffusers' set_adapters with those weights computes it unfused."""
     files = [lora_file(path, allow_unsafe_pickle) for path, _ in loras]
-    pipe = _lora_pipeline(c)
+    pipe = loader_pipeline(c)
     names = [f"ldm{i}" for i in range(len(loras))]
     for (path, _), p, name in zip(loras, files, names):
         try:

@@ -48,13 +48,7 @@ def encode_prompts(c: Components, prompts: list[str], negatives: list[str], s: S
         if not guidance_on(s.cfg):
             return cond, None
         uncond = encode_text(c, negatives, s.prompt_syntax, s.clip_skip)  # clip skip on both, as A1111
-        if cond.shape[1] != uncond.shape[1]:  # chunk counts differ: the shorter gets empty-prompt chunks
-            from ldm_cli.text.encode import pad_to
-
-            empty = encode_text(c, [""], s.prompt_syntax, s.clip_skip)
-            longest = max(cond.shape[1], uncond.shape[1])
-            cond, uncond = pad_to(cond, longest, empty), pad_to(uncond, longest, empty)
-        return cond, uncond
+        return same_length(cond, uncond, lambda: encode_text(c, [""], s.prompt_syntax, s.clip_skip))
     check(s.clip_skip == 1, "--clip-skip: SDXL already takes its text encoders' penultimate layers; "
           "other layers are not supported")
     hidden, pooled = encode_text_sdxl(c, prompts, s.prompt_syntax)
@@ -65,15 +59,21 @@ def encode_prompts(c: Components, prompts: list[str], negatives: list[str], s: S
         uncond_hidden, uncond_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
     else:
         uncond_hidden, uncond_pooled = encode_text_sdxl(c, negatives, s.prompt_syntax)
-    if hidden.shape[1] != uncond_hidden.shape[1]:  # chunk counts differ: the shorter gets empty-prompt chunks
-        from ldm_cli.text.encode import pad_to
-
-        empty = encode_text_sdxl(c, [""], s.prompt_syntax)[0]
-        longest = max(hidden.shape[1], uncond_hidden.shape[1])
-        hidden, uncond_hidden = pad_to(hidden, longest, empty), pad_to(uncond_hidden, longest, empty)
+    hidden, uncond_hidden = same_length(hidden, uncond_hidden, lambda: encode_text_sdxl(c, [""], s.prompt_syntax)[0])
     n = len(prompts)
     return (AddedCond(hidden, pooled, ids.to(c.device, hidden.dtype).expand(n, -1)),
             AddedCond(uncond_hidden, uncond_pooled, negative_ids.to(c.device, hidden.dtype).expand(n, -1)))
+
+
+def same_length(cond: torch.Tensor, uncond: torch.Tensor, empty) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both guidance halves at one token length: where the chunk counts differ, the shorter gets the empty
+    prompt's chunks (`empty()` encodes it), as A1111 pads them."""
+    if cond.shape[1] == uncond.shape[1]:
+        return cond, uncond
+    from ldm_cli.text.encode import pad_to
+
+    blank, longest = empty(), max(cond.shape[1], uncond.shape[1])
+    return pad_to(cond, longest, blank), pad_to(uncond, longest, blank)
 
 
 def sdxl_time_ids(c: Components, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
