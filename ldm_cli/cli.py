@@ -9,6 +9,7 @@ code (2: bad input, 1: the work failed). `--debug` (or LDM_DEBUG=1) shows the tr
 
 import inspect
 import json
+import logging
 import os
 import secrets
 import sys
@@ -154,7 +155,29 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
         jobs, load = _redo(from_png, settings, request, load, given)
     else:
         jobs = _jobs(prompt, settings, request, init_images)
+    load = _with_prompt_loras(jobs, load, from_png)
     _run(jobs, load, out)
+
+
+def _with_prompt_loras(jobs, load, from_png):
+    """The LoRAs the prompts' <lora:NAME:WEIGHT> tags name, found in --lora-dir, added to what is loaded;
+    redoing a PNG, each LoRA file is checked against the hash it recorded (a different file: a warning)."""
+    from ldm_cli.models.lora import file_hash, lora_file, parse_spec, prompt_loras
+
+    found = prompt_loras([j.prompt for j in jobs if j.settings.prompt_syntax == "a1111"], load.lora_dir)
+    load = replace(load, prompt_loras=found)
+    if from_png is None:
+        return load
+    from ldm_cli.io.metadata import png_lora_hashes
+
+    recorded = png_lora_hashes(from_png)
+    given = [(parse_spec(spec, 1.0)[0], Path(parse_spec(spec, 1.0)[0]).stem) for spec in load.lora]
+    for path, name in given + [(path, name) for path, name, _ in found]:
+        now = file_hash(lora_file(path, load.allow_unsafe_pickle))
+        if name in recorded and recorded[name] != now:
+            logging.getLogger("ldm").warning(f"warning: {path} (sha256 {now}...) is not the LoRA {name} {from_png} "
+                                             f"was made with (sha256 {recorded[name]}...): the image will differ")
+    return load
 
 
 def _redo(from_png, settings, request, load, given):

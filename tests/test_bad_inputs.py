@@ -281,6 +281,16 @@ def cases(tmp, tiny_model, shapes):
         ("train --gpus 2 without GPUs", (*tr, "--gpus", "2"), 2, "--gpus 2: this machine has 0 CUDA GPU"),
         ("sample 8192x8192 on a CPU without --yes", (*s, "--width", "8192", "--height", "8192"), 2, "pass --yes"),
         ("train --validation-steps past the schedule", (*tr, "--validation-steps", "5000"), 2, "--validation-steps"),
+        ("train --textual-inversion without --init-word", (*tr, "--textual-inversion", "zqx"), 2, "--init-word"),
+        ("train --init-word alone", (*tr, "--init-word", "dog"), 2, "go with --textual-inversion"),
+        ("train --textual-inversion with --lora-rank", (*tr, "--textual-inversion", "zqx", "--init-word", "red",
+                                                        "--lora-rank", "4"), 2, "drop --lora-rank"),
+        ("train --textual-inversion, a word of the vocabulary", (*tr, "--textual-inversion", "red", "--init-word",
+                                                                 "blue"), 2, "already a word"),
+        ("train --textual-inversion, no caption names it", (*tr, "--textual-inversion", "zqx", "--init-word", "red",
+                                                            "--instance-prompt", "a thing"), 2, "no caption names zqx"),
+        ("train --textual-inversion, token with a space", (*tr, "--textual-inversion", "a b", "--init-word", "red"),
+         2, "one word"),
     ]
 
 

@@ -4,7 +4,9 @@ clip skip), on the tiny model's real text encoder."""
 
 import functools
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -197,21 +199,12 @@ def test_sdxl_emphasis_and_long_prompts(tiny_sdxl):
 
 def test_two_loras_equal_diffusers_set_adapters(ldm, tiny_model, tmp_path):
     """--lora A:0.7 --lora B:0.4 equals diffusers' set_adapters([A, B], [0.7, 0.4]) (unfused), both recorded."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ldm_cli.models.components import LoadOptions
-    from ldm_cli.models.lora import add_lora, save_lora
     from ldm_cli.sample.run import load
 
-    files = []
-    for seed in (0, 1):
-        unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
-        add_lora(unet, 4)
-        torch.manual_seed(seed)
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.data.normal_(0, 0.3)
-        files.append(save_lora(unet, tmp_path / f"lora{seed}"))
+    files = [make_lora(tiny_model, tmp_path, f"lora{seed}", seed) for seed in (0, 1)]
     s = Settings(steps=4, width=64, height=64)
     o = LoadOptions(model=str(tiny_model), device="cpu", dtype="fp32", accel="none",
                     lora=(f"{files[0]}:0.7", f"{files[1]}:0.4"))
@@ -228,7 +221,7 @@ def test_two_loras_equal_diffusers_set_adapters(ldm, tiny_model, tmp_path):
                                             lora=(f"{files[0]}:0.7",))).components, ["a red cat"], [""], [3], s)
     assert abs(ours - theirs).max() <= 1e-5
     assert abs(ours - one.permute(0, 2, 3, 1).numpy()).max() > 1e-3  # the second LoRA counts
-    assert c.lora == f"{files[0]}@0.7, {files[1]}@0.4"
+    assert re.fullmatch(f"{files[0]}@0.7#[0-9a-f]{{10}}, {files[1]}@0.4#[0-9a-f]{{10}}", c.lora)
     r = ldm("sample", "x", "--model", tiny_model, "--lora", f"{files[0]}:11", "--steps", 1, "--out", tmp_path / "o")
     assert r.returncode == 2 and "the scale must be in [-10, 10]" in r.stderr and r.stderr.count("\n") == 1
 
@@ -269,3 +262,66 @@ def test_textual_inversion_equals_diffusers(ldm, tiny_model, tmp_path):
     assert r.returncode == 2 and "--embedding FILE:TOKEN" in r.stderr and r.stderr.count("\n") == 1
     r = ldm("sample", "x", "--model", tiny_model, "--embedding", tmp_path / "toy.pt", "--out", out)
     assert r.returncode == 2 and "file not found" in r.stderr
+
+
+def make_lora(tiny_model, folder, name, seed):
+    """A LoRA file for the tiny model with random (non-zero) B: FOLDER/NAME.safetensors."""
+    from diffusers import UNet2DConditionModel
+
+    from ldm_cli.models.lora import add_lora, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    add_lora(unet, 4)
+    torch.manual_seed(seed)
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.3)
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_lora(unet, folder / f".{name}").rename(folder / f"{name}.safetensors")
+
+
+def test_prompt_lora_tags_equal_lora_flags_and_redo_bitwise(ldm, tiny_model, tmp_path):
+    """<lora:a:0.7> in the prompt (found in --lora-dir, in a sub-folder) with --lora b:0.4 gives the image
+    --lora a:0.7 --lora b:0.4 gives; the tag is not text; both hashes recorded; --from-png with --lora-dir
+    and --lora redoes it bitwise, warns for a changed file, and asks for --lora-dir when it is missing."""
+    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.models.lora import file_hash
+    from ldm_cli.sample.run import load
+
+    a = make_lora(tiny_model, tmp_path / "loras" / "styles", "a", 0)
+    b = make_lora(tiny_model, tmp_path / "other", "b", 1)
+    common = ("--model", tiny_model, "--steps", 3, "--seed", 4, "--device", "cpu", "--accel", "none")
+    r = ldm("sample", "a red cat, <lora:a:0.7>", *common, "--lora-dir", tmp_path / "loras", "--lora", f"{b}:0.4",
+            "--out", tmp_path / "tag")
+    assert r.returncode == 0, r.stderr
+    tagged = next((tmp_path / "tag").glob("*.png"))
+    r = ldm("sample", "a red cat, ", *common, "--lora", f"{b}:0.4", "--lora", f"{a}:0.7", "--out", tmp_path / "flags")
+    assert r.returncode == 0, r.stderr
+    flagged = next((tmp_path / "flags").glob("*.png"))
+    px = lambda p: np.asarray(Image.open(p).convert("RGB")).astype(int)  # noqa: E731
+    assert np.abs(px(tagged) - px(flagged)).max() <= 1  # the same LoRAs, fused in the same order
+    plain = pipeline.txt2img(load(LoadOptions(model=str(tiny_model), device="cpu", dtype="fp32", accel="none",
+                                              lora=(f"{b}:0.4",))).components, ["a red cat, "], [""], [4],
+                             Settings(steps=3, width=64, height=64))
+    assert np.abs(images_u8(plain) - px(tagged)).max() > 3  # the tag applied a LoRA
+    text = Image.open(tagged).text["parameters"]
+    assert f'Lora hashes: "b: {file_hash(b)}, a: {file_hash(a)}"' in text and "<lora:a:0.7>" in text
+
+    r = ldm("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--lora-dir", tmp_path / "loras", "--out",
+            tmp_path / "redo")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(px(next((tmp_path / "redo").glob("*.png"))), px(tagged))
+    r = ldm("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "<lora:a:0.7>: give --lora-dir" in r.stderr and r.stderr.count("\n") == 1
+    make_lora(tiny_model, tmp_path / "changed", "a", 5)
+    r = ldm("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--lora-dir", tmp_path / "changed", "--out",
+            tmp_path / "y")
+    assert r.returncode == 0 and "is not the LoRA a" in r.stderr and "the image will differ" in r.stderr
+    r = ldm("sample", "x <lora:a:0.7>", "y <lora:b>", *common, "--lora-dir", tmp_path, "--out", tmp_path / "z")
+    assert r.returncode == 2 and "different <lora:...> sets" in r.stderr
+    r = ldm("sample", "x <hypernet:a:1>", *common, "--out", tmp_path / "z")
+    assert r.returncode == 2 and "<lora:NAME:WEIGHT> tags only" in r.stderr
+
+
+def images_u8(pixels):
+    return (pixels.permute(0, 2, 3, 1).numpy()[0] * 255).round().astype(int)

@@ -147,6 +147,34 @@ def test_sdxl_lora_matches_diffusers_and_mismatches_are_one_line(ldm, tiny_sdxl,
     assert not (tmp_path / "out").exists()
 
 
+def test_sdxl_embedding_pair_matches_diffusers(tiny_sdxl, tmp_path):
+    """An SDXL embedding file {clip_l, clip_g} (two vectors): ldm's image equals diffusers' pipeline after its
+    documented two load_textual_inversion calls (clip_g into text_encoder_2, clip_l into text_encoder)."""
+    from safetensors.torch import save_file
+
+    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.sample.run import load
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    g = torch.Generator().manual_seed(0)
+    widths = pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size
+    pair = {"clip_l": torch.randn(2, widths[0], generator=g), "clip_g": torch.randn(2, widths[1], generator=g)}
+    save_file(pair, tmp_path / "toyxl.safetensors")
+    c = load(LoadOptions(model=str(tiny_sdxl), device="cpu", dtype="fp32", accel="none",
+                         embedding=(str(tmp_path / "toyxl.safetensors"),))).components
+    s = Settings(steps=4, cfg=5.0, width=64, height=64, prompt_syntax="plain")
+    ours = pipeline.txt2img(c, ["a toyxl cat"], ["blurry"], [2], s).permute(0, 2, 3, 1).numpy()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_textual_inversion(pair["clip_g"], token="toyxl", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(pair["clip_l"], token="toyxl", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    ref = pipe("a toyxl cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0, height=64,
+               width=64, output_type="np", generator=torch.Generator("cpu").manual_seed(2)).images
+    plain = pipeline.txt2img(ours_loaded(tiny_sdxl), ["a toyxl cat"], ["blurry"], [2], s).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - ref).max() <= TOL and np.abs(ours - plain).max() > 100 * TOL
+    assert c.embeddings.startswith("toyxl@")
+
+
 def test_train_sdxl_full_and_lora_load_in_diffusers(shapes, tiny_sdxl, tmp_path):
     """Fine-tune and LoRA on a tiny SDXL: loss falls; diffusers' SDXL pipeline loads what was written and
     gives ldm's image; the micro-conditioning is the images' own (72x64 images: a 4-pixel centre crop)."""

@@ -17,14 +17,16 @@ MAX_METADATA_BYTES = 1 << 20
 
 
 def png_info(job: Job, model: str, width: int, height: int, lora: str = "",
-             embeddings: str = "") -> PngImagePlugin.PngInfo:
+             embeddings: str = "", lora_hashes: str = "") -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     text = parameters_text(job, model, width, height, lora)
+    text += f', Lora hashes: "{lora_hashes}"' if lora_hashes else ""
     info.add_itxt("parameters", text + (f", TI: {embeddings}" if embeddings else ""))
     from ldm_cli import __version__
 
     info.add_itxt("ldm", json.dumps({"version": __version__, "model": model, **job.to_dict(),
                                      **({"lora": lora} if lora else {}),
+                                     **({"lora_hashes": lora_hashes} if lora_hashes else {}),
                                      **({"embeddings": embeddings} if embeddings else {})}))
     return info
 
@@ -83,9 +85,20 @@ def _a1111_job(path: Path, text: str) -> tuple[Job, str, str]:
     return job, NOT_RECORDED, ""
 
 
-def png_embeddings(path: str | Path) -> str:
-    """The textual-inversion tokens an ldm PNG names ("" for none); read_png_job has checked the chunk."""
+def png_field(path: str | Path, key: str) -> str:
+    """A text field of an ldm PNG's chunk ("" when absent); read_png_job has checked the chunk."""
     with Image.open(path) as im:
         data = json.loads(im.text.get("ldm", "{}")) if hasattr(im, "text") else {}
-    value = data.get("embeddings", "") if isinstance(data, dict) else ""
+    value = data.get(key, "") if isinstance(data, dict) else ""
     return value if isinstance(value, str) else ""
+
+
+def png_embeddings(path: str | Path) -> str:
+    """The textual-inversion tokens an ldm PNG names ("" for none)."""
+    return png_field(path, "embeddings")
+
+
+def png_lora_hashes(path: str | Path) -> dict[str, str]:
+    """{LoRA name: hash} of every LoRA an ldm PNG was made with ({} for none)."""
+    pairs = [item.partition(": ") for item in png_field(path, "lora_hashes").split(", ") if item]
+    return {name: h for name, _, h in pairs}

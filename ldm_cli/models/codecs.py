@@ -10,10 +10,14 @@ from ldm_cli.models.components import Components
 def encode_text(c: Components, prompts: list[str], syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
     """CLIP token states [B, 77 k, D] for prompts. plain: each padded or cut to the tokenizer's max length
     (as SD was trained); a1111: AUTOMATIC1111's emphasis, BREAK and chunks of 75 tokens (text/encode.py),
-    shorter prompts padded with the empty prompt's chunks. clip_skip: 1 = the last layer (A1111's count)."""
+    shorter prompts padded with the empty prompt's chunks, <lora:...> tags taken out (text/networks.py).
+    clip_skip: 1 = the last layer (A1111's count)."""
     from ldm_cli.models.embeddings import expand
     from ldm_cli.text import encode as a1111
+    from ldm_cli.text.networks import strip_networks
 
+    if syntax == "a1111":  # <lora:...> tags name what the loader applied; they are not text
+        prompts = [strip_networks(p) for p in prompts]
     prompts = [expand(p, c.tokenizer) for p in prompts]  # multi-vector embeddings written out
     use_mask = getattr(c.text_encoder.config, "use_attention_mask", False)
     layers = c.text_encoder.config.num_hidden_layers
@@ -39,9 +43,14 @@ def encode_text_sdxl(c: Components, prompts: list[str], syntax: str = "plain") -
     hidden states, concatenated on the feature axis ([B, 77, 768 + 1280] for SDXL base, 1280 for the
     refiner), and the second encoder's pooled, projected embedding [B, 1280]. a1111: emphasis, BREAK and
     chunks as for SD (text/encode.encode_sdxl); shorter prompts padded with the empty prompt's chunks."""
+    from ldm_cli.models.embeddings import expand
+
+    prompts = [expand(p, c.tokenizer_2) for p in prompts]  # multi-vector embeddings written out
     if syntax == "a1111":
         from ldm_cli.text import encode as a1111
+        from ldm_cli.text.networks import strip_networks
 
+        prompts = [strip_networks(p) for p in prompts]
         pairs = [(t, e) for t, e in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)) if e is not None]
         encoded = [a1111.encode_sdxl(pairs, p, c.device) for p in prompts]
         longest = max(h.shape[1] for h, _ in encoded)

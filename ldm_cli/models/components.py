@@ -25,6 +25,10 @@ class LoadOptions:
     accel: str = option("auto", "auto (CUDA graphs on CUDA), none, graphs, compile.", choices=ACCEL_MODES)
     lora: tuple[str, ...] = option((), "LoRA file or folder to apply (e.g. OUT/lora), FILE or FILE:SCALE; repeat "
                                    "for several.")
+    # <lora:NAME:WEIGHT> in a prompt: NAME.safetensors looked up (by file name, in sub-folders too) here
+    lora_dir: str | None = option(None, "Folder of LoRA files for <lora:NAME:WEIGHT> prompt tags.")
+    # the prompts' <lora:...> tags resolved, (FILE, NAME, WEIGHT); filled in from the jobs, not a flag
+    prompt_loras: tuple = option((), "", cli=False)
     embedding: tuple[str, ...] = option((), "Textual-inversion embedding, FILE or FILE:TOKEN (default token: the "
                                         "file's name); repeat for several.")
     lora_scale: float = option(1.0, "Scale of a --lora given without :SCALE (1: as trained; -10..10).", min=-10.0,
@@ -53,7 +57,8 @@ class Components:
     device: torch.device
     dtype: torch.dtype
     embeddings: str = ""  # textual-inversion tokens loaded, "token@sha256[:10], ..." (recorded in PNGs)
-    lora: str = ""  # LoRA fused into the weights, "file@scale" (recorded in PNGs), or ""
+    lora: str = ""  # --lora files fused into the weights, "file@scale#hash, ..." (recorded in PNGs), or ""
+    lora_hashes: str = ""  # every LoRA fused (prompt tags too), "name: hash, ..." (A1111's "Lora hashes")
     vae_tiling: str = "auto"  # "on", "off", or "auto": tiles only above TILE_ABOVE_PIXELS
     # SDXL (detected from the files, never the name): a second text encoder, OpenCLIP bigG with projection;
     # the refiner has only that one (text_encoder and tokenizer None)

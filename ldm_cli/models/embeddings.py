@@ -1,7 +1,8 @@
 """Textual-inversion embeddings (Gal et al. 2022): new token rows in the text encoder, named by a token.
 
 `--embedding FILE[:TOKEN]` loads a file through diffusers' own loader (`load_textual_inversion`: the
-diffusers format, a single-key file, A1111's `string_to_param` .pt and `emb_params` .safetensors), which
+diffusers format, a single-key file, A1111's `string_to_param` .pt and `emb_params` .safetensors; for
+SDXL the clip_l/clip_g pair, one half per text encoder), which
 adds the token (and `TOKEN_1`, ... for a multi-vector embedding) to the tokenizer and the rows to the
 text encoder, in place at load time, as LoRA fusing is. `expand` writes a multi-vector token out in a
 prompt as diffusers' pipelines do ("tok" -> "tok tok_1 tok_2").
@@ -34,8 +35,10 @@ def default_token(path: Path) -> str:
                 keys = list(f.keys())
         except Exception as e:  # noqa: BLE001 (a damaged file: safetensors' own error types)
             raise LdmError(f"--embedding {path}: not a valid .safetensors file ({str(e).splitlines()[0][:160]})") from None
+        if sorted(keys) == ["clip_g", "clip_l"]:  # SDXL's pair: named by the file
+            return path.stem
         check(len(keys) == 1, f"--embedding {path}: holds {len(keys)} tensors ({', '.join(keys[:3])}); an SD "
-              "embedding holds one")
+              "embedding holds one, an SDXL one clip_l and clip_g")
         if keys[0] != "emb_params":
             return keys[0]
     return path.stem
@@ -46,7 +49,6 @@ def load_embeddings(c, specs, allow_unsafe_pickle: bool = False) -> str:
     ("token@sha256[:10], ...")."""
     from ldm_cli.models.lora import loader_pipeline
 
-    check(c.family == "sd", "--embedding: SDXL embeddings (clip_l/clip_g pairs) are not supported yet")
     pipe, recorded = loader_pipeline(c), []
     for spec in specs:
         path, token = parse_spec(spec)
@@ -56,15 +58,35 @@ def load_embeddings(c, specs, allow_unsafe_pickle: bool = False) -> str:
               "files are pickles, which can run code when loaded; use .safetensors or pass --allow-unsafe-pickle")
         check(path.suffix.lower() in PICKLE or path.suffix.lower() == ".safetensors",
               f"--embedding {spec}: expected a .safetensors (or, with --allow-unsafe-pickle, .pt) file")
-        check(token not in c.tokenizer.get_vocab(), f"--embedding {spec}: the token {token!r} is already a word "
-              "of this tokenizer; name another with FILE:TOKEN")
+        vocab = (c.tokenizer or c.tokenizer_2).get_vocab()
+        check(token not in vocab, f"--embedding {spec}: the token {token!r} is already a word of this tokenizer; "
+              "name another with FILE:TOKEN")
         try:
-            pipe.load_textual_inversion(str(path), token=token)
+            if c.family == "sd":
+                pipe.load_textual_inversion(str(path), token=token)
+            else:
+                load_sdxl_pair(pipe, c, path, token)
+        except LdmError:
+            raise
         except Exception as e:  # noqa: BLE001 (diffusers and safetensors raise many types for a wrong file)
             raise LdmError(f"--embedding {spec}: not an embedding for this model ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
         recorded.append(f"{token}@{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}")
     return ", ".join(recorded)
+
+
+def load_sdxl_pair(pipe, c, path: Path, token: str) -> None:
+    """An SDXL embedding {clip_l: [N, 768], clip_g: [N, 1280]} (A1111's and kohya's format): each half
+    into its text encoder, through diffusers' loader as its SDXL docs show (the refiner takes clip_g only)."""
+    from safetensors.torch import load_file
+
+    check(path.suffix.lower() == ".safetensors", f"--embedding {path}: SDXL embeddings are .safetensors files")
+    pair = load_file(str(path))
+    check(sorted(pair) == ["clip_g", "clip_l"], f"--embedding {path}: an SD 1.x/2.x embedding; this model is SDXL "
+          "(its embeddings hold clip_l and clip_g)")
+    for key, encoder, tokenizer in (("clip_l", c.text_encoder, c.tokenizer), ("clip_g", c.text_encoder_2, c.tokenizer_2)):
+        if encoder is not None:
+            pipe.load_textual_inversion(pair[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
 
 
 def expand(prompt: str, tokenizer) -> str:

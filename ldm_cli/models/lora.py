@@ -87,6 +87,47 @@ def parse_spec(spec: str, default_scale: float) -> tuple[str, float]:
     return head, scale
 
 
+def file_hash(path: Path) -> str:
+    """What PNGs record of a LoRA file: the first 10 hex digits of its sha256 (Civitai's "AutoV2")."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+def find_in_dir(name: str, lora_dir: str | None, tag: str) -> Path:
+    """The file of a <lora:NAME> tag: NAME.safetensors (or .pt/.ckpt/.bin) in lora_dir or below, as A1111
+    finds it by file name."""
+    check(lora_dir is not None, f"the prompt names {tag}: give --lora-dir DIR, the folder of your LoRA files")
+    root = Path(lora_dir)
+    check(root.is_dir(), f"--lora-dir {lora_dir}: not a folder")
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.stem == name and p.is_file())
+    check(found != [], f"the prompt names {tag}: no {name}.safetensors in --lora-dir {lora_dir}")
+    check(len(found) == 1, f"the prompt names {tag}: several files are called {name} in --lora-dir {lora_dir} "
+          f"({', '.join(str(p) for p in found[:3])}); rename one")
+    return found[0]
+
+
+def prompt_loras(prompts: list[str], lora_dir: str | None) -> tuple:
+    """The LoRAs the prompts' <lora:NAME:WEIGHT> tags name, as (file, name, weight). One run fuses one
+    set into the model, so every prompt of it must name the same set."""
+    from ldm_cli.text.networks import split_networks
+
+    sets = {p: tuple(split_networks(p)[1]) for p in prompts}
+    distinct = sorted(set(sets.values()))
+    check(len(distinct) <= 1, "prompts of one run name different <lora:...> sets ("
+          + " vs ".join(", ".join(f"<lora:{n}:{w:g}>" for n, w in s) or "none" for s in distinct[:2])
+          + "); one run fuses one set into the model: run them separately")
+    tags = distinct[0] if distinct else ()
+    return tuple((str(find_in_dir(n, lora_dir, f"<lora:{n}:{w:g}>")), n, w) for n, w in tags)
+
+
 def apply_lora(c, path: str, scale: float = 1.0, allow_unsafe_pickle: bool = False) -> None:
     """Fuse the LoRA at `path` into c's networks."""
     apply_loras(c, [(path, scale)], allow_unsafe_pickle)

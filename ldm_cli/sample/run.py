@@ -59,18 +59,28 @@ def load(o: LoadOptions) -> Loaded:
     c = load_components(o.model or default_model(), device=o.device, dtype=o.dtype,
                         allow_unsafe_pickle=o.allow_unsafe_pickle, config=o.config)
     c = replace(c, name=recorded_name(o.model))
-    if o.lora:
-        from ldm_cli.models.lora import apply_loras, parse_spec
-
-        loras = [parse_spec(spec, o.lora_scale) for spec in ((o.lora,) if isinstance(o.lora, str) else o.lora)]
-        apply_loras(c, loras, o.allow_unsafe_pickle)
-        c = replace(c, lora=", ".join(f"{path}@{scale:g}" for path, scale in loras))
+    if o.lora or o.prompt_loras:
+        c = fuse_loras(c, o)
     if o.embedding:
         from ldm_cli.models.embeddings import load_embeddings
 
         c = replace(c, embeddings=load_embeddings(c, o.embedding, o.allow_unsafe_pickle))
     c = replace(c, vae_tiling=o.vae_tiling)
     return Loaded(c, build_runner(c, o.accel))
+
+
+def fuse_loras(c: Components, o: LoadOptions) -> Components:
+    """Fuse the --lora files and the prompts' <lora:...> tags' files (in that order) into c; recorded as
+    c.lora (the --lora ones, "file@scale#hash") and c.lora_hashes (all, "name: hash")."""
+    from ldm_cli.models.lora import apply_loras, file_hash, lora_file, parse_spec
+
+    given = [parse_spec(spec, o.lora_scale) for spec in ((o.lora,) if isinstance(o.lora, str) else o.lora)]
+    loras = given + [(path, weight) for path, _, weight in o.prompt_loras]
+    apply_loras(c, loras, o.allow_unsafe_pickle)
+    hashes = [file_hash(lora_file(path, o.allow_unsafe_pickle)) for path, _ in loras]
+    names = [Path(path).stem for path, _ in given] + [name for _, name, _ in o.prompt_loras]
+    return replace(c, lora=", ".join(f"{path}@{scale:g}#{h}" for (path, scale), h in zip(given, hashes)),
+                   lora_hashes=", ".join(f"{n}: {h}" for n, h in zip(names, hashes)))
 
 
 def recorded_name(model: str | None) -> str:
@@ -102,7 +112,8 @@ def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, 
     written, pils = [], []
     for job, image in pipeline.run_jobs(c, model.unet, jobs, out.batch_size, on_step):
         pil = images.to_pil(image[None])[0]
-        info = metadata.png_info(job, c.name, *pil.size, lora=c.lora, embeddings=c.embeddings)
+        info = metadata.png_info(job, c.name, *pil.size, lora=c.lora, embeddings=c.embeddings,
+                                 lora_hashes=c.lora_hashes)
         source = f"{images.slug(Path(job.init_image).stem, 24)}-" if job.init_image else ""
         path, index = images.write_image(pil, out_dir, f"{job.seed}-{source}{images.slug(job.prompt)}", info,
                                          out.overwrite, index)
@@ -113,7 +124,8 @@ def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, 
     if out.grid and len(pils) > 1:
         first = written[0]
         path, _ = images.write_image(images.grid(pils), out_dir, f"grid-{images.slug(first.job.prompt)}",
-                                     metadata.png_info(first.job, c.name, first.width, first.height, c.lora, c.embeddings),
+                                     metadata.png_info(first.job, c.name, first.width, first.height, c.lora, c.embeddings,
+                                                       c.lora_hashes),
                                      out.overwrite, index)
         written.append(Written(path, first.job, *images.grid_size(pils), grid=True))
     return written

@@ -42,6 +42,7 @@ class Encoders:
     def __init__(self, c, accelerator):
         self.c, self.accelerator = c, accelerator
         self.vae_dtype = next(c.vae.parameters()).dtype
+        self.trained_text = None  # with --textual-inversion: the (prepared) text encoder, run with gradients
 
     def pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, R, R] in [-1, 1] -> posterior parameters [B, 2C, h, w]."""
@@ -60,6 +61,20 @@ class Encoders:
                 hidden, pooled = encode_text_sdxl(c, captions)
                 return hidden.float(), pooled.float()
             return encode_text(c, captions).float()
+
+    def trained_captions(self, captions: list[str]) -> torch.Tensor:
+        """Token states [B, 77, D] through the text encoder whose new token trains (with gradients),
+        tokenized as encode_text's plain syntax does."""
+        from ldm_cli.models.embeddings import expand
+        from ldm_cli.text.encode import states
+
+        c = self.c
+        ids = c.tokenizer([expand(p, c.tokenizer) for p in captions], padding="max_length", truncation=True,
+                          max_length=c.tokenizer.model_max_length, return_tensors="pt").input_ids
+        with self.accelerator.autocast():
+            if c.batch_invariant:  # one caption at a time on CPU, as encode_text
+                return torch.cat([states(self.trained_text, row[None].to(self.accelerator.device)) for row in ids]).float()
+            return states(self.trained_text, ids.to(self.accelerator.device)).float()
 
 
 class Batches:
@@ -101,21 +116,26 @@ class Batches:
         index = step * cfg.gradient_accumulation + micro
         rng = random.Random((cfg.seed * 7919 + index) * 131 + micro)
         batch = step_examples(self.examples, index, cfg.batch_size * self.world, cfg.seed)
-        drop = [rng.random() < cfg.caption_dropout for _ in batch]  # decided for the global batch
+        # decided for the global batch; a new token learns nothing from an empty caption
+        drop = [rng.random() < cfg.caption_dropout and not cfg.textual_inversion for _ in batch]
         mine = slice(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size)
         batch, drop = batch[mine], drop[mine]
         captions = ["" if d else e.caption for e, d in zip(batch, drop)]
         if self.cached is not None:
             moments = torch.stack([self.cached.moments[e.path] for e in batch]).to(self.device)
-            texts = [self.cached.context[cap] for cap in captions]
             crops = [centre_crop_of(e, cfg.resolution) for e in batch] if self.sdxl else None
         else:
             loaded = [self._pixels(e, rng) for e in batch]
             moments = self.encoders.pixels(torch.stack([p for p, _ in loaded]))
-            encoded = self.encoders.captions(captions)
-            texts = list(zip(*encoded)) if self.sdxl else list(encoded)
             crops = [crop for _, crop in loaded]
         latents = sample_posterior(moments, gen) * self.scaling_factor
+        if self.encoders.trained_text is not None:
+            return latents, self.encoders.trained_captions(captions)
+        if self.cached is not None:
+            texts = [self.cached.context[cap] for cap in captions]
+        else:
+            encoded = self.encoders.captions(captions)
+            texts = list(zip(*encoded)) if self.sdxl else list(encoded)
         if not self.sdxl:
             return latents, torch.stack(texts).to(self.device)
         # SDXL's micro-conditioning: original (h, w), crop (top, left), target (R, R), per image

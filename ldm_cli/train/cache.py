@@ -113,9 +113,9 @@ def _load_or_encode(items: dict, keys: tuple[str, ...], prepare, encode, batch_s
 
 
 def encode_dataset(examples: list[Example], folder: Path, resolution: int, encode_pixels, encode_captions,
-                   batch_size: int = 8, pooled: bool = False) -> EncodedData:
-    """Load what `folder` has, encode (in batches) and store what it lacks, return it all. Images that
-    cannot be read are left out and listed in `skipped`."""
+                   batch_size: int = 8, pooled: bool = False, texts: bool = True) -> EncodedData:
+    """Load what `folder` has, encode (in batches) and store what it lacks, return it all (the captions
+    too unless not `texts`). Images that cannot be read are left out and listed in `skipped`."""
     t0 = time.perf_counter()
     images, skipped = {}, []
     for ex in examples:
@@ -127,7 +127,7 @@ def encode_dataset(examples: list[Example], folder: Path, resolution: int, encod
         images, ("moments",), lambda ex: load_pixels(ex, resolution, random.Random(0)),
         lambda pixels: encode_pixels(torch.stack(pixels)), batch_size)
     captions = {cap: (folder / "txt" / f"{text_sha256(cap)}.safetensors", cap)
-                for cap in sorted({ex.caption for ex in examples} | {""})}
+                for cap in (sorted({ex.caption for ex in examples} | {""}) if texts else ())}
     keys = ("context", "pooled") if pooled else ("context",)  # SDXL: token states and the pooled embedding
     context, n_txt, _ = _load_or_encode(captions, keys, lambda cap: cap, encode_captions, batch_size)
     return EncodedData(moments, context, n_img + n_txt, time.perf_counter() - t0, skipped + bad)

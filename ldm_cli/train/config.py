@@ -38,13 +38,23 @@ class TrainConfig:
     unet_config: str = option("tiny", "With --from-scratch: tiny, small, sd15 or a config.json.")
     lora_rank: int = option(0, "Train LoRA adapters of this rank instead of the U-Net (0: off).", min=0)
     lora_alpha: float = option(0.0, "LoRA alpha (0: the rank).", min=0.0, finite=True)  # scale = alpha / rank
+    # a new token's input embedding is all that trains: the U-Net and text encoder stay frozen
+    textual_inversion: str = option("", "Train an embedding for this new token instead of the U-Net.",
+                                    metavar="TOKEN")
+    init_word: str = option("", "With --textual-inversion: a word close to the concept, the starting point.")
+    # more vectors hold more detail and need more images; A1111 and diffusers default to 1
+    vectors: int = option(1, "With --textual-inversion: vectors of the embedding.", min=1, max=75)
+    # images without a caption train on this text (with --textual-inversion, default: the token itself)
+    instance_prompt: str = option("", "Caption of the images that have none.")
     # pixels of the square training crops; None: the model's native size (U-Net sample size x VAE factor)
     resolution: int | None = option(None, "Training resolution in pixels (default: the model's native size).")
     batch_size: int = option(4, "Images per step and GPU.", min=1)  # per process: the global batch is x GPUs
     max_steps: int | None = option(None, f"Optimizer steps (default {DEFAULT_MAX_STEPS}).", min=1)
     epochs: float | None = option(None, "Passes over the data, instead of --max-steps.", min=0.0, min_open=True,
                                   finite=True)
-    lr: float = option(1e-4, "Learning rate.", min=0.0, min_open=True, finite=True)
+    # None: 1e-4, or 5e-3 with --textual-inversion (A1111's default there: one vector learns slowly)
+    lr: float | None = option(None, "Learning rate (default 1e-4; 5e-3 with --textual-inversion).", min=0.0,
+                              min_open=True, finite=True)
     lr_scheduler: str = option("constant", "constant, cosine, linear, ... (diffusers').")
     warmup_steps: int = option(0, "Learning-rate warm-up steps.", min=0)
     optimizer: str = option("adamw", "adamw, or adamw8bit (needs bitsandbytes).", choices=("adamw", "adamw8bit"))
@@ -93,6 +103,14 @@ def validate_config(cfg: TrainConfig) -> None:
           f"--resolution must be a multiple of 8, got {cfg.resolution}")
     check(not (cfg.lora_rank and cfg.from_scratch), "--lora-rank adapts an existing U-Net: drop --from-scratch")
     check(cfg.data_dir != "", "no data folder given")
+    ti = cfg.textual_inversion
+    check(not ti or cfg.init_word.strip(), "--textual-inversion needs --init-word WORD (a word close to the "
+          "concept, e.g. 'dog'), the embedding's starting point")
+    check(not (cfg.init_word or cfg.vectors > 1) or ti, "--init-word and --vectors go with --textual-inversion TOKEN")
+    check(not ti or not (cfg.lora_rank or cfg.from_scratch),
+          "--textual-inversion trains an embedding for a frozen model: drop --lora-rank / --from-scratch")
+    check("\x00" not in cfg.instance_prompt + ti + cfg.init_word, "--instance-prompt / --textual-inversion / "
+          "--init-word: contains a NUL byte")
 
 
 def validate_for_model(cfg: TrainConfig, num_train_timesteps: int) -> None:
@@ -115,7 +133,8 @@ def steps_for(cfg: TrainConfig, examples: int, world: int) -> int:
 
 # ---- what a resumed run may change ---------------------------------------------------------------------
 # A checkpoint continues one model: these must be as saved, or the resume is refused.
-MUST_MATCH = ("model", "from_scratch", "unet_config", "lora_rank", "lora_alpha", "resolution", "optimizer")
+MUST_MATCH = ("model", "from_scratch", "unet_config", "lora_rank", "lora_alpha", "resolution", "optimizer",
+              "textual_inversion", "init_word", "vectors")
 # The learning-rate schedule is rebuilt from the new values and positioned at the checkpoint's step.
 SCHEDULE = ("lr", "lr_scheduler", "warmup_steps", "max_steps")
 # Where the run is written, how often it logs, what it keeps: changes nothing in the numbers.

@@ -2,7 +2,7 @@
 
 - kohya style: `cat.png` + `cat.txt` (the caption), anywhere below the folder;
 - diffusers imagefolder: `metadata.jsonl` (or `.csv`) with `file_name` and `text` columns.
-Unreadable or caption-less images are skipped and counted (`strict` makes them errors).
+Unreadable or caption-less images (unless an instance prompt is given) are skipped and counted (`strict` makes them errors).
 """
 
 import csv
@@ -27,8 +27,9 @@ class Example:
     caption: str
 
 
-def find_examples(root: str | Path, strict: bool = False) -> tuple[list[Example], list[str]]:
-    """All (image, caption) pairs under root, sorted by path, and a list of skip reasons."""
+def find_examples(root: str | Path, strict: bool = False, default_caption: str = "") -> tuple[list[Example], list[str]]:
+    """All (image, caption) pairs under root, sorted by path, and a list of skip reasons. Images without
+    a caption get `default_caption` (DreamBooth's instance prompt), or are skipped when it is empty."""
     root = Path(root)
     check(root.is_dir(), f"{root}: data folder not found")
     captions: dict[Path, str] = {}
@@ -56,6 +57,7 @@ def find_examples(root: str | Path, strict: bool = False) -> tuple[list[Example]
             if len(raw) > MAX_CAPTION_BYTES:
                 skipped.append(f"{sidecar}: caption is longer than {MAX_CAPTION_BYTES} bytes")
                 continue
+        caption = caption or default_caption
         if not caption:
             skipped.append(f"{path}: no caption")
             continue

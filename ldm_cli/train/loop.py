@@ -23,8 +23,8 @@ from ldm_cli.train.batches import Batches, Encoders
 from ldm_cli.train.config import TrainConfig, steps_for, validate_config, validate_for_model
 from ldm_cli.train.log import LossLog
 from ldm_cli.train.loss import diffusion_loss, ema_decay_at, ema_update
-from ldm_cli.train.optim import build_optimizer, build_schedule, check_resume, restore, trainable_unet
-from ldm_cli.train.outputs import make_out_folder, prepare_out_folder, validation_grid, write_models
+from ldm_cli.train.optim import build_optimizer, build_schedule, check_resume, restore, trainable
+from ldm_cli.train.outputs import make_out_folder, output_kind, prepare_out_folder, validation_grid, write_models
 
 log = logging.getLogger("ldm")
 
@@ -37,7 +37,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     validate_config(cfg)
     say = say or log.info
     out = Path(cfg.out_dir)
-    examples, skipped = data.find_examples(cfg.data_dir, cfg.strict)  # bad data fails before anything is written
+    examples, skipped = data.find_examples(cfg.data_dir, cfg.strict,  # bad data fails before anything is written
+                                           cfg.instance_prompt or cfg.textual_inversion)
     resume_from = checkpoints.find_resume(out / "checkpoints", resume)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
                               dynamo_backend="inductor" if cfg.compile else "no")
@@ -45,7 +46,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     prepare_out_folder(cfg, resuming=resume_from is not None, clear=main)
     c = load_components(cfg.model or default_model(), device=str(accelerator.device), dtype="fp32")
     cfg = replace(cfg, model=cfg.model or default_model(),  # as saved in checkpoints: nothing left implicit
-                  resolution=cfg.resolution or c.unet.config.sample_size * c.vae_scale)
+                  resolution=cfg.resolution or c.unet.config.sample_size * c.vae_scale,
+                  lr=cfg.lr or (5e-3 if cfg.textual_inversion else 1e-4))
     validate_for_model(cfg, c.schedule.num_train_timesteps)
     check(c.family != "sdxl-refiner", f"{cfg.model}: an SDXL refiner; ldm trains SD 1.x/2.x and SDXL base models")
     check(c.family == "sd" or not cfg.from_scratch, "--from-scratch builds an SD-1.x-shaped U-Net; with an SDXL "
@@ -59,7 +61,11 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if main:
         make_out_folder(cfg)
 
-    unet, named = trainable_unet(c, cfg, cfg.seed)
+    encoders = Encoders(c, accelerator)  # encoded before a new token changes the text encoder
+    cached, examples = cached_encodings(cfg, examples, skipped, c, encoders, accelerator, say)
+    model, unet, named = trainable(c, cfg)
+    if cfg.textual_inversion:
+        check_token_used(cfg, examples, say)
     unet.to(accelerator.device).train()
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
@@ -68,22 +74,22 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     start, state = 0, {}
     if resume_from is not None:
         start, ema, state = restore(resume_from, named, optimizer, lr_sched, ema, cfg, schedule_changed)
-    unet, optimizer = accelerator.prepare(unet, optimizer)  # the lr scheduler steps once per step, by us
+    model, optimizer = accelerator.prepare(model, optimizer)  # the lr scheduler steps once per step, by us
+    unet = unet if cfg.textual_inversion else model
+    encoders.trained_text = model if cfg.textual_inversion else None
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     if start >= max_steps:  # a finished run: nothing to train, nothing rewritten
         return finished(resume_from, start, cfg, say)
 
-    encoders = Encoders(c, accelerator)
-    cached, examples = cached_encodings(cfg, examples, skipped, c, encoders, accelerator, say)
     batches = Batches(cfg, examples, encoders, cached, world, rank)
 
-    save = saver(accelerator, unet, optimizer, lr_sched, named, ema, cfg)
+    save = saver(accelerator, optimizer, lr_sched, named, ema, cfg, dict(accelerator.unwrap_model(unet).config))
     losses = LossLog(out / "log.jsonl", main, max_steps, on_log)
     done = start  # steps finished: what a checkpoint written now holds
     try:
         for step in range(start, max_steps):
-            loss = train_step(cfg, unet, c.schedule, batches, optimizer, lr_sched, accelerator, step, rank)
+            loss = train_step(cfg, model, unet, c.schedule, batches, optimizer, lr_sched, accelerator, step, rank)
             if ema is not None:
                 ema_update(ema, params, ema_decay_at(step, cfg.ema_decay))
             done = step + 1
@@ -92,7 +98,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
                 losses.flush()
             if cfg.validate_every and done % cfg.validate_every == 0 and cfg.validation_prompts:
                 losses.flush()
-                validation_grid(accelerator, unet, ema, params, c, cfg, done)
+                validation_grid(accelerator, trained_components(accelerator, c, unet, cfg), ema, params, cfg, done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < max_steps:
                 losses.flush()
                 accelerator.wait_for_everyone()
@@ -110,20 +116,38 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if skipped or batches.skipped:
         (out / "skipped.txt").write_text("\n".join(skipped + batches.skipped) + "\n")
     with checkpoints.uninterrupted():
-        return write_models(accelerator.unwrap_model(unet), params, ema, c, cfg, out)
+        return write_models(trained_components(accelerator, c, unet, cfg), params, ema, cfg, out)
 
 
-def saver(accelerator, unet, optimizer, lr_sched, named: dict, ema, cfg: TrainConfig):
+def trained_components(accelerator, c, unet, cfg: TrainConfig):
+    """The model as trained so far (the trained U-Net in place, or c itself: a new token lives in its
+    text encoder)."""
+    return c if cfg.textual_inversion else replace(c, unet=accelerator.unwrap_model(unet))
+
+
+def check_token_used(cfg: TrainConfig, examples, say) -> None:
+    """An embedding learns only from captions naming its token: none is an error, some a note."""
+    from ldm_cli.train.inversion import tokens_in
+
+    token = cfg.textual_inversion
+    missing = sum(not tokens_in(e.caption, token) for e in examples)
+    check(missing < len(examples), f"--textual-inversion {token}: no caption names {token}, so nothing would "
+          f"train; put {token} in the captions, or train on images without captions (they read "
+          f"--instance-prompt, by default {token!r})")
+    if missing:
+        say(f"note: {missing} of {len(examples)} captions do not name {token}; they train nothing")
+
+
+def saver(accelerator, optimizer, lr_sched, named: dict, ema, cfg: TrainConfig, unet_config: dict):
     """save(step): write checkpoint `step` of this run (weights, EMA, optimizer, schedule, config)."""
     def save(step: int) -> Path:
-        model = accelerator.unwrap_model(unet)
         state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "step": step}
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
         ema_named = dict(zip(named, ema)) if ema is not None else None
         with checkpoints.uninterrupted():  # a Ctrl-C during a save is delivered after it
             return checkpoints.save_checkpoint(Path(cfg.out_dir) / "checkpoints", step, named, ema_named, state,
-                                               {"train": asdict(cfg), "unet": dict(model.config)},
+                                               {"train": asdict(cfg), "unet": unet_config},
                                                cfg.keep_checkpoints)
 
     return save
@@ -131,7 +155,7 @@ def saver(accelerator, unet, optimizer, lr_sched, named: dict, ema, cfg: TrainCo
 
 def finished(ckpt: Path, step: int, cfg: TrainConfig, say) -> Path:
     say(f"{ckpt} is at step {step} of {cfg.max_steps}: nothing to train (raise --max-steps to go on)")
-    return Path(cfg.out_dir) / ("lora" if cfg.lora_rank else "model")
+    return Path(cfg.out_dir) / output_kind(cfg)
 
 
 def rescue(save, losses, worth_it: bool, done: int) -> Path | None:
@@ -177,7 +201,8 @@ def cached_encodings(cfg: TrainConfig, examples, skipped: list, c, encoders: Enc
     folder = cache.cache_folder(cfg.cache_dir, cfg.resolution, c)
     with accelerator.main_process_first():  # the first process encodes, the others then find it all
         cached = cache.encode_dataset(examples, folder, cfg.resolution, encoders.pixels, encoders.captions,
-                                      batch_size=max(cfg.batch_size, 8), pooled=c.family != "sd")
+                                      batch_size=max(cfg.batch_size, 8), pooled=c.family != "sd",
+                                      texts=not cfg.textual_inversion)  # a new token's captions change each step
     if accelerator.is_main_process:
         say(f"latent cache {folder}: {cached.encoded} entries encoded, "
             f"{len(cached.moments) + len(cached.context) - cached.encoded} reused, {cached.seconds:.2f} s")
@@ -189,21 +214,22 @@ def cached_encodings(cfg: TrainConfig, examples, skipped: list, c, encoders: Enc
     return cached, examples
 
 
-def train_step(cfg: TrainConfig, unet, schedule, batches: Batches, optimizer, lr_sched, accelerator, step: int,
-               rank: int) -> torch.Tensor:
-    """One optimizer step over cfg.gradient_accumulation micro-batches; returns the mean loss, on the device."""
+def train_step(cfg: TrainConfig, model, unet, schedule, batches: Batches, optimizer, lr_sched, accelerator,
+               step: int, rank: int) -> torch.Tensor:
+    """One optimizer step over cfg.gradient_accumulation micro-batches; returns the mean loss, on the device.
+    `model` holds the trained parameters (the U-Net itself, or the text encoder of a new token)."""
     gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
     total = torch.zeros((), device=accelerator.device)
     for micro in range(cfg.gradient_accumulation):
         latents, context = batches.batch(step, micro, gen)
         last = micro == cfg.gradient_accumulation - 1
-        with nullcontext() if last else accelerator.no_sync(unet):  # all-reduce once per step
+        with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
             with accelerator.autocast():
                 loss = diffusion_loss(unet, schedule, latents, context, gen, cfg.noise_offset, cfg.min_snr_gamma)
             accelerator.backward(loss / cfg.gradient_accumulation)
         total += loss.detach() / cfg.gradient_accumulation
     if cfg.max_grad_norm:
-        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
     optimizer.step()
     lr_sched.step()
     optimizer.zero_grad(set_to_none=True)

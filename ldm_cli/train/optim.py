@@ -55,6 +55,22 @@ def trainable_unet(c: Components, cfg: TrainConfig, seed: int):
     return unet, {n: p for n, p in unet.named_parameters() if p.requires_grad}
 
 
+def trainable(c: Components, cfg: TrainConfig):
+    """(the module whose parameters train, the U-Net the loss runs, {name: trained parameter}): the
+    U-Net (or its LoRA adapters) itself, or with --textual-inversion the text encoder, of which only the
+    new token's vectors train (train/inversion.py), beside a frozen U-Net."""
+    if not cfg.textual_inversion:
+        unet, named = trainable_unet(c, cfg, cfg.seed)
+        return unet, unet, named
+    from ldm_cli.train.inversion import add_token
+
+    vectors = add_token(c, cfg.textual_inversion, cfg.init_word, cfg.vectors)
+    c.unet.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+    return c.text_encoder, c.unet, {"vectors": vectors}
+
+
 def build_optimizer(cfg: TrainConfig, params: list):
     if cfg.optimizer == "adamw8bit":
         try:

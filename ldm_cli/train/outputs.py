@@ -1,7 +1,6 @@
 """What a run leaves besides checkpoints: the trained model (a diffusers folder, or a LoRA file) and
 validation grids sampled with our own pipeline."""
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +16,9 @@ from ldm_cli.train.checkpoints import WRITE_ERRORS, write_failed
 from ldm_cli.train.config import TrainConfig
 from ldm_cli.train.loss import swap_in
 
-OUTPUTS = ("model", "model-ema", "lora", "lora-ema", "checkpoints", "validation", "log.jsonl", "skipped.txt")
+OUTPUTS = ("model", "model-ema", "lora", "lora-ema", "embedding", "embedding-ema", "checkpoints", "validation",
+           "log.jsonl", "skipped.txt")
+KINDS = 6  # OUTPUTS[:KINDS]: the trained results
 
 
 def prepare_out_folder(cfg: TrainConfig, resuming: bool, clear: bool = True) -> None:
@@ -35,7 +36,7 @@ def prepare_out_folder(cfg: TrainConfig, resuming: bool, clear: bool = True) -> 
     if cfg.cache_dir:
         check(not Path(cfg.cache_dir).exists() or Path(cfg.cache_dir).is_dir(),
               f"--cache-dir {cfg.cache_dir}: exists and is not a folder; choose another")
-    held = [name for name in OUTPUTS[:4] if (out / name).exists()]
+    held = [name for name in OUTPUTS[:KINDS] if (out / name).exists()]
     held += [f"checkpoints up to {c.name}" for c in checkpoints.checkpoints(out / "checkpoints")[-1:]]
     if resuming or not held or not clear:  # clear: the main process only (the others just check)
         check(resuming or not held or cfg.overwrite, f"--out {cfg.out_dir} already holds a run ({', '.join(held)})")
@@ -44,7 +45,7 @@ def prepare_out_folder(cfg: TrainConfig, resuming: bool, clear: bool = True) -> 
           "--resume latest, start over with --overwrite, or choose another --out")
     for c in checkpoints.checkpoints(out / "checkpoints"):
         remove_folder(c)
-    for name in OUTPUTS[:4] + ("validation",):
+    for name in OUTPUTS[:KINDS] + ("validation",):
         if (out / name).is_dir():
             remove_folder(out / name)
     for name in ("log.jsonl", "skipped.txt"):
@@ -57,44 +58,55 @@ def make_out_folder(cfg: TrainConfig) -> None:
     checkpoints.clean_stale(Path(cfg.out_dir) / "checkpoints")
 
 
-def write_model(unet, c: Components, cfg: TrainConfig, out: Path, name: str) -> Path:
-    """OUT/model (a diffusers folder) or OUT/lora (diffusers' LoRA file), written atomically."""
-    final = out / name
+def output_kind(cfg: TrainConfig) -> str:
+    return "embedding" if cfg.textual_inversion else "lora" if cfg.lora_rank else "model"
+
+
+def write_model(c: Components, params, cfg: TrainConfig, out: Path, name: str) -> Path:
+    """OUT/model (a diffusers folder), OUT/lora (diffusers' LoRA file) or OUT/embedding/TOKEN.safetensors,
+    written atomically."""
+    final, unet = out / name, c.unet
     try:
         with atomic_folder(final, replace=True) as tmp:
-            if cfg.lora_rank:
+            if cfg.textual_inversion:
+                from ldm_cli.train.inversion import save_embedding
+
+                save_embedding(params[0], cfg.textual_inversion, tmp / f"{cfg.textual_inversion}.safetensors")
+            elif cfg.lora_rank:
                 from ldm_cli.models.lora import save_lora
 
                 save_lora(unet, tmp, sdxl=c.family != "sd")
             else:
-                save_components(replace(c, unet=unet), tmp)
+                save_components(c, tmp)
     except WRITE_ERRORS as e:
         raise write_failed(final, e) from None
     return final
 
 
-def write_models(unet, params, ema, c: Components, cfg: TrainConfig, out: Path) -> Path:
-    """The trained weights, and with --ema their average (OUT/model-ema or OUT/lora-ema)."""
-    kind = "lora" if cfg.lora_rank else "model"
-    result = write_model(unet.eval(), c, cfg, out, kind)
+def write_models(c: Components, params, ema, cfg: TrainConfig, out: Path) -> Path:
+    """The trained weights, and with --ema their average (OUT/model-ema, OUT/lora-ema, OUT/embedding-ema)."""
+    kind = output_kind(cfg)
+    c.unet.eval()
+    result = write_model(c, params, cfg, out, kind)
     if ema is not None:
         swap_in(params, ema)
-        write_model(unet, c, cfg, out, f"{kind}-ema")
+        write_model(c, params, cfg, out, f"{kind}-ema")
     return result
 
 
-def validation_grid(accelerator, unet, ema, params, c: Components, cfg: TrainConfig, step: int) -> None:
-    """Sample the validation prompts (with the EMA weights when kept) into OUT/validation/step-N.png."""
+def validation_grid(accelerator, c: Components, ema, params, cfg: TrainConfig, step: int) -> None:
+    """Sample the validation prompts with the model as trained so far (with the EMA weights when kept)
+    into OUT/validation/step-N.png."""
     from ldm_cli.sample import pipeline
 
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
+        model = c.unet
         saved = swap_in(params, ema) if ema is not None else None
         with torch.no_grad():
             model.eval()
             n = len(cfg.validation_prompts)
             with accelerator.autocast():
-                pics = pipeline.txt2img(replace(c, unet=model), list(cfg.validation_prompts), [""] * n,
+                pics = pipeline.txt2img(c, list(cfg.validation_prompts), [""] * n,
                                         list(range(n)), Settings(steps=cfg.validation_steps, width=cfg.resolution,
                                                                  height=cfg.resolution, sampler=cfg.validation_sampler))
             model.train()
