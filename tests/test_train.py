@@ -127,6 +127,9 @@ def test_latent_cache_is_reused_and_changes_nothing(shapes, tiny_model, tmp_path
         train(TrainConfig(out_dir=str(tmp_path / name), **base), say=notes.append)
     train(TrainConfig(out_dir=str(tmp_path / "uncached"), **{**base, "cache": False}), say=notes.append)
     print("\n".join(notes))
+    firsts = [n for n in notes if n.startswith("first step done")]
+    notes = [n for n in notes if n.startswith("latent cache")]
+    assert len(firsts) == 3 and all(n.endswith("(compile: none)") for n in firsts)  # auto: no compile on a CPU
     assert "41 entries encoded, 0 reused" in notes[0]  # 32 images, 8 captions + the empty one
     assert "0 entries encoded, 41 reused" in notes[1] and len(notes) == 2
     assert losses(tmp_path / "first") == losses(tmp_path / "second") == losses(tmp_path / "uncached")

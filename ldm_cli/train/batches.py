@@ -18,7 +18,7 @@ from ldm_cli.models.codecs import encode_text, encode_text_sdxl
 from ldm_cli.train.cache import EncodedData
 from ldm_cli.train.config import TrainConfig
 from ldm_cli.train.data import centre_crop_of, load_pixels_and_crop
-from ldm_cli.train.loss import sample_posterior
+from ldm_cli.train.loss import sample_posterior, to_device
 
 log = logging.getLogger("ldm")
 
@@ -122,7 +122,7 @@ class Batches:
         batch, drop = batch[mine], drop[mine]
         captions = ["" if d else e.caption for e, d in zip(batch, drop)]
         if self.cached is not None:
-            moments = torch.stack([self.cached.moments[e.path] for e in batch]).to(self.device)
+            moments = to_device(torch.stack([self.cached.moments[e.path] for e in batch]), self.device)
             crops = [centre_crop_of(e, cfg.resolution) for e in batch] if self.sdxl else None
         else:
             loaded = [self._pixels(e, rng) for e in batch]
@@ -137,8 +137,8 @@ class Batches:
             encoded = self.encoders.captions(captions)
             texts = list(zip(*encoded)) if self.sdxl else list(encoded)
         if not self.sdxl:
-            return latents, torch.stack(texts).to(self.device)
+            return latents, to_device(torch.stack(texts), self.device)
         # SDXL's micro-conditioning: original (h, w), crop (top, left), target (R, R), per image
         ids = torch.tensor([[*crop, cfg.resolution, cfg.resolution] for crop in crops], dtype=torch.float32)
-        return latents, AddedCond(torch.stack([h for h, _ in texts]).to(self.device),
-                                  torch.stack([p for _, p in texts]).to(self.device), ids.to(self.device))
+        return latents, AddedCond(to_device(torch.stack([h for h, _ in texts]), self.device),
+                                  to_device(torch.stack([p for _, p in texts]), self.device), to_device(ids, self.device))

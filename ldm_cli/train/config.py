@@ -64,7 +64,9 @@ class TrainConfig:
     gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", min=1)
     # recompute activations in backward: less memory, ~30% slower
     gradient_checkpointing: bool = option(False, "Less memory, ~30% slower.")
-    compile: bool = option(False, "torch.compile the U-Net.")  # through accelerate's dynamo_backend
+    # auto: full on CUDA for runs of >= 2000 steps (train/fast.py gives the measured break-even)
+    compile: str = option("auto", "torch.compile the U-Net: auto, none, regional (its repeated blocks), full.",
+                          choices=("auto", "none", "regional", "full"))
     # train the unconditional branch too, so classifier-free guidance works on the result
     caption_dropout: float = option(0.1, "Share of empty captions (for CFG).", min=0.0, max=1.0, finite=True)
     random_flip: bool = option(False, "Flip images left-right at random.")

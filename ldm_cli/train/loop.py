@@ -10,6 +10,7 @@ the gradients. One process gives the same numbers as a run without accelerate's 
 """
 
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.models.load import default_model, load_components
-from ldm_cli.train import cache, checkpoints, data
+from ldm_cli.train import cache, checkpoints, data, fast
 from ldm_cli.train.batches import Batches, Encoders
 from ldm_cli.train.config import TrainConfig, steps_for, validate_config, validate_for_model
 from ldm_cli.train.log import LossLog
@@ -40,8 +41,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     examples, skipped = data.find_examples(cfg.data_dir, cfg.strict,  # bad data fails before anything is written
                                            cfg.instance_prompt or cfg.textual_inversion)
     resume_from = checkpoints.find_resume(out / "checkpoints", resume)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
-                              dynamo_backend="inductor" if cfg.compile else "no")
+    t_start = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     prepare_out_folder(cfg, resuming=resume_from is not None, clear=main)
     c = load_components(cfg.model or default_model(), device=str(accelerator.device), dtype="fp32")
@@ -67,6 +68,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if cfg.textual_inversion:
         check_token_used(cfg, examples, say)
     unet.to(accelerator.device).train()
+    compiled = fast.compile_mode(cfg.compile, accelerator.device, max_steps)
+    fast.speed_up(unet, compiled, accelerator.device)
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
     lr_sched = build_schedule(cfg, optimizer, max_steps)
@@ -89,7 +92,10 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     done = start  # steps finished: what a checkpoint written now holds
     try:
         for step in range(start, max_steps):
-            loss = train_step(cfg, model, unet, c.schedule, batches, optimizer, lr_sched, accelerator, step, rank)
+            with fast.compile_limits():
+                loss = train_step(cfg, model, unet, c.schedule, batches, optimizer, lr_sched, accelerator, step, rank)
+            if step == start and main:
+                say(first_step_note(t_start, compiled, accelerator.device))
             if ema is not None:
                 ema_update(ema, params, ema_decay_at(step, cfg.ema_decay))
             done = step + 1
@@ -117,6 +123,12 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         (out / "skipped.txt").write_text("\n".join(skipped + batches.skipped) + "\n")
     with checkpoints.uninterrupted():
         return write_models(trained_components(accelerator, c, unet, cfg), params, ema, cfg, out)
+
+
+def first_step_note(t_start: float, compiled: str, device) -> str:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return f"first step done {time.perf_counter() - t_start:.1f} s after the start (compile: {compiled})"
 
 
 def trained_components(accelerator, c, unet, cfg: TrainConfig):

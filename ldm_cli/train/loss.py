@@ -11,26 +11,39 @@ from ldm_cli.diffusion.samplers import add_noise
 from ldm_cli.diffusion.schedule import Schedule
 
 
-def sample_posterior(moments: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """z ~ N(mean, exp(logvar)) from the VAE encoder's output, as diffusers' DiagonalGaussianDistribution."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` without stalling the host: a pageable copy to CUDA waits for all queued
+    GPU work, so the host could not queue the next step's kernels ahead; a pinned one is asynchronous."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
-    return DiagonalGaussianDistribution(moments).sample(gen)
+
+def sample_posterior(moments: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """z ~ N(mean, exp(logvar)) from the VAE encoder's output [B, 2C, h, w], as diffusers'
+    DiagonalGaussianDistribution.sample: z = mean + exp(logvar / 2) * eps, logvar clamped to [-30, 20],
+    eps drawn on the CPU from `gen` (the same numbers on every device)."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    eps = to_device(torch.randn(mean.shape, generator=gen, dtype=mean.dtype), mean.device)
+    return mean + std * eps
 
 
 def diffusion_loss(unet, schedule: Schedule, latents, context, gen: torch.Generator, noise_offset: float = 0.0,
                    min_snr_gamma: float = 0.0):
     """DDPM's simple loss (Ho et al. eq. 14) with the model's prediction type: || target - net(x_t, t) ||^2."""
-    noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
+    noise = to_device(torch.randn(latents.shape, generator=gen), latents.device).to(latents.dtype)
     if noise_offset:  # a per-channel constant shift lets the model learn to change overall brightness
-        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(noise)
+        noise = noise + noise_offset * to_device(torch.randn((*latents.shape[:2], 1, 1), generator=gen),
+                                                 noise.device).to(noise.dtype)
     t_cpu = torch.randint(0, schedule.num_train_timesteps, (len(latents),), generator=gen)
     alpha_bar = schedule.alpha_bar[t_cpu]  # indexed on the CPU: no device->host sync
-    x_t = add_noise(latents, noise, alpha_bar)
-    a = alpha_bar.to(latents.device).reshape(-1, 1, 1, 1)
+    a = to_device(alpha_bar, latents.device).reshape(-1, 1, 1, 1)
+    x_t = add_noise(latents, noise, a)
     v_pred = schedule.prediction_type == "v_prediction"
     target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise  # v = sqrt(a) eps - sqrt(1-a) x0
-    pred = unet(x_t, t_cpu.to(latents.device), **unet_kwargs(context), return_dict=False)[0]
+    pred = unet(x_t, to_device(t_cpu, latents.device), **unet_kwargs(context), return_dict=False)[0]
     per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:  # weight min(SNR, gamma) / SNR on eps (/(SNR + 1) on v): tames the low-noise steps
         snr = alpha_bar / (1 - alpha_bar)

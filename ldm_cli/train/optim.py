@@ -78,7 +78,8 @@ def build_optimizer(cfg: TrainConfig, params: list):
         except ImportError:
             raise LdmError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=1e-2)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    # fused on CUDA: one kernel for all parameters (train/fast.py); the CPU keeps its bitwise-tested path
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=True if params[0].is_cuda else None)
 
 
 def build_schedule(cfg: TrainConfig, optimizer, max_steps: int):

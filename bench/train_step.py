@@ -1,0 +1,255 @@
+"""Training step speed on one GPU, in one process: ldm's step beside a plain PyTorch loop.
+
+    python bench/train_step.py --part speed        # batch 32: ldm's levers one by one, a step profile, plain compiled
+    python bench/train_step.py --part more         # batch 8, fast-vs-plain losses
+    python bench/train_step.py --part plain        # the plain loop eager and compiled at batch 32
+    python bench/train_step.py --part memory --batch 32 --checkpointing   # one peak-memory row (own process)
+
+SD-1.5-shaped random U-Net (speed does not depend on values), 512px images = 64x64 latents, bf16.
+- `plain`: a reference loop written here, nothing from ldm: data already on the GPU, autocast bf16,
+  AdamW (fused), optionally `torch.compile(unet)`; the MSE epsilon loss.
+- `ldm`: ldm's own step (`train.loop.train_step` over `train.batches.Batches` reading an in-memory latent
+  cache, as `ldm train` runs it), its optimizer and the levers of `train/fast.py` (--compile none,
+  regional, full).
+images/s over --steps timed steps after --warmup steps (compilation happens in warm-up: `first_s` is the
+time to the end of the first step). MFU = images/s x 2.40 TFLOP / 989 TFLOP/s (SD-1.5 U-Net forward at
+64x64 latents ~0.80 TFLOP, training = 3x forward; the convention of bench/train_speed.py).
+"""
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import PEAK_TFLOPS, Report, add_out_option, components, out_folder, sd15_shaped
+
+TFLOP_PER_IMAGE = 2.40
+
+
+def fresh_unet():
+    unet, vae, text = sd15_shaped("cuda", torch.float32)
+    unet.train().requires_grad_(True)
+    return unet, vae, text
+
+
+def plain_run(batch: int, compiled: bool, steps: int, warmup: int) -> dict:
+    """The reference loop: what a PyTorch user writes in a few lines."""
+    unet, _, _ = fresh_unet()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2, fused=True)
+    model = torch.compile(unet) if compiled else unet
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device="cuda") ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    g = torch.Generator("cuda").manual_seed(0)
+    x0 = torch.randn(batch, 4, 64, 64, device="cuda", generator=g)
+    ctx = torch.randn(batch, 77, 768, device="cuda", generator=g)
+
+    def step():
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,), device="cuda")
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        with torch.autocast("cuda", torch.bfloat16):
+            pred = model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, ctx).sample
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return timed_run(f"plain {'compiled' if compiled else 'eager'}", batch, step, steps, warmup)
+
+
+def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, checkpointing: bool = False,
+              channels_last: bool | None = None):
+    """ldm's training objects as `train.loop.train` builds them, over an in-memory latent cache."""
+    from accelerate import Accelerator
+
+    from ldm_cli.train import fast
+    from ldm_cli.train.batches import Batches, Encoders
+    from ldm_cli.train.cache import EncodedData
+    from ldm_cli.train.config import TrainConfig
+    from ldm_cli.train.data import Example
+    from ldm_cli.train.optim import build_optimizer, build_schedule
+
+    unet, vae, text = fresh_unet()
+    c = components(unet, vae, text)
+    cfg = TrainConfig(data_dir="-", batch_size=batch, mixed_precision="bf16", seed=seed, lr=1e-5, resolution=512,
+                      compile=compile_mode)
+    acc = Accelerator(mixed_precision="bf16")
+    if lora:
+        from ldm_cli.models.lora import add_lora
+
+        add_lora(unet, lora)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    fast.speed_up(unet, compile_mode, acc.device, fast.CHANNELS_LAST if channels_last is None else channels_last)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = build_optimizer(cfg, params)
+    sched = build_schedule(cfg, opt, 10_000)
+    model, opt = acc.prepare(unet, opt)
+    rng = torch.Generator().manual_seed(seed)
+    examples = [Example(Path(f"/data/{i}.png"), f"caption {i % 16}") for i in range(256)]
+    cached = EncodedData({e.path: torch.randn(8, 64, 64, generator=rng) for e in examples},
+                         {f"caption {k}": torch.randn(77, 768, generator=rng) for k in range(16)} |
+                         {"": torch.randn(77, 768, generator=rng)}, 0, 0.0, [])
+    batches = Batches(cfg, examples, Encoders(c, acc), cached, 1, 0)
+    return cfg, model, c, batches, opt, sched, acc
+
+
+def ldm_run(batch: int, compile_mode: str, steps: int, warmup: int, channels_last: bool | None = None) -> dict:
+    from ldm_cli.train import fast
+    from ldm_cli.train.loop import train_step
+
+    cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, compile_mode, channels_last=channels_last)
+    k = iter(range(10**9))
+
+    def step():
+        with fast.compile_limits():
+            return train_step(cfg, model, model, c.schedule, batches, opt, sched, acc, next(k), 0)
+
+    layout = "" if channels_last is None else f" channels_last={channels_last}"
+    return timed_run(f"ldm compile={compile_mode}{layout}", batch, step, steps, warmup)
+
+
+def timed_run(name: str, batch: int, step, steps: int, warmup: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    float(loss)
+    dt = (time.perf_counter() - t1) / steps
+    ips = batch / dt
+    row = {"run": name, "batch": batch, "images_per_s": round(ips, 1),
+           "mfu_pct": round(100 * ips * TFLOP_PER_IMAGE / PEAK_TFLOPS, 1), "step_ms": round(1000 * dt, 1),
+           "first_s": round(first, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+    torch.cuda.empty_cache()
+    return row
+
+
+def losses_agree(batch: int, fast_mode: str, n: int = 20) -> dict:
+    """The first n losses of the fast path (compiled) and the plain one (none), same seed."""
+    from ldm_cli.train import fast
+    from ldm_cli.train.loop import train_step
+
+    out = {}
+    for mode in ("none", fast_mode):
+        cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, mode, seed=7)
+        t0 = time.perf_counter()
+        with fast.compile_limits():
+            out[mode] = [train_step(cfg, model, model, c.schedule, batches, opt, sched, acc, 0, 0)]
+            float(out[mode][0])  # waits for the step
+            out[f"{mode}_first_s"] = round(time.perf_counter() - t0, 1)
+            out[mode] += [train_step(cfg, model, model, c.schedule, batches, opt, sched, acc, k, 0) for k in range(1, n)]
+        out[mode] = [float(x) for x in out[mode]]
+        del model, opt
+        torch.cuda.empty_cache()
+    rel = [abs(a - b) / abs(a) for a, b in zip(out["none"], out[fast_mode])]
+    return {"run": "losses fast vs plain", "batch": batch, "steps": n, "max_rel_diff": round(max(rel), 4),
+            "mean_rel_diff": round(sum(rel) / n, 4), "plain": [round(x, 4) for x in out["none"]],
+            "fast": [round(x, 4) for x in out[fast_mode]], "fast_mode": fast_mode,
+            "fast_first_step_s_warm_cache": out[f"{fast_mode}_first_s"]}
+
+
+def profile(batch: int, compile_mode: str, steps: int = 5) -> dict:
+    """Where one ldm step's time goes: data, forward+loss, backward, optimizer (synchronised phases)."""
+    from ldm_cli.train import fast
+    from ldm_cli.train.loss import diffusion_loss
+
+    cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, compile_mode)
+    phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    def mark(key, t):
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        phases[key] += now - t
+        return now
+
+    for k in range(2 + steps):
+        if k == 2:
+            phases = dict.fromkeys(phases, 0.0)
+        gen = torch.Generator().manual_seed(k)
+        t = time.perf_counter()
+        latents, context = batches.batch(k, 0, gen)
+        t = mark("data", t)
+        with fast.compile_limits(), acc.autocast():
+            loss = diffusion_loss(model, c.schedule, latents, context, gen)
+        t = mark("forward", t)
+        acc.backward(loss)
+        t = mark("backward", t)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        mark("optimizer", t)
+    total = sum(phases.values())
+    return {"run": f"profile ldm compile={compile_mode}", "batch": batch,
+            **{f"{k}_ms": round(1000 * v / steps, 1) for k, v in phases.items()},
+            **{f"{k}_pct": round(100 * v / total, 1) for k, v in phases.items()}}
+
+
+def peak_memory(batch: int, checkpointing: bool, lora: int) -> dict:
+    """Peak GPU memory of ldm's step (eager): full fine-tune or LoRA, with or without checkpointing."""
+    from ldm_cli.train.loop import train_step
+
+    cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, "none", lora=lora, checkpointing=checkpointing)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loss = train_step(cfg, model, model, c.schedule, batches, opt, sched, acc, 0, 0)
+    float(loss)
+    t0 = time.perf_counter()
+    for k in range(1, 6):
+        loss = train_step(cfg, model, model, c.schedule, batches, opt, sched, acc, k, 0)
+    float(loss)
+    dt = (time.perf_counter() - t0) / 5
+    row = {"run": "peak memory", "batch": batch, "what": f"LoRA r{lora}" if lora else "full fine-tune",
+           "checkpointing": checkpointing, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+           "images_per_s_eager": round(batch / dt, 1)}
+    del model, opt, c, batches
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("speed", "more", "plain", "memory"), default="speed")
+    ap.add_argument("--batch", type=int, default=8, help="--part memory: batch size")
+    ap.add_argument("--checkpointing", action="store_true", help="--part memory: gradient checkpointing")
+    ap.add_argument("--lora", type=int, default=0, help="--part memory: LoRA rank (0: full fine-tune)")
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
+    ap.add_argument("--compile", default="full", choices=("regional", "full"), help="ldm's compiled mode to time")
+    add_out_option(ap)
+    args = ap.parse_args()
+    random.seed(0)
+    report = Report(out_folder(args.out), f"train_step_{args.part}")
+    if args.part == "speed":
+        report.emit(ldm_run(32, "none", args.steps, args.warmup, channels_last=False))
+        report.emit(ldm_run(32, "none", args.steps, args.warmup, channels_last=True))
+        report.emit(ldm_run(32, args.compile, args.steps, args.warmup))
+        report.emit(profile(32, args.compile))
+        report.emit(plain_run(32, True, args.steps, args.warmup))
+    elif args.part == "memory":  # one row per process: nothing of an earlier run counts in its peak
+        report.emit(peak_memory(args.batch, args.checkpointing, args.lora))
+    elif args.part == "plain":
+        report.emit(plain_run(32, False, args.steps, args.warmup))
+        report.emit(plain_run(32, True, args.steps, args.warmup))
+    else:
+        report.emit(ldm_run(8, args.compile, args.steps, args.warmup))
+        report.emit(losses_agree(8, args.compile))
+    report.table(("run", "batch", "images/s", "MFU", "step ms", "first step s", "peak GiB"),
+                 lambda r: [r["run"], r["batch"], r["images_per_s"], f"{r['mfu_pct']}%", r["step_ms"], r["first_s"],
+                            r["peak_gib"]] if "mfu_pct" in r else None)
+    report.save()
+
+
+if __name__ == "__main__":
+    main()
