@@ -290,13 +290,24 @@ RESUME = inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=Non
     Optional[str], typer.Option(help="latest or a checkpoint folder.")])
 
 
-@command(_arg("data_dir", Path, "Folder of images with .txt captions or metadata.jsonl/.csv."), *_params(TrainConfig),
-         RESUME, GPUS, *_params(OutputOptions, only=("quiet",)))
-def train(data_dir, resume=None, gpus=1, quiet=False, **kw):
+TRAIN_CONFIG = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    Optional[Path], typer.Option(help="TOML file of settings (e.g. OUT/config.toml); flags given here win.")])
+
+
+@command(_arg("data_dir", Optional[Path], "Folder of images with .txt captions or metadata.jsonl/.csv.", None),
+         *_params(TrainConfig), TRAIN_CONFIG, RESUME, GPUS, *_params(OutputOptions, only=("quiet",)))
+def train(data_dir=None, config=None, resume=None, gpus=1, quiet=False, given=frozenset(), **kw):
     """Fine-tune (full or LoRA) or train from scratch a U-Net on a folder of captioned images."""
     from ldm_cli.train.config import validate_config
 
-    cfg = _take(TrainConfig, kw, data_dir=str(data_dir))
+    cfg = _take(TrainConfig, kw, data_dir=str(data_dir or ""))
+    if config is not None:  # the file's values, then the flags given on the command line over them
+        from ldm_cli.train.config_file import read_config
+
+        over = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.name in given}
+        if data_dir is not None:
+            over["data_dir"] = str(data_dir)
+        cfg = TrainConfig(**{**read_config(config), **over})
     validate_config(cfg)
     if gpus > 1:
         import torch

@@ -2,16 +2,20 @@
 
 import json
 import os
+import re
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from ldm_cli.errors import LdmError
 from ldm_cli.jobs import Settings
 from ldm_cli.models.load import load_components
 from ldm_cli.sample import pipeline
 from ldm_cli.train.config import TrainConfig
+from ldm_cli.train.config_file import read_config
 from ldm_cli.train.loop import train
 
 
@@ -199,3 +203,29 @@ def test_validation_grid_uses_the_chosen_sampler(shapes, tiny_model, tmp_path):
         assert grids[sampler].shape[:2] == (64, 128)  # the two prompts side by side
         assert np.abs(grids[sampler][:, :64].astype(float) / 255 - first).max() <= 1 / 255 + 1e-6
     assert np.abs(grids["ddim"].astype(int) - grids["euler-a"]).max() > 10
+
+
+def test_config_file_round_trips_and_flags_win(ldm, shapes, tiny_model, tmp_path):
+    """OUT/config.toml holds the resolved settings; `ldm train --config OUT/config.toml --out NEW` repeats the
+    run (same losses); a flag given on the command line wins over the file; bad keys and types: one line."""
+    common = ("--model", tiny_model, "--resolution", 64, "--batch-size", 2, "--device", "cpu", "-q", "--cache-dir",
+              tmp_path / "c", "--seed", 3, "--lr", 2e-3)
+    r = ldm("train", shapes, *common, "--max-steps", 4, "--log-every", 1, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    toml = (tmp_path / "a" / "config.toml").read_text()
+    assert f'data_dir = "{shapes}"' in toml and "max_steps = 4" in toml and "lr = 0.002" in toml
+    r = ldm("train", "--config", tmp_path / "a" / "config.toml", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    r = ldm("train", "--config", tmp_path / "a" / "config.toml", "--out", tmp_path / "c2", "--max-steps", 2)
+    assert r.returncode == 0 and len(losses(tmp_path / "c2")) == 2 and losses(tmp_path / "c2") == losses(tmp_path / "a")[:2]
+    bad = tmp_path / "bad.toml"
+    for text, says in (("max_step = 3", "unknown key 'max_step'; did you mean 'max_steps'?"),
+                       ("batch_size = \"4\"", "batch_size = \"4\": expected int, got str"),
+                       ("random_flip = 1", "expected true or false"), ("lr = [1]", "expected a number"),
+                       ("validation_prompts = \"x\"", "expected a list of strings"), ("lr = = 1", "not TOML")):
+        bad.write_text(text + "\n")
+        with pytest.raises(LdmError, match=re.escape(says)):
+            read_config(bad)
+    r = ldm("train", shapes, "--config", bad, "--out", tmp_path / "x")
+    assert r.returncode == 2 and "not TOML" in r.stderr and r.stderr.count("\n") == 1

@@ -104,7 +104,7 @@ def validate_config(cfg: TrainConfig) -> None:
     check(cfg.resolution is None or (cfg.resolution >= 8 and cfg.resolution % 8 == 0),
           f"--resolution must be a multiple of 8, got {cfg.resolution}")
     check(not (cfg.lora_rank and cfg.from_scratch), "--lora-rank adapts an existing U-Net: drop --from-scratch")
-    check(cfg.data_dir != "", "no data folder given")
+    check(cfg.data_dir != "", "no data folder given: ldm train DATA_DIR, or data_dir in --config")
     ti = cfg.textual_inversion
     check(not ti or cfg.init_word.strip(), "--textual-inversion needs --init-word WORD (a word close to the "
           "concept, e.g. 'dog'), the embedding's starting point")

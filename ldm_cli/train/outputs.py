@@ -17,7 +17,7 @@ from ldm_cli.train.config import TrainConfig
 from ldm_cli.train.loss import swap_in
 
 OUTPUTS = ("model", "model-ema", "lora", "lora-ema", "embedding", "embedding-ema", "checkpoints", "validation",
-           "log.jsonl", "skipped.txt")
+           "log.jsonl", "skipped.txt", "config.toml")
 KINDS = 6  # OUTPUTS[:KINDS]: the trained results
 
 
@@ -48,14 +48,21 @@ def prepare_out_folder(cfg: TrainConfig, resuming: bool, clear: bool = True) -> 
     for name in OUTPUTS[:KINDS] + ("validation",):
         if (out / name).is_dir():
             remove_folder(out / name)
-    for name in ("log.jsonl", "skipped.txt"):
+    for name in ("log.jsonl", "skipped.txt", "config.toml"):
         (out / name).unlink(missing_ok=True)
 
 
 def make_out_folder(cfg: TrainConfig) -> None:
-    """OUT/checkpoints, created and proven writable before any training (the main process)."""
+    """OUT/checkpoints, created and proven writable before any training, and OUT/config.toml, the resolved
+    settings (the main process)."""
+    from ldm_cli.train.config_file import write_config
+
     ensure_dir(Path(cfg.out_dir) / "checkpoints")
     checkpoints.clean_stale(Path(cfg.out_dir) / "checkpoints")
+    try:
+        write_config(cfg, Path(cfg.out_dir) / "config.toml")
+    except WRITE_ERRORS as e:
+        raise write_failed(Path(cfg.out_dir) / "config.toml", e) from None
 
 
 def output_kind(cfg: TrainConfig) -> str:
