@@ -92,7 +92,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     done = start  # steps finished: what a checkpoint written now holds
     try:
         for step in range(start, max_steps):
-            with fast.compile_limits():
+            with fast.compile_limits() if compiled != "none" else nullcontext():  # importing dynamo costs ~2 s
                 loss = train_step(cfg, model, unet, c.schedule, batches, optimizer, lr_sched, accelerator, step, rank)
             if step == start and main:
                 say(first_step_note(t_start, compiled, accelerator.device))
