@@ -171,8 +171,8 @@ def _with_prompt_loras(jobs, load, from_png):
     from ldm_cli.io.metadata import png_lora_hashes
 
     recorded = png_lora_hashes(from_png)
-    given = [(parse_spec(spec, 1.0)[0], Path(parse_spec(spec, 1.0)[0]).stem) for spec in load.lora]
-    for path, name in given + [(path, name) for path, name, _ in found]:
+    given = [parse_spec(spec, 1.0)[0] for spec in load.lora]
+    for path, name in [(p, Path(p).stem) for p in given] + [(path, name) for path, name, _ in found]:
         now = file_hash(lora_file(path, load.allow_unsafe_pickle))
         if name in recorded and recorded[name] != now:
             logging.getLogger("ldm").warning(f"warning: {path} (sha256 {now}...) is not the LoRA {name} {from_png} "

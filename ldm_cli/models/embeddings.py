@@ -8,7 +8,6 @@ text encoder, in place at load time, as LoRA fusing is. `expand` writes a multi-
 prompt as diffusers' pipelines do ("tok" -> "tok tok_1 tok_2").
 """
 
-import hashlib
 from pathlib import Path
 
 from ldm_cli.errors import LdmError, check
@@ -47,7 +46,7 @@ def default_token(path: Path) -> str:
 def load_embeddings(c, specs, allow_unsafe_pickle: bool = False) -> str:
     """Load each embedding into c's tokenizer and text encoder; returns what PNGs record
     ("token@sha256[:10], ...")."""
-    from ldm_cli.models.lora import loader_pipeline
+    from ldm_cli.models.lora import file_hash, loader_pipeline
 
     pipe, recorded = loader_pipeline(c), []
     for spec in specs:
@@ -71,7 +70,7 @@ def load_embeddings(c, specs, allow_unsafe_pickle: bool = False) -> str:
         except Exception as e:  # noqa: BLE001 (diffusers and safetensors raise many types for a wrong file)
             raise LdmError(f"--embedding {spec}: not an embedding for this model ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
-        recorded.append(f"{token}@{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}")
+        recorded.append(f"{token}@{file_hash(path)}")
     return ", ".join(recorded)
 
 

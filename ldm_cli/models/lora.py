@@ -6,6 +6,7 @@ same diffusers loader (so kohya-format files work too) and fuses it into the wei
 CUDA graphs then see a plain model, and there is no per-step adapter cost.
 """
 
+import functools
 from pathlib import Path
 
 from ldm_cli.errors import LdmError, check
@@ -88,7 +89,14 @@ def parse_spec(spec: str, default_scale: float) -> tuple[str, float]:
 
 
 def file_hash(path: Path) -> str:
-    """What PNGs record of a LoRA file: the first 10 hex digits of its sha256 (Civitai's "AutoV2")."""
+    """What PNGs record of a LoRA or embedding file: the first 10 hex digits of its sha256 (Civitai's
+    "AutoV2"); computed once per file version in a process (checking a PNG and recording both ask)."""
+    st = Path(path).stat()
+    return _sha256_10(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_10(path: str, size: int, mtime_ns: int) -> str:
     import hashlib
 
     h = hashlib.sha256()
