@@ -45,6 +45,36 @@ def write_failed(what: Path, e: Exception) -> LdmError:
                     "continue with --resume latest", 1)
 
 
+class _WriteRecorder:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports a full disk only as
+    its own RuntimeError ("unexpected pos ..."), which would read as a bug."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save(obj, path), a failed write raised as the OSError it is."""
+    with open(path, "wb") as f:
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+
 def _digest(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -64,7 +94,7 @@ def save_checkpoint(root: Path, step: int, trainable: dict, ema: dict | None, st
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
             if ema is not None:
                 save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-            torch.save(state, tmp / "state.pt")
+            save_torch(state, tmp / "state.pt")
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
             files = {p.name: {"bytes": p.stat().st_size, "blake2b": _digest(p)} for p in sorted(tmp.iterdir())}
             (tmp / MANIFEST).write_text(json.dumps(files, indent=2))
