@@ -226,6 +226,61 @@ def test_two_loras_equal_diffusers_set_adapters(ldm, tiny_model, tmp_path):
     assert r.returncode == 2 and "the scale must be in [-10, 10]" in r.stderr and r.stderr.count("\n") == 1
 
 
+def kohya_from_diffusers(path, alpha: float, text_encoder: dict | None = None) -> dict:
+    """The LoRA file at `path` (diffusers' format, alpha = rank) in kohya's format, written out here from
+    sd-scripts' naming: `lora_unet_<module path with _>.lora_down/lora_up.weight` and `.alpha`, the up
+    weights multiplied by rank / alpha so that the delta (alpha / rank) B A is the same; `text_encoder`:
+    {module: (down, up)} added as `lora_te_...` with alpha = rank."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for key, value in load_file(path).items():
+        module, kind = key.removeprefix("unet.").rsplit(".lora.", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        rank = value.shape[0] if kind == "down.weight" else value.shape[1]
+        out[f"{name}.lora_{kind}"] = value * (rank / alpha) if kind == "up.weight" else value
+        out[f"{name}.alpha"] = torch.tensor(alpha)
+    for module, (down, up) in (text_encoder or {}).items():
+        name = "lora_te_text_model_" + module.replace(".", "_")
+        out.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                    f"{name}.alpha": torch.tensor(float(down.shape[0]))})
+    return out
+
+
+def test_kohya_lora_equals_diffusers_and_its_own_diffusers_form(tiny_model, tmp_path):
+    """A kohya-format file (lora_unet_/lora_te_ names, alpha != rank): --lora FILE:0.8 equals diffusers'
+    load_lora_weights + set_adapters(0.8); its U-Net part equals the same LoRA in diffusers' format, and its
+    text-encoder part changes the image."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.sample.run import load
+
+    diffusers_file = make_lora(tiny_model, tmp_path, "d", 2)
+    g = torch.Generator().manual_seed(7)
+    te = {f"encoder.layers.0.self_attn.{m}": (torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g) * 0.5)
+          for m in ("q_proj", "k_proj", "v_proj", "out_proj")}  # as sd-scripts writes them
+    save_file(kohya_from_diffusers(diffusers_file, 2.0), tmp_path / "k_unet.safetensors")
+    save_file(kohya_from_diffusers(diffusers_file, 2.0, te), tmp_path / "k_both.safetensors")
+    s = Settings(steps=4, width=64, height=64)
+
+    def ours(spec):
+        c = load(LoadOptions(model=str(tiny_model), device="cpu", dtype="fp32", accel="none", lora=(spec,))).components
+        return pipeline.txt2img(c, ["a red cat"], ["blurry"], [3], s).permute(0, 2, 3, 1).numpy()
+
+    both, unet_only = ours(f"{tmp_path / 'k_both.safetensors'}:0.8"), ours(f"{tmp_path / 'k_unet.safetensors'}:0.8")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(tmp_path), weight_name="k_both.safetensors", adapter_name="k")
+    pipe.set_adapters(["k"], adapter_weights=[0.8])
+    theirs = pipe("a red cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(3)).images
+    assert abs(both - theirs).max() <= 1e-5
+    assert abs(unet_only - ours(f"{diffusers_file}:0.8")).max() <= 1e-5
+    assert abs(both - unet_only).max() > 1e-3 and abs(unet_only - ours(f"{diffusers_file}:0.0")).max() > 1e-3
+
+
 def test_textual_inversion_equals_diffusers(ldm, tiny_model, tmp_path):
     """--embedding in the diffusers format (one vector) and A1111's safetensors (emb_params, two vectors):
     the image equals diffusers' load_textual_inversion + its pipeline; recorded, and asked for on redo."""
