@@ -1,8 +1,9 @@
 """Which examples each step trains on, and their encoder outputs (from the latent cache or computed).
 
-Determinism: optimizer step k's examples and caption dropout come from generators seeded by (seed, k),
+Determinism: optimizer step k's examples, caption dropout and tag order come from generators seeded by (seed, k),
 so a run resumed from the checkpoint of step k goes on exactly as the unbroken run would have.
 Processes: each step's global batch of batch_size x processes examples is split between them.
+Buckets (train/buckets.py): a batch's examples all come from one bucket, so they stack into one tensor.
 """
 
 import functools
@@ -15,9 +16,10 @@ import torch
 from ldm_cli.diffusion.conditioning import AddedCond
 from ldm_cli.errors import LdmError
 from ldm_cli.models.codecs import encode_text, encode_text_sdxl
+from ldm_cli.train.buckets import epoch_plan
 from ldm_cli.train.cache import EncodedData
 from ldm_cli.train.config import TrainConfig
-from ldm_cli.train.data import centre_crop_of, load_pixels_and_crop
+from ldm_cli.train.data import centre_crop_of, load_pixels_and_crop, shuffle_tags
 from ldm_cli.train.loss import sample_posterior, to_device
 
 log = logging.getLogger("ldm")
@@ -91,6 +93,11 @@ class Batches:
         self.skipped: list[str] = []  # images found unreadable during the run (listed in OUT/skipped.txt)
         self.bad: set = set()
         self.position = {e.path: i for i, e in enumerate(examples)}  # for the replacement of a bad image
+        by_bucket: dict = {}
+        for i, e in enumerate(examples):
+            by_bucket.setdefault(e.bucket, []).append(i)
+        # with buckets: the example indices of each bucket, for batches of one shape
+        self.groups = tuple(tuple(v) for _, v in sorted(by_bucket.items())) if examples[0].bucket else None
 
     def _pixels(self, e, rng: random.Random) -> tuple[torch.Tensor, tuple]:
         """An example's pixels; an image that cannot be read is skipped (listed), the next readable one in
@@ -99,7 +106,7 @@ class Batches:
         start = self.position[e.path]
         for k in range(n):
             candidate = self.examples[(start + k) % n]
-            if candidate.path in self.bad:
+            if candidate.path in self.bad or candidate.bucket != e.bucket:  # a batch is of one shape
                 continue
             try:
                 return load_pixels_and_crop(candidate, cfg.resolution, rng, cfg.random_crop, cfg.random_flip)
@@ -111,16 +118,35 @@ class Batches:
                 log.warning(f"warning: {err}; skipped")
         raise LdmError("no image of the data folder can be read any more")
 
+    def pick(self, index: int, count: int) -> list:
+        """The `count` examples of global batch `index`: from one bucket when the examples have buckets."""
+        if self.groups is None:
+            return step_examples(self.examples, index, count, self.cfg.seed)
+        per_epoch = sum(-(-len(g) // count) for g in self.groups)
+        plan = epoch_plan(self.groups, count, self.cfg.seed, index // per_epoch)
+        return [self.examples[i] for i in plan[index % per_epoch]]
+
+    def caption(self, e, index: int, slot: int) -> str:
+        """An example's caption for batch `index`: with --shuffle-tags, its tags in this batch's own order."""
+        if not self.cfg.shuffle_tags:
+            return e.caption
+        return shuffle_tags(e.caption, self.cfg.keep_tokens, random.Random(f"tags {self.cfg.seed} {index} {slot}"))
+
     def batch(self, step: int, micro: int, gen: torch.Generator):
         cfg = self.cfg
         index = step * cfg.gradient_accumulation + micro
         rng = random.Random((cfg.seed * 7919 + index) * 131 + micro)
-        batch = step_examples(self.examples, index, cfg.batch_size * self.world, cfg.seed)
+        batch = self.pick(index, cfg.batch_size * self.world)
         # decided for the global batch; a new token learns nothing from an empty caption
         drop = [rng.random() < cfg.caption_dropout and not cfg.textual_inversion for _ in batch]
+        captions = ["" if d else self.caption(e, index, i) for i, (e, d) in enumerate(zip(batch, drop))]
         mine = slice(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size)
-        batch, drop = batch[mine], drop[mine]
-        captions = ["" if d else e.caption for e, d in zip(batch, drop)]
+        moments, context = self.encode(batch[mine], captions[mine], rng)
+        return sample_posterior(moments, gen) * self.scaling_factor, context
+
+    def encode(self, batch: list, captions: list[str], rng: random.Random):
+        """(posterior parameters on the device, text context) of these examples with these captions."""
+        cfg = self.cfg
         if self.cached is not None:
             moments = to_device(torch.stack([self.cached.moments[e.path] for e in batch]), self.device)
             crops = [centre_crop_of(e, cfg.resolution) for e in batch] if self.sdxl else None
@@ -128,17 +154,17 @@ class Batches:
             loaded = [self._pixels(e, rng) for e in batch]
             moments = self.encoders.pixels(torch.stack([p for p, _ in loaded]))
             crops = [crop for _, crop in loaded]
-        latents = sample_posterior(moments, gen) * self.scaling_factor
         if self.encoders.trained_text is not None:
-            return latents, self.encoders.trained_captions(captions)
-        if self.cached is not None:
+            return moments, self.encoders.trained_captions(captions)
+        if self.cached is not None and self.cached.context:  # no texts cached with --shuffle-tags
             texts = [self.cached.context[cap] for cap in captions]
         else:
             encoded = self.encoders.captions(captions)
             texts = list(zip(*encoded)) if self.sdxl else list(encoded)
         if not self.sdxl:
-            return latents, to_device(torch.stack(texts), self.device)
-        # SDXL's micro-conditioning: original (h, w), crop (top, left), target (R, R), per image
-        ids = torch.tensor([[*crop, cfg.resolution, cfg.resolution] for crop in crops], dtype=torch.float32)
-        return latents, AddedCond(to_device(torch.stack([h for h, _ in texts]), self.device),
+            return moments, to_device(torch.stack(texts), self.device)
+        # SDXL's micro-conditioning: original (h, w), crop (top, left), target (h, w) = the bucket, per image
+        sizes = [e.bucket or (cfg.resolution, cfg.resolution) for e in batch]
+        ids = torch.tensor([[*crop, h, w] for crop, (w, h) in zip(crops, sizes)], dtype=torch.float32)
+        return moments, AddedCond(to_device(torch.stack([h for h, _ in texts]), self.device),
                                   to_device(torch.stack([p for _, p in texts]), self.device), to_device(ids, self.device))

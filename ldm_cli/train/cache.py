@@ -1,9 +1,10 @@
 """The latent cache.
 
 With frozen encoders, each image's VAE posterior and each caption's text embedding never change, so
-they are computed once and kept on disk: <cache>/<settings key>/img/<image sha256>.safetensors and
-.../txt/<caption sha256>.safetensors. The settings key covers the encoders' weights, the resolution
-and the crop, so a change in any of them starts a new folder instead of reusing stale entries.
+they are computed once and kept on disk: <cache>/<settings key>/img/<image sha256>.safetensors (with
+buckets, <image sha256>-<W>x<H>.safetensors: keyed by the bucket too) and .../txt/<caption sha256>.safetensors.
+The settings key covers the encoders' weights, the resolution, the crop and the bucket settings, so a change
+in any of them starts a new folder instead of reusing stale entries.
 Stored: the posterior's parameters (mean and log-variance), not a sample, so every step still draws
 a fresh latent from them exactly as the uncached path does: the two give the same losses.
 """
@@ -25,7 +26,7 @@ from ldm_cli.models.components import Components
 from ldm_cli.train.data import Example, load_pixels
 
 
-def cache_folder(cache_dir: str | None, resolution: int, c: Components) -> Path:
+def cache_folder(cache_dir: str | None, resolution: int, c: Components, buckets: str = "") -> Path:
     """The cache folder for these encoders and settings (the layout above)."""
     h = hashlib.blake2b(digest_size=12)
     for module in (m for m in (c.vae, c.text_encoder, c.text_encoder_2) if m is not None):
@@ -35,7 +36,7 @@ def cache_folder(cache_dir: str | None, resolution: int, c: Components) -> Path:
     for tok in (t for t in (c.tokenizer, c.tokenizer_2) if t is not None):
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
         h.update(f"maxlen={tok.model_max_length}".encode())
-    h.update(f"res={resolution} crop=centre".encode())
+    h.update(f"res={resolution} crop=centre{' ' + buckets if buckets else ''}".encode())
     return (Path(cache_dir) if cache_dir else cache_root() / "latents") / h.hexdigest()
 
 
@@ -117,15 +118,20 @@ def encode_dataset(examples: list[Example], folder: Path, resolution: int, encod
     """Load what `folder` has, encode (in batches) and store what it lacks, return it all (the captions
     too unless not `texts`). Images that cannot be read are left out and listed in `skipped`."""
     t0 = time.perf_counter()
-    images, skipped = {}, []
+    groups: dict = {}  # one shape per encoder batch: examples grouped by bucket
+    skipped = []
     for ex in examples:
         try:
-            images[ex.path] = (folder / "img" / f"{file_sha256(ex.path)}.safetensors", ex)
+            tag = f"-{ex.bucket[0]}x{ex.bucket[1]}" if ex.bucket else ""
+            groups.setdefault(ex.bucket, {})[ex.path] = (folder / "img" / f"{file_sha256(ex.path)}{tag}.safetensors", ex)
         except OSError as e:
             skipped.append(f"{ex.path}: cannot read ({e.strerror or type(e).__name__})")
-    moments, n_img, bad = _load_or_encode(
-        images, ("moments",), lambda ex: load_pixels(ex, resolution, random.Random(0)),
-        lambda pixels: encode_pixels(torch.stack(pixels)), batch_size)
+    moments, n_img, bad = {}, 0, []
+    for _, images in sorted(groups.items(), key=lambda kv: kv[0] or (0, 0)):
+        got, n, failed = _load_or_encode(images, ("moments",), lambda ex: load_pixels(ex, resolution, random.Random(0)),
+                                         lambda pixels: encode_pixels(torch.stack(pixels)), batch_size)
+        moments.update(got)
+        n_img, bad = n_img + n, bad + failed
     captions = {cap: (folder / "txt" / f"{text_sha256(cap)}.safetensors", cap)
                 for cap in (sorted({ex.caption for ex in examples} | {""}) if texts else ())}
     keys = ("context", "pooled") if pooled else ("context",)  # SDXL: token states and the pooled embedding

@@ -48,6 +48,33 @@ class TrainConfig:
     instance_prompt: str = option("", "Caption of the images that have none.")
     # pixels of the square training crops; None: the model's native size (U-Net sample size x VAE factor)
     resolution: int | None = option(None, "Training resolution in pixels (default: the model's native size).")
+    # auto: on unless every image's nearest bucket is the square (then nothing changes from square crops)
+    buckets: str = option("auto", "Aspect-ratio buckets of about resolution^2 pixels: auto, on or off.",
+                          choices=("auto", "on", "off"))
+    # kohya's --min_bucket_reso/--max_bucket_reso/--bucket_reso_steps; None: resolution/2, 2x resolution, and
+    # 64 px steps from 512 px up (resolution/8 below, so small models get more than one bucket)
+    min_bucket_reso: int | None = option(None, "Smallest bucket side in pixels (default resolution/2).", min=8)
+    max_bucket_reso: int | None = option(None, "Largest bucket side in pixels (default 2x resolution).", min=8)
+    bucket_reso_steps: int | None = option(None, "Step of bucket sides in pixels (default 64; finer below 512).",
+                                           min=8)
+    # kohya's caption_prefix: a trigger word on every caption (before --shuffle-tags, so --keep-tokens counts it)
+    caption_prefix: str = option("", "Text put before every caption.")
+    # booru-style "tag, tag, tag" captions: a new tag order each step, so no tag owns a position
+    shuffle_tags: bool = option(False, "Shuffle each caption's comma-separated tags every step.")
+    keep_tokens: int = option(0, "With --shuffle-tags: leading tags that keep their place.", min=0)
+    # DreamBooth prior preservation (Ruiz et al. 2023): the class keeps what it looked like before
+    class_data: str = option("", "DreamBooth: folder of class images (generated into it with --num-class-images).")
+    class_prompt: str = option("", "DreamBooth: caption of the class images (e.g. 'photo of a dog').")
+    prior_loss_weight: float = option(1.0, "DreamBooth: weight of the class images' loss.", min=0.0, finite=True)
+    # sampled with the model itself (the validation sampler and steps), seeded by index: resumable, reused
+    num_class_images: int = option(0, "DreamBooth: make the class folder hold at least this many images.", min=0,
+                                   max=100_000)
+    # held out by a hash of each file's path: the same images whatever the seed
+    validation_split: float = option(0.0, "Share of the data held out for the validation loss.", min=0.0, max=0.5,
+                                     finite=True)
+    validation_dir: str = option("", "Folder of images for the validation loss (instead of a split).")
+    # Lin et al. 2024: rescaled betas so the last step is pure noise; needs v-prediction and trailing spacing
+    zero_terminal_snr: bool = option(False, "Train with zero terminal SNR (v-prediction, trailing spacing).")
     batch_size: int = option(4, "Images per step and GPU.", min=1)  # per process: the global batch is x GPUs
     max_steps: int | None = option(None, f"Optimizer steps (default {DEFAULT_MAX_STEPS}).", min=1)
     epochs: float | None = option(None, "Passes over the data, instead of --max-steps.", min=0.0, min_open=True,
@@ -111,8 +138,17 @@ def validate_config(cfg: TrainConfig) -> None:
     check(not (cfg.init_word or cfg.vectors > 1) or ti, "--init-word and --vectors go with --textual-inversion TOKEN")
     check(not ti or not (cfg.lora_rank or cfg.from_scratch),
           "--textual-inversion trains an embedding for a frozen model: drop --lora-rank / --from-scratch")
-    check("\x00" not in cfg.instance_prompt + ti + cfg.init_word, "--instance-prompt / --textual-inversion / "
-          "--init-word: contains a NUL byte")
+    check(not cfg.keep_tokens or cfg.shuffle_tags, "--keep-tokens goes with --shuffle-tags")
+    check(not (cfg.validation_split and cfg.validation_dir), "give --validation-split or --validation-dir, not both")
+    dreambooth = cfg.class_data or cfg.class_prompt or cfg.num_class_images
+    check(not dreambooth or (cfg.class_data and cfg.class_prompt.strip()), "DreamBooth needs both --class-data DIR "
+          "and --class-prompt TEXT (e.g. 'photo of a dog')")
+    check(not (dreambooth and ti), "--class-data (DreamBooth) trains the U-Net: drop --textual-inversion")
+    check(not cfg.zero_terminal_snr or not (cfg.lora_rank or ti), "--zero-terminal-snr changes the model's noise "
+          "schedule and prediction type, which a LoRA or an embedding file cannot carry: train the whole U-Net")
+    texts = cfg.instance_prompt + ti + cfg.init_word + cfg.caption_prefix + cfg.class_prompt
+    check("\x00" not in texts, "--instance-prompt / --textual-inversion / --init-word / --caption-prefix / "
+          "--class-prompt: contains a NUL byte")
 
 
 def validate_for_model(cfg: TrainConfig, num_train_timesteps: int) -> None:
@@ -136,7 +172,7 @@ def steps_for(cfg: TrainConfig, examples: int, world: int) -> int:
 # ---- what a resumed run may change ---------------------------------------------------------------------
 # A checkpoint continues one model: these must be as saved, or the resume is refused.
 MUST_MATCH = ("model", "from_scratch", "unet_config", "lora_rank", "lora_alpha", "resolution", "optimizer",
-              "textual_inversion", "init_word", "vectors")
+              "textual_inversion", "init_word", "vectors", "zero_terminal_snr")
 # The learning-rate schedule is rebuilt from the new values and positioned at the checkpoint's step.
 SCHEDULE = ("lr", "lr_scheduler", "warmup_steps", "max_steps")
 # Where the run is written, how often it logs, what it keeps: changes nothing in the numbers.

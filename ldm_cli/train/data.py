@@ -1,6 +1,6 @@
 """Training data: a folder of images with captions, in the layouts users already have.
 
-- kohya style: `cat.png` + `cat.txt` (the caption), anywhere below the folder;
+- kohya style: `cat.png` + `cat.txt` or `cat.caption` (the caption), anywhere below the folder;
 - diffusers imagefolder: `metadata.jsonl` (or `.csv`) with `file_name` and `text` columns.
 Unreadable or caption-less images (unless an instance prompt is given) are skipped and counted (`strict` makes them errors).
 """
@@ -25,6 +25,7 @@ MAX_METADATA_BYTES = 256 * 1024 * 1024
 class Example:
     path: Path
     caption: str
+    bucket: tuple[int, int] | None = None  # (width, height) trained at; None: the square of --resolution
 
 
 def find_examples(root: str | Path, strict: bool = False, default_caption: str = "") -> tuple[list[Example], list[str]]:
@@ -45,8 +46,8 @@ def find_examples(root: str | Path, strict: bool = False, default_caption: str =
             continue
         seen.add(real)
         caption = captions.get(path.resolve())
-        sidecar = path.with_suffix(".txt")
-        if caption is None and sidecar.is_file():
+        sidecar = next((p for p in (path.with_suffix(".txt"), path.with_suffix(".caption")) if p.is_file()), None)
+        if caption is None and sidecar is not None:
             try:
                 with open(sidecar, "rb") as f:  # bounded: a caption is a line or a paragraph, not 50 MB
                     raw = f.read(MAX_CAPTION_BYTES + 1)
@@ -64,7 +65,7 @@ def find_examples(root: str | Path, strict: bool = False, default_caption: str =
         examples.append(Example(path, caption))
     if strict and skipped:
         raise LdmError(f"{skipped[0]} (and {len(skipped) - 1} more); fix them or drop --strict")
-    check(examples != [], f"{root}: no captioned images found (sidecar .txt or metadata.jsonl/.csv)")
+    check(examples != [], f"{root}: no captioned images found (sidecar .txt/.caption or metadata.jsonl/.csv)")
     return examples, skipped
 
 
@@ -90,36 +91,47 @@ def _read_metadata(meta: Path) -> dict[Path, str]:
     return out
 
 
+def shuffle_tags(caption: str, keep: int, rng: random.Random) -> str:
+    """kohya's --shuffle_caption: the comma-separated tags after the first `keep` in a new order."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep], tags[keep:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
 def load_pixels(ex: Example, resolution: int, rng: random.Random, random_crop: bool = False,
                 flip: bool = False) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square (centre or random), maybe flip: [3, R, R]."""
+    """The example's pixels at its bucket (or the --resolution square): [3, H, W]."""
     return load_pixels_and_crop(ex, resolution, rng, random_crop, flip)[0]
 
 
 def load_pixels_and_crop(ex: Example, resolution: int, rng: random.Random, random_crop: bool = False,
                          flip: bool = False) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """load_pixels, and what SDXL's micro-conditioning records of it (as diffusers'
+    """Resize to cover the example's bucket (by default the resolution square: the short side to `resolution`),
+    crop it (centre or random), maybe flip; and what SDXL's micro-conditioning records of it (as diffusers'
     train_text_to_image_sdxl.py): the original (height, width) and the crop's (top, left) in the resized
     image, its left edge mirrored when flipped."""
+    from ldm_cli.train.buckets import cover_crop
+
+    bw, bh = ex.bucket or (resolution, resolution)
     im = open_image(ex.path)
     w0, h0 = im.size
-    scale = resolution / min(w0, h0)
-    im = im.resize((max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))), Image.BICUBIC)
-    w, h = im.size
-    left = rng.randint(0, w - resolution) if random_crop else (w - resolution) // 2
-    top = rng.randint(0, h - resolution) if random_crop else (h - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
+    w, h, left, top = cover_crop((w0, h0), (bw, bh))
+    im = im.resize((w, h), Image.BICUBIC)
+    if random_crop:
+        left, top = rng.randint(0, w - bw), rng.randint(0, h - bh)
+    im = im.crop((left, top, left + bw, top + bh))
     if flip and rng.random() < 0.5:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        left = w - resolution - left
-    return pil_to_pixels(im, resolution, resolution)[0], (h0, w0, top, left)
+        left = w - bw - left
+    return pil_to_pixels(im, bw, bh)[0], (h0, w0, top, left)
 
 
 def centre_crop_of(ex: Example, resolution: int) -> tuple[int, int, int, int]:
     """What load_pixels_and_crop records for the centre crop, from the image's header alone."""
     from ldm_cli.io.images import image_size
+    from ldm_cli.train.buckets import cover_crop
 
     w0, h0 = image_size(ex.path)
-    scale = resolution / min(w0, h0)
-    w, h = max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))
-    return h0, w0, (h - resolution) // 2, (w - resolution) // 2
+    _, _, left, top = cover_crop((w0, h0), ex.bucket or (resolution, resolution))
+    return h0, w0, top, left

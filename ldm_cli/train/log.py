@@ -41,6 +41,17 @@ class LossLog:
             for r in records:
                 self.on_log(r, self.max_steps)
 
+    def record(self, record: dict) -> None:
+        """Another line of the log (the validation loss), after the pending losses."""
+        self.flush()
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except WRITE_ERRORS as e:
+            raise write_failed(self.path, e) from None
+
     def close(self) -> None:
         self.flush()
         if self.file is not None:

@@ -19,13 +19,14 @@ import torch
 
 from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.models.load import default_model, load_components
-from ldm_cli.train import cache, checkpoints, data, fast
+from ldm_cli.train import cache, checkpoints, data, fast, folders
 from ldm_cli.train.batches import Batches, Encoders
 from ldm_cli.train.config import TrainConfig, steps_for, validate_config, validate_for_model
 from ldm_cli.train.log import LossLog
 from ldm_cli.train.loss import diffusion_loss, ema_decay_at, ema_update
 from ldm_cli.train.optim import build_optimizer, build_schedule, check_resume, restore, trainable
 from ldm_cli.train.outputs import make_out_folder, output_kind, prepare_out_folder, validation_grid, write_models
+from ldm_cli.train.validation import ValidationLoss
 
 log = logging.getLogger("ldm")
 
@@ -40,12 +41,15 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     out = Path(cfg.out_dir)
     examples, skipped = data.find_examples(cfg.data_dir, cfg.strict,  # bad data fails before anything is written
                                            cfg.instance_prompt or cfg.textual_inversion)
+    folders.check_folders(cfg)
     resume_from = checkpoints.find_resume(out / "checkpoints", resume)
     t_start = time.perf_counter()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     prepare_out_folder(cfg, resuming=resume_from is not None, clear=main)
     c = load_components(cfg.model or default_model(), device=str(accelerator.device), dtype="fp32")
+    if cfg.zero_terminal_snr:
+        c = zero_terminal_snr(c, say)
     cfg = replace(cfg, model=cfg.model or default_model(),  # as saved in checkpoints: nothing left implicit
                   resolution=cfg.resolution or c.unet.config.sample_size * c.vae_scale,
                   lr=cfg.lr or (5e-3 if cfg.textual_inversion else 1e-4))
@@ -56,14 +60,19 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if not c.unet.config.sample_size * c.vae_scale // 2 <= cfg.resolution <= 2 * c.unet.config.sample_size * c.vae_scale:
         log.warning(f"warning: --resolution {cfg.resolution} is far from this model's native "
                     f"{c.unet.config.sample_size * c.vae_scale}; expect slow steps and poor images")
-    max_steps = steps_for(cfg, len(examples), world)
+    sets = folders.arrange(cfg, c, examples, skipped, say if main else lambda _: None)
+    max_steps = steps_for(cfg, len(sets.train), world)
     cfg = replace(cfg, max_steps=max_steps)
     schedule_changed = check_resume(resume_from, cfg, say) if resume_from else False
     if main:
         make_out_folder(cfg)
 
     encoders = Encoders(c, accelerator)  # encoded before a new token changes the text encoder
-    cached, examples = cached_encodings(cfg, examples, skipped, c, encoders, accelerator, say)
+    cached, readable = cached_encodings(cfg, sets.train + sets.held_out + sets.classes, skipped, c, encoders,
+                                        accelerator, say)
+    readable = {e.path for e in readable}
+    examples = [e for e in sets.train if e.path in readable]
+    check(examples != [], f"{cfg.data_dir}: no readable images")
     model, unet, named = trainable(c, cfg)
     if cfg.textual_inversion:
         check_token_used(cfg, examples, say)
@@ -86,6 +95,10 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         return finished(resume_from, start, cfg, say)
 
     batches = Batches(cfg, examples, encoders, cached, world, rank)
+    classes = Batches(cfg, [e for e in sets.classes if e.path in readable], encoders, cached, world, rank) \
+        if sets.classes else None
+    held_out = [e for e in sets.held_out if e.path in readable]
+    validation = ValidationLoss(cfg, held_out, encoders, cached) if held_out else None
 
     save = saver(accelerator, optimizer, lr_sched, named, ema, cfg, dict(accelerator.unwrap_model(unet).config))
     losses = LossLog(out / "log.jsonl", main, max_steps, on_log)
@@ -93,7 +106,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     try:
         for step in range(start, max_steps):
             with fast.compile_limits() if compiled != "none" else nullcontext():  # importing dynamo costs ~2 s
-                loss = train_step(cfg, model, unet, c.schedule, batches, optimizer, lr_sched, accelerator, step, rank)
+                loss = train_step(cfg, model, unet, c.schedule, (batches, classes), optimizer, lr_sched, accelerator,
+                                  step, rank)
             if step == start and main:
                 say(first_step_note(t_start, compiled, accelerator.device))
             if ema is not None:
@@ -102,9 +116,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
             losses.add(done, loss, lr_sched.get_last_lr()[0], cfg.batch_size * world * cfg.gradient_accumulation)
             if done % cfg.log_every == 0:
                 losses.flush()
-            if cfg.validate_every and done % cfg.validate_every == 0 and cfg.validation_prompts:
+            if cfg.validate_every and done % cfg.validate_every == 0 and (cfg.validation_prompts or validation):
                 losses.flush()
-                validation_grid(accelerator, trained_components(accelerator, c, unet, cfg), ema, params, cfg, done)
+                validate(accelerator, c, unet, cfg, ema, params, validation, losses, done, say)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < max_steps:
                 losses.flush()
                 accelerator.wait_for_everyone()
@@ -114,6 +128,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         raise
     except BaseException as e:  # save what was done first, whatever stopped the loop
         raise stopped(e, done, rescue(save, losses, main and done > start, done)) from None
+    if validation is not None and not (cfg.validate_every and max_steps % cfg.validate_every == 0):
+        validate(accelerator, c, unet, replace(cfg, validation_prompts=()), ema, params, validation, losses,
+                 max_steps, say)  # the last step's, always
     losses.close()
     accelerator.wait_for_everyone()
     if not main:
@@ -123,6 +140,30 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         (out / "skipped.txt").write_text("\n".join(skipped + batches.skipped) + "\n")
     with checkpoints.uninterrupted():
         return write_models(trained_components(accelerator, c, unet, cfg), params, ema, cfg, out)
+
+
+def validate(accelerator, c, unet, cfg: TrainConfig, ema, params, validation, losses: LossLog, step: int, say):
+    """The validation grid (with --validation-prompt) and the validation loss (with held-out images)."""
+    if cfg.validation_prompts:
+        validation_grid(accelerator, trained_components(accelerator, c, unet, cfg), ema, params, cfg, step)
+    if validation is not None and accelerator.is_main_process:
+        value = validation(accelerator.unwrap_model(unet), c.schedule, accelerator)
+        losses.record({"step": step, "validation_loss": value})
+        say(f"step {step}: validation loss {value:.6f} ({len(validation.examples)} images)")
+
+
+def zero_terminal_snr(c, say):
+    """The model's schedule with zero terminal SNR (Lin et al. 2024, sec. 3): rescaled betas, v-prediction (an
+    epsilon model cannot predict noise from pure noise) and trailing timesteps; written into the trained model's
+    scheduler config, so sampling it uses the same."""
+    from ldm_cli.diffusion.schedule import schedule_from_config
+
+    config = {**c.scheduler_config, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+              "timestep_spacing": "trailing"}
+    if c.schedule.prediction_type != "v_prediction":
+        say(f"note: --zero-terminal-snr: the model predicts {c.schedule.prediction_type}; it is fine-tuned to "
+            "predict v")
+    return replace(c, scheduler_config=config, schedule=schedule_from_config(config))
 
 
 def first_step_note(t_start: float, compiled: str, device) -> str:
@@ -210,11 +251,12 @@ def cached_encodings(cfg: TrainConfig, examples, skipped: list, c, encoders: Enc
     `skipped` (--strict: the run stops)."""
     if not cfg.cache or cfg.random_crop or cfg.random_flip:
         return None, examples
-    folder = cache.cache_folder(cfg.cache_dir, cfg.resolution, c)
+    folder = cache.cache_folder(cfg.cache_dir, cfg.resolution, c)  # entries of a bucketed image name their bucket
     with accelerator.main_process_first():  # the first process encodes, the others then find it all
         cached = cache.encode_dataset(examples, folder, cfg.resolution, encoders.pixels, encoders.captions,
                                       batch_size=max(cfg.batch_size, 8), pooled=c.family != "sd",
-                                      texts=not cfg.textual_inversion)  # a new token's captions change each step
+                                      # a new token's states, shuffled tags: the text changes each step
+                                      texts=not (cfg.textual_inversion or cfg.shuffle_tags))
     if accelerator.is_main_process:
         say(f"latent cache {folder}: {cached.encoded} entries encoded, "
             f"{len(cached.moments) + len(cached.context) - cached.encoded} reused, {cached.seconds:.2f} s")
@@ -226,10 +268,13 @@ def cached_encodings(cfg: TrainConfig, examples, skipped: list, c, encoders: Enc
     return cached, examples
 
 
-def train_step(cfg: TrainConfig, model, unet, schedule, batches: Batches, optimizer, lr_sched, accelerator,
+def train_step(cfg: TrainConfig, model, unet, schedule, feeds: tuple, optimizer, lr_sched, accelerator,
                step: int, rank: int) -> torch.Tensor:
     """One optimizer step over cfg.gradient_accumulation micro-batches; returns the mean loss, on the device.
-    `model` holds the trained parameters (the U-Net itself, or the text encoder of a new token)."""
+    `model` holds the trained parameters (the U-Net itself, or the text encoder of a new token); `feeds` is
+    (the Batches of the data, those of DreamBooth's class images or None): with class images the loss is
+    the data's plus --prior-loss-weight times theirs (Ruiz et al. 2023, eq. 2)."""
+    batches, classes = feeds
     gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
     total = torch.zeros((), device=accelerator.device)
     for micro in range(cfg.gradient_accumulation):
@@ -238,6 +283,10 @@ def train_step(cfg: TrainConfig, model, unet, schedule, batches: Batches, optimi
         with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
             with accelerator.autocast():
                 loss = diffusion_loss(unet, schedule, latents, context, gen, cfg.noise_offset, cfg.min_snr_gamma)
+                if classes is not None:
+                    prior = diffusion_loss(unet, schedule, *classes.batch(step, micro, gen), gen, cfg.noise_offset,
+                                           cfg.min_snr_gamma)
+                    loss = loss + cfg.prior_loss_weight * prior
             accelerator.backward(loss / cfg.gradient_accumulation)
         total += loss.detach() / cfg.gradient_accumulation
     if cfg.max_grad_norm:

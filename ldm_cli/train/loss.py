@@ -31,13 +31,15 @@ def sample_posterior(moments: torch.Tensor, gen: torch.Generator) -> torch.Tenso
 
 
 def diffusion_loss(unet, schedule: Schedule, latents, context, gen: torch.Generator, noise_offset: float = 0.0,
-                   min_snr_gamma: float = 0.0):
-    """DDPM's simple loss (Ho et al. eq. 14) with the model's prediction type: || target - net(x_t, t) ||^2."""
+                   min_snr_gamma: float = 0.0, timesteps: torch.Tensor | None = None):
+    """DDPM's simple loss (Ho et al. eq. 14) with the model's prediction type: || target - net(x_t, t) ||^2,
+    at random timesteps (or the given CPU `timesteps`: the validation loss)."""
     noise = to_device(torch.randn(latents.shape, generator=gen), latents.device).to(latents.dtype)
     if noise_offset:  # a per-channel constant shift lets the model learn to change overall brightness
         noise = noise + noise_offset * to_device(torch.randn((*latents.shape[:2], 1, 1), generator=gen),
                                                  noise.device).to(noise.dtype)
-    t_cpu = torch.randint(0, schedule.num_train_timesteps, (len(latents),), generator=gen)
+    t_cpu = timesteps if timesteps is not None else torch.randint(0, schedule.num_train_timesteps, (len(latents),),
+                                                                  generator=gen)
     alpha_bar = schedule.alpha_bar[t_cpu]  # indexed on the CPU: no device->host sync
     a = to_device(alpha_bar, latents.device).reshape(-1, 1, 1, 1)
     x_t = add_noise(latents, noise, a)
