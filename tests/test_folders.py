@@ -220,3 +220,31 @@ def test_folder_bad_inputs_are_one_line(ldm, photos, tiny_model, tmp_path):
         r = ldm("train", *args, *common)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, (args, r.stderr)
     assert not any((tmp_path / f"o{i}" / "model").exists() for i in range(1, 6))
+
+
+def test_sdxl_buckets_condition_on_each_images_size_crop_and_bucket(photos, tiny_sdxl, tmp_path, monkeypatch):
+    """SDXL's six numbers per image: original (h, w), the crop's (top, left) as the pixels were cut, and the
+    bucket (h, w) as the target size; the cached path (from headers) equals loading the pixels."""
+    from ldm_cli.train.data import centre_crop_of, load_pixels_and_crop
+
+    seen = []
+    real_loss = __import__("ldm_cli.train.loop", fromlist=["x"]).diffusion_loss
+
+    def spy(unet, schedule, latents, context, *a, **k):
+        seen.append((tuple(latents.shape[2:]), context.time_ids.tolist()))
+        return real_loss(unet, schedule, latents, context, *a, **k)
+
+    monkeypatch.setattr("ldm_cli.train.loop.diffusion_loss", spy)
+    train(TrainConfig(out_dir=str(tmp_path / "xl"), **base(photos, tiny_sdxl, tmp_path, max_steps=4)))
+    sizes = buckets.bucket_sizes(buckets.default_spec(64, None, None, None))
+    expected = {}
+    for e in find_examples(photos)[0]:
+        e = e.__class__(e.path, e.caption, buckets.assign(Image.open(e.path).size, sizes))
+        crop = centre_crop_of(e, 64)
+        pixels, loaded = load_pixels_and_crop(e, 64, random.Random(0))
+        assert crop == loaded and pixels.shape[1:] == (e.bucket[1], e.bucket[0])
+        expected.setdefault(e.bucket, set()).add((*crop, e.bucket[1], e.bucket[0]))
+    for latent_hw, ids in seen:
+        bucket = (ids[0][5], ids[0][4])  # (w, h) of the target size
+        assert all(tuple(i) in expected[tuple(int(v) for v in bucket)] for i in ids)
+        assert latent_hw == (ids[0][4] // 2, ids[0][5] // 2)  # the tiny VAE halves each side

@@ -109,7 +109,7 @@ class TrainConfig:
     cache_dir: str | None = option(None, "Cache folder (default $LDM_CACHE_DIR/latents or ~/.cache/ldm/latents).")
     checkpoint_every: int = option(0, "Steps between checkpoints (0: end only).", min=0)
     keep_checkpoints: int = option(2, "Checkpoints kept.", min=1)
-    validate_every: int = option(0, "Steps between validation grids (0: never).", min=0)
+    validate_every: int = option(0, "Steps between validation grids and losses (0: the loss at the end only).", min=0)
     validation_prompts: tuple[str, ...] = option((), "Prompt for validation grids; repeat.", flag="validation-prompt")
     validation_steps: int = option(20, "Sampler steps of validation images.", min=1)
     # any of sample's samplers; the default keeps grids comparable with older runs
