@@ -277,7 +277,8 @@ def test_training_never_replaces_what_it_did_not_create(shapes, tiny_model, tmp_
 
 def test_an_unreadable_image_met_mid_run_is_skipped_and_listed(shapes, tiny_model, tmp_path):
     """Without the latent cache, images are read at each step: a damaged one is skipped and listed, and
-    the run ends; with --strict, it stops there, after a checkpoint of the steps done."""
+    the run ends; with --strict, it stops there, after a checkpoint of the steps done. (With buckets, the
+    headers are read before the run: --strict refuses the damaged image there, nothing written.)"""
     import shutil
 
     data = tmp_path / "data"
@@ -285,7 +286,7 @@ def test_an_unreadable_image_met_mid_run_is_skipped_and_listed(shapes, tiny_mode
     (data / "no-caption.png").unlink()
     (data / "b" / "0.png").write_bytes((data / "b" / "0.png").read_bytes()[:80])  # cut short, still listed
     cfg = TrainConfig(data_dir=str(data), model=str(tiny_model), out_dir=str(tmp_path / "run"), max_steps=20,
-                      batch_size=4, device="cpu", cache=False, seed=1)
+                      batch_size=4, device="cpu", cache=False, seed=1, buckets="off")
     train(cfg)
     assert "0.png" in (tmp_path / "run" / "skipped.txt").read_text() and len(losses(tmp_path / "run")) == 20
     strict = TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "strict"), "strict": True})
@@ -293,6 +294,10 @@ def test_an_unreadable_image_met_mid_run_is_skipped_and_listed(shapes, tiny_mode
         train(strict)
     step = int(str(e.value).split("stopped at step ")[1].split(";")[0])
     assert step >= 1 and saved_steps(tmp_path / "strict" / "checkpoints") == [step]
+    early = TrainConfig(**{**strict.__dict__, "out_dir": str(tmp_path / "early"), "buckets": "on"})
+    with pytest.raises(LdmError, match=r"0\.png: cannot read image .*; fix it or drop --strict$"):
+        train(early)
+    assert not (tmp_path / "early").exists()
 
 
 def test_a_damaged_latent_cache_entry_is_rebuilt(shapes, tiny_model, tmp_path):

@@ -60,7 +60,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if not c.unet.config.sample_size * c.vae_scale // 2 <= cfg.resolution <= 2 * c.unet.config.sample_size * c.vae_scale:
         log.warning(f"warning: --resolution {cfg.resolution} is far from this model's native "
                     f"{c.unet.config.sample_size * c.vae_scale}; expect slow steps and poor images")
-    sets = folders.arrange(cfg, c, examples, skipped, say if main else lambda _: None)
+    with accelerator.main_process_first():  # class images are drawn once, by the first process
+        sets = folders.arrange(cfg, c, examples, skipped, say if main else lambda _: None)
     max_steps = steps_for(cfg, len(sets.train), world)
     cfg = replace(cfg, max_steps=max_steps)
     schedule_changed = check_resume(resume_from, cfg, say) if resume_from else False
