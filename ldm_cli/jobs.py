@@ -24,6 +24,10 @@ class Settings:
     steps: int = option(50, "Sampler steps.", min=1)
     # classifier-free guidance scale; <= 1 turns guidance off (as in diffusers)
     cfg: float = option(7.5, "Classifier-free guidance scale (<= 1: off).", min=0.0, max=100.0, finite=True)
+    # Lin et al. 2024 sec. 3.4 (eq. 15-16): the guided output's std pulled back toward the conditional one's, a
+    # share phi of the way; against over-exposure with zero-terminal-SNR models (they suggest 0.7)
+    guidance_rescale: float = option(0.0, "Guidance rescale phi, 0..1 (0.7 for zero-terminal-SNR models).",
+                                     min=0.0, max=1.0, finite=True)
     # DDIM eq. 16: 0 is deterministic DDIM, 1 is DDPM-like noise; above 1 the direction term's root goes negative
     eta: float = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like (--sampler ddim).", min=0.0, max=1.0,
                         finite=True)
@@ -87,7 +91,7 @@ class Job:
         return cls(prompt=str(d["prompt"]), seed=int(d["seed"]), settings=settings, init_image=d.get("init_image"))
 
 
-OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "eta": float, "width": int, "height": int,
+OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "guidance_rescale": float, "eta": float, "width": int, "height": int,
                   "negative": str, "strength": float, "num_images": int, "sampler": str, "schedule": str,
                   "prompt_syntax": str, "clip_skip": int,
                   "original_size": str, "crops_coords_top_left": str, "target_size": str}

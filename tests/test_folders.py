@@ -199,6 +199,31 @@ def test_zero_terminal_snr_trains_v_and_samples_as_diffusers(photos, tiny_model,
     theirs = pipe("a circle", num_inference_steps=5, guidance_scale=7.5, output_type="np",
                   generator=torch.Generator("cpu").manual_seed(3)).images
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() <= 1e-5
+    # with the guidance rescale such models are sampled with (Lin et al. sec. 3.4), equal to diffusers' too
+    # (a strong scale: the tiny model's two halves barely differ, and the rescale acts on how far apart they are)
+    def ours_at(phi):
+        s = Settings(steps=5, width=64, height=64, cfg=60.0, guidance_rescale=phi)
+        return pipeline.txt2img(c, ["a circle"], [""], [3], s).permute(0, 2, 3, 1).numpy()
+
+    theirs = pipe("a circle", num_inference_steps=5, guidance_scale=60.0, output_type="np", guidance_rescale=0.7,
+                  generator=torch.Generator("cpu").manual_seed(3)).images
+    rescaled = ours_at(0.7)
+    assert np.abs(rescaled - theirs).max() <= 1e-5 and np.abs(rescaled - ours_at(0.0)).max() > 1e-3
+
+
+def test_guidance_rescale_is_diffusers_rescale_noise_cfg():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from ldm_cli.diffusion.guidance import guided
+
+    g = torch.Generator().manual_seed(0)
+    uncond, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g) * 3 + 1
+    unet = lambda x, t, context: torch.cat([uncond, cond])  # noqa: E731 (a stand-in network)
+    for phi in (0.0, 0.3, 0.7, 1.0):
+        ours = guided(unet, torch.zeros(2, 1), torch.zeros(2, 1), 7.5, phi)(torch.zeros(2, 4, 8, 8), torch.zeros(2))
+        plain = uncond + 7.5 * (cond - uncond)
+        assert torch.allclose(ours, rescale_noise_cfg(plain, cond, guidance_rescale=phi), atol=1e-6)
+        assert phi == 0.0 or (ours - plain).abs().max() > 0.1
 
 
 def test_folder_bad_inputs_are_one_line(ldm, photos, tiny_model, tmp_path):

@@ -15,8 +15,11 @@ def guidance_on(cfg_scale: float, has_uncond: bool = True) -> bool:
     return has_uncond and cfg_scale > 1.0
 
 
-def guided(unet: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float) -> Model:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = uncond + cfg_scale * (cond - uncond).
+def guided(unet: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float,
+           rescale: float = 0.0) -> Model:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = uncond + cfg_scale * (cond - uncond),
+    then with `rescale` = phi > 0 (Lin et al. 2024, eq. 15-16): out <- phi * out * std(cond) / std(out) +
+    (1 - phi) * out, the std taken per image over channels and pixels (as diffusers' rescale_noise_cfg).
 
     `unet(x, t, context)` is the conditional network; given twice as many contexts as latents it
     evaluates each latent under both halves of `context` (models.unet.call_unet). Both branches go through one
@@ -29,6 +32,11 @@ def guided(unet: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out_uncond, out_cond = unet(x, t, context).chunk(2)
-        return out_uncond + cfg_scale * (out_cond - out_uncond)
+        out = out_uncond + cfg_scale * (out_cond - out_uncond)
+        if not rescale:
+            return out
+        dims = list(range(1, out.ndim))
+        rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))  # eq. 15
+        return rescale * rescaled + (1 - rescale) * out  # eq. 16
 
     return model

@@ -96,7 +96,7 @@ def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Setting
     if getattr(c.unet.config, "time_cond_proj_dim", None) is not None:
         raise LdmError("this U-Net takes a guidance-scale embedding (an LCM-distilled model, time_cond_proj_dim); "
                        "ldm does not feed one yet: use the base model with an LCM LoRA (--lora) and --sampler lcm")
-    model = guided(unet or plain_runner(c), cond, uncond, s.cfg)
+    model = guided(unet or plain_runner(c), cond, uncond, s.cfg, s.guidance_rescale)
 
     def callback(info):
         if on_step is not None:
