@@ -91,8 +91,8 @@ class Job:
         return cls(prompt=str(d["prompt"]), seed=int(d["seed"]), settings=settings, init_image=d.get("init_image"))
 
 
-OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "guidance_rescale": float, "eta": float, "width": int, "height": int,
-                  "negative": str, "strength": float, "num_images": int, "sampler": str, "schedule": str,
+OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "guidance_rescale": float, "eta": float, "width": int,
+                  "height": int, "negative": str, "strength": float, "num_images": int, "sampler": str, "schedule": str,
                   "prompt_syntax": str, "clip_skip": int,
                   "original_size": str, "crops_coords_top_left": str, "target_size": str}
 

@@ -47,8 +47,9 @@ def check_folders(cfg: TrainConfig) -> None:
               "--num-class-images N to have the model draw them")
 
 
-def _hash_order(e) -> str:
-    return hashlib.sha256(e.path.name.encode() + str(e.path).encode()).hexdigest()
+def _hash_order(e, root: str) -> str:
+    """By the path inside the data folder: the same split however the folder is named or reached."""
+    return hashlib.sha256(e.path.relative_to(root).as_posix().encode()).hexdigest()
 
 
 def split(cfg: TrainConfig, examples: list) -> tuple[list, list]:
@@ -60,7 +61,7 @@ def split(cfg: TrainConfig, examples: list) -> tuple[list, list]:
         return examples, []
     check(len(examples) >= 2, f"--validation-split: {cfg.data_dir} has one image; nothing would be left to train on")
     n = min(len(examples) - 1, max(1, round(cfg.validation_split * len(examples))))
-    held = {e.path for e in sorted(examples, key=_hash_order)[:n]}
+    held = {e.path for e in sorted(examples, key=lambda e: _hash_order(e, cfg.data_dir))[:n]}
     return [e for e in examples if e.path not in held], [e for e in examples if e.path in held]
 
 
