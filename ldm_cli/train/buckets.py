@@ -28,9 +28,6 @@ class BucketSpec:
     max_side: int
     step: int
 
-    def key(self) -> str:
-        return f"buckets={self.min_side}-{self.max_side}/{self.step}@{self.resolution}"
-
 
 def default_spec(resolution: int, min_side: int | None, max_side: int | None, step: int | None) -> BucketSpec:
     """kohya's defaults at 512 px (256, 1024, 64), scaled: half and twice the resolution, steps of 64 from

@@ -3,8 +3,8 @@
 With frozen encoders, each image's VAE posterior and each caption's text embedding never change, so
 they are computed once and kept on disk: <cache>/<settings key>/img/<image sha256>.safetensors (with
 buckets, <image sha256>-<W>x<H>.safetensors: keyed by the bucket too) and .../txt/<caption sha256>.safetensors.
-The settings key covers the encoders' weights, the resolution, the crop and the bucket settings, so a change
-in any of them starts a new folder instead of reusing stale entries.
+The settings key covers the encoders' weights, the resolution and the crop, so a change in any of them
+starts a new folder instead of reusing stale entries; a bucketed entry's name holds its bucket.
 Stored: the posterior's parameters (mean and log-variance), not a sample, so every step still draws
 a fresh latent from them exactly as the uncached path does: the two give the same losses.
 """
@@ -26,7 +26,7 @@ from ldm_cli.models.components import Components
 from ldm_cli.train.data import Example, load_pixels
 
 
-def cache_folder(cache_dir: str | None, resolution: int, c: Components, buckets: str = "") -> Path:
+def cache_folder(cache_dir: str | None, resolution: int, c: Components) -> Path:
     """The cache folder for these encoders and settings (the layout above)."""
     h = hashlib.blake2b(digest_size=12)
     for module in (m for m in (c.vae, c.text_encoder, c.text_encoder_2) if m is not None):
@@ -36,7 +36,7 @@ def cache_folder(cache_dir: str | None, resolution: int, c: Components, buckets:
     for tok in (t for t in (c.tokenizer, c.tokenizer_2) if t is not None):
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
         h.update(f"maxlen={tok.model_max_length}".encode())
-    h.update(f"res={resolution} crop=centre{' ' + buckets if buckets else ''}".encode())
+    h.update(f"res={resolution} crop=centre".encode())
     return (Path(cache_dir) if cache_dir else cache_root() / "latents") / h.hexdigest()
 
 

@@ -6,7 +6,6 @@ Order of work: `check_folders` before any model is loaded (bad data fails before
 """
 
 import hashlib
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from ldm_cli.io.images import IMAGE_SUFFIXES, image_size
 from ldm_cli.train import buckets, data
 from ldm_cli.train.config import TrainConfig
 
-log = logging.getLogger("ldm")
 CLASS_NAME = "class-{:05d}.png"  # generated class image i, seed i: a second run finds and keeps it
 
 
