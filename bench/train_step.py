@@ -106,7 +106,7 @@ def ldm_run(batch: int, compile_mode: str, steps: int, warmup: int, channels_las
 
     def step():
         with fast.compile_limits():
-            return train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, next(k), 0)
+            return train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, next(k))
 
     layout = "" if channels_last is None else f" channels_last={channels_last}"
     return timed_run(f"ldm compile={compile_mode}{layout}", batch, step, steps, warmup)
@@ -145,10 +145,10 @@ def losses_agree(batch: int, fast_mode: str, n: int = 20) -> dict:
         cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, mode, seed=7)
         t0 = time.perf_counter()
         with fast.compile_limits():
-            out[mode] = [train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, 0, 0)]
+            out[mode] = [train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, 0)]
             float(out[mode][0])  # waits for the step
             out[f"{mode}_first_s"] = round(time.perf_counter() - t0, 1)
-            out[mode] += [train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, k, 0)
+            out[mode] += [train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, k)
                           for k in range(1, n)]
         out[mode] = [float(x) for x in out[mode]]
         del model, opt
@@ -204,11 +204,11 @@ def peak_memory(batch: int, checkpointing: bool, lora: int) -> dict:
     cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, "none", lora=lora, checkpointing=checkpointing)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, 0, 0)
+    loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, 0)
     float(loss)
     t0 = time.perf_counter()
     for k in range(1, 6):
-        loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, k, 0)
+        loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, k)
     float(loss)
     dt = (time.perf_counter() - t0) / 5
     row = {"run": "peak memory", "batch": batch, "what": f"LoRA r{lora}" if lora else "full fine-tune",

@@ -128,7 +128,9 @@ def _arg(name, annotation, help, default=inspect.Parameter.empty):
 PROMPTS = _arg("prompt", Optional[list[str]], "Prompt(s); each is its own request.", None)
 FROM_PNG = inspect.Parameter("from_png", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
     Optional[Path], typer.Option(help="Redo the image this ldm PNG was made with.")])
-MAKE = [*_params(Request), *_params(LoadOptions), *_params(OutputOptions)]
+GPUS = inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
+    int, typer.Option(help="Processes (GPUs) to launch through accelerate.", min=1)])
+MAKE = [*_params(Request), *_params(LoadOptions), *_params(OutputOptions), GPUS]
 
 
 @command(PROMPTS, FROM_PNG, *_params(Settings, skip=("strength",)), *MAKE)
@@ -147,6 +149,7 @@ def img2img(image, prompt=None, **kw):
 
 
 def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
+    gpus = kw.pop("gpus")
     settings, request = _take(Settings, kw), _take(Request, kw)
     load, out = _take(LoadOptions, kw), _take(OutputOptions, kw)
     if from_png is not None:
@@ -156,7 +159,15 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
     else:
         jobs = _jobs(prompt, settings, request, init_images)
     load = _with_prompt_loras(jobs, load, from_png)
-    _run(jobs, load, out)
+    if gpus > 1:  # the jobs are valid: the same command again, a process per GPU
+        _relaunch(gpus, "no", load.device)
+    from ldm_cli.sample.spread import processes
+
+    procs = processes(load.device)
+    if procs is not None:  # each process on its own GPU
+        jobs = _shared_seed(jobs, request, procs)
+        load = replace(load, device=str(procs.device) if load.device != "cpu" else "cpu")
+    _run(jobs, load, out, procs)
 
 
 def _with_prompt_loras(jobs, load, from_png):
@@ -214,7 +225,17 @@ def _jobs(prompt, settings, request, init_images):
     return build_jobs(lines, settings, seed, request.num_images, init_images)
 
 
-def _run(jobs, load: LoadOptions, out: OutputOptions):
+def _shared_seed(jobs, request, procs):
+    """With several processes and no --seed, the first process's random seed for all of them."""
+    from ldm_cli.sample.spread import shared
+
+    if procs is None or request.seed is not None:
+        return jobs
+    offset = shared(jobs[0].seed, procs) - jobs[0].seed
+    return [replace(j, seed=j.seed + offset) for j in jobs]
+
+
+def _run(jobs, load: LoadOptions, out: OutputOptions, procs=None):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -223,7 +244,8 @@ def _run(jobs, load: LoadOptions, out: OutputOptions):
 
     runtime.configure_torch(load.accel)
     runtime.quiet_libraries()
-    err = Console(stderr=True, quiet=out.quiet)
+    first = procs is None or procs.is_main_process
+    err = Console(stderr=True, quiet=out.quiet or not first)  # one process speaks for all
     show_progress = not out.quiet and err.is_terminal  # bars in a log file are noise
     with err.status("loading model", spinner="dots") if show_progress else nullcontext():
         model = load_model(load)
@@ -245,15 +267,17 @@ def _run(jobs, load: LoadOptions, out: OutputOptions):
 
         done = []
 
-        def on_image(w):
+        def on_image(w, made, total):
             done.append(w)
-            progress.advance(images_task)
+            progress.update(images_task, completed=made, total=total)
 
         try:
-            written = generate(model, jobs, out, on_image=on_image, on_step=on_step)
+            written = generate(model, jobs, out, on_image=on_image, on_step=on_step, procs=procs)
         except KeyboardInterrupt:  # say what is on disk: every image written is whole
             last = f", the last {done[-1].path}" if done else ""
             raise LdmError(f"interrupted: {len(done)} of {len(jobs)} image(s) written{last}", 130) from None
+    if not first:
+        return
     if out.as_json:
         print(json.dumps([w.to_dict() for w in written], indent=2))
     elif not out.quiet:
@@ -284,8 +308,6 @@ def info(model=None, config=None, allow_unsafe_pickle=False, as_json=False):
     Console().print(table)
 
 
-GPUS = inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
-    int, typer.Option(help="Processes (GPUs) to launch through accelerate.")])
 RESUME = inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
     Optional[str], typer.Option(help="latest or a checkpoint folder.")])
 
@@ -310,16 +332,22 @@ def train(data_dir=None, config=None, resume=None, gpus=1, quiet=False, given=fr
         cfg = TrainConfig(**{**read_config(config), **over})
     validate_config(cfg)
     if gpus > 1:
-        import torch
-
-        from ldm_cli.train.launch import launch
-
-        found = torch.cuda.device_count()
-        if found < gpus:
-            raise LdmError(f"--gpus {gpus}: this machine has {found} CUDA GPU(s); use --gpus {max(found, 1)}"
-                           + (" (or none, to train on the CPU)" if not found else ""))
-        raise typer.Exit(launch(gpus, cfg.mixed_precision, _ARGV))
+        _relaunch(gpus, cfg.mixed_precision, cfg.device)
     _train(cfg, resume, quiet)
+
+
+def _relaunch(gpus: int, mixed_precision: str, device: str):
+    """This same command again under accelerate's launcher, a process per GPU (or, with --device cpu, N CPU
+    processes talking over gloo: how the tests run it)."""
+    import torch
+
+    from ldm_cli.train.launch import launch
+
+    found = torch.cuda.device_count()
+    if found < gpus and device != "cpu":
+        raise LdmError(f"--gpus {gpus}: this machine has {found} CUDA GPU(s); use --gpus {max(found, 1)}"
+                       + (" (or --device cpu for CPU processes)" if not found else ""))
+    raise typer.Exit(launch(gpus, mixed_precision, _ARGV))
 
 
 def _train(cfg, resume, quiet):
@@ -345,7 +373,8 @@ def _train(cfg, resume, quiet):
 
         result = run_training(cfg, resume=resume, on_log=report,
                               say=lambda text: None if quiet else err.print(text, highlight=False, soft_wrap=True))
-    print(result)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate's launcher, the first process answers
+        print(result)
 
 
 _ARGV: list[str] = []  # this process's arguments, for `train --gpus N` to hand on to accelerate's launcher

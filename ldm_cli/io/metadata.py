@@ -24,11 +24,33 @@ def png_info(job: Job, model: str, width: int, height: int, lora: str = "",
     info.add_itxt("parameters", text + (f", TI: {embeddings}" if embeddings else ""))
     from ldm_cli import __version__
 
-    info.add_itxt("ldm", json.dumps({"version": __version__, "model": model, **job.to_dict(),
-                                     **({"lora": lora} if lora else {}),
-                                     **({"lora_hashes": lora_hashes} if lora_hashes else {}),
-                                     **({"embeddings": embeddings} if embeddings else {})}))
+    info.add_itxt("ldm", json.dumps({"version": __version__, **made_with(job, model, lora, embeddings, lora_hashes)}))
     return info
+
+
+def made_with(job: Job, model: str, lora: str = "", embeddings: str = "", lora_hashes: str = "") -> dict:
+    """What the `ldm` chunk records of an image besides the version: all that decides its pixels."""
+    return {"model": model, **job.to_dict(), **({"lora": lora} if lora else {}),
+            **({"lora_hashes": lora_hashes} if lora_hashes else {}), **({"embeddings": embeddings} if embeddings else {})}
+
+
+def recorded_jobs(folder: Path) -> set[str]:
+    """made_with() of every ldm PNG in `folder` (as sorted JSON), the version left out: the jobs done there.
+    Only the text chunks are read; files that are not ldm PNGs (or are damaged) are passed over."""
+    done = set()
+    for path in sorted(folder.glob("*.png")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    text = getattr(im, "text", {}).get("ldm")
+            data = json.loads(text) if text and len(text) <= MAX_METADATA_BYTES else None
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if isinstance(data, dict):
+            data.pop("version", None)
+            done.add(json.dumps(data, sort_keys=True))
+    return done
 
 
 EMBEDDED = "embedded"  # the model name PNGs record for the embedded model: the same on every machine

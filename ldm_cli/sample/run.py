@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ldm_cli.errors import check
+from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.io import images, metadata
 from ldm_cli.io.files import ensure_dir
 from ldm_cli.jobs import Job
@@ -28,6 +28,8 @@ class OutputOptions:
     quiet: bool = option(False, "No progress output.", short="-q")
     # a typo like --width 8192 on a CPU starts a job of hours: asked for once, not started silently
     yes: bool = option(False, "Start jobs above 2048x2048 pixels on a CPU (they take hours).")
+    # a job is done when a PNG in --out records it (model, prompt, seed, settings): resumes a killed run
+    skip_existing: bool = option(False, "Make only the images --out does not hold yet.")
 
 
 @dataclass(frozen=True)
@@ -95,40 +97,63 @@ def recorded_name(model: str | None) -> str:
     return str(local.resolve()) if local.exists() else model
 
 
-def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, on_step=None) -> list[Written]:
-    """Make every job's image and write it; returns the Written records (the grid last, if asked)."""
+def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, on_step=None,
+             procs=None) -> list[Written]:
+    """Make every job's image (this process's share of them, with `procs`: see sample/spread.py) and write it;
+    returns the Written records (on the first process, everyone's, in the run's order; the grid last)."""
+    from ldm_cli.sample import spread
+
     check_ranges(out)
     c = model.components
     out_dir = ensure_dir(out.out)
-    clean_stale_temp_files(out_dir)
+    first = procs is None or procs.is_main_process
+    if first:
+        clean_stale_temp_files(out_dir)
     jobs = [pipeline.resolve_size(c, j) for j in jobs]  # reads image headers: bad images fail before any work
     check(not out.grid or len({(j.settings.width, j.settings.height) for j in jobs}) == 1,
           "--grid needs images of one size; drop --grid or give --width and --height")
     big = max(j.settings.width * j.settings.height for j in jobs)
     check(c.device.type != "cpu" or big <= CPU_PIXELS or out.yes, f"{big} pixels per image on the CPU: a job of "
           f"hours ({big // (512 * 512)}x a 512x512 image); pass --yes to start it, or use a GPU")
-    warn_about(c, jobs)
-    index = 0 if out.overwrite else images.next_index(out_dir)
-    written, pils = [], []
-    for job, image in pipeline.run_jobs(c, model.unet, jobs, out.batch_size, on_step):
-        pil = images.to_pil(image[None])[0]
-        info = metadata.png_info(job, c.name, *pil.size, lora=c.lora, embeddings=c.embeddings,
-                                 lora_hashes=c.lora_hashes)
-        source = f"{images.slug(Path(job.init_image).stem, 24)}-" if job.init_image else ""
-        path, index = images.write_image(pil, out_dir, f"{job.seed}-{source}{images.slug(job.prompt)}", info,
-                                         out.overwrite, index)
-        written.append(Written(path, job, *pil.size))
-        pils.append(pil)
-        if on_image is not None:
-            on_image(written[-1])
-    if out.grid and len(pils) > 1:
-        first = written[0]
-        path, _ = images.write_image(images.grid(pils), out_dir, f"grid-{images.slug(first.job.prompt)}",
-                                     metadata.png_info(first.job, c.name, first.width, first.height, c.lora, c.embeddings,
-                                                       c.lora_hashes),
-                                     out.overwrite, index)
-        written.append(Written(path, first.job, *images.grid_size(pils), grid=True))
+    if first:
+        warn_about(c, jobs)
+
+    def info(job, w, h):
+        return metadata.png_info(job, c.name, w, h, lora=c.lora, embeddings=c.embeddings, lora_hashes=c.lora_hashes)
+
+    made = lambda job: metadata.made_with(job, c.name, c.lora, c.embeddings, c.lora_hashes)  # noqa: E731
+    run = spread.plan(jobs, out_dir, out.batch_size, out.overwrite, out.skip_existing, made, procs)
+    if run.skipped and first:
+        log.info(f"{run.skipped} of {len(jobs)} image(s) already in {out_dir} (--skip-existing): not made again")
+    written = []
+    for batch in run.mine():
+        todo = [run.jobs[k] for k in batch]
+        for k, (job, image) in zip(batch, pipeline.run_jobs(c, model.unet, todo, len(todo), on_step)):
+            pil = images.to_pil(image[None])[0]
+            written.append(Written(write(pil, run.paths[k], info(job, *pil.size), out.overwrite, procs), job,
+                                   *pil.size))
+            if on_image is not None:
+                on_image(written[-1], run.done(len(written)), len(run.jobs))
+    written = sorted(spread.gather(written, procs), key=lambda w: int(w.path.name.split("-")[0]))
+    if out.grid and len(written) > 1 and first:
+        pils = [images.open_image(w.path) for w in written]
+        path, _ = images.write_image(images.grid(pils), out_dir, f"grid-{images.slug(written[0].job.prompt)}",
+                                     info(written[0].job, written[0].width, written[0].height), out.overwrite,
+                                     images.next_index(out_dir))
+        written.append(Written(path, written[0].job, *images.grid_size(pils), grid=True))
     return written
+
+
+def write(pil, path: Path, info, overwrite: bool, procs) -> Path:
+    """The image under the name the plan gave it. Alone, a name taken meanwhile (another program writing
+    there) moves it to the next free number; one of several processes must keep its name."""
+    if procs is None:
+        index, name = path.name.split("-", 1)
+        return images.write_image(pil, path.parent, name.removesuffix(".png"), info, overwrite, int(index))[0]
+    try:
+        return images.save_png(pil, path, info, overwrite)
+    except FileExistsError:
+        raise LdmError(f"{path}: already exists; is another program writing into {path.parent}?", RUNTIME) from None
 
 
 def warn_about(c: Components, jobs: list[Job]) -> None:

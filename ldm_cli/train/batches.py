@@ -20,7 +20,7 @@ from ldm_cli.train.buckets import epoch_plan
 from ldm_cli.train.cache import EncodedData
 from ldm_cli.train.config import TrainConfig
 from ldm_cli.train.data import centre_crop_of, load_pixels_and_crop, shuffle_tags
-from ldm_cli.train.loss import sample_posterior, to_device
+from ldm_cli.train.loss import Share, sample_posterior, to_device
 
 log = logging.getLogger("ldm")
 
@@ -87,6 +87,7 @@ class Batches:
                  world: int, rank: int):
         self.cfg, self.examples, self.encoders, self.cached = cfg, examples, encoders, cached
         self.world, self.rank = world, rank
+        self.share = Share(rank, world)  # noise for the global batch, this process's rows
         self.device = encoders.accelerator.device
         self.scaling_factor = encoders.c.vae.config.scaling_factor
         self.sdxl = encoders.c.family != "sd"
@@ -142,7 +143,7 @@ class Batches:
         captions = ["" if d else self.caption(e, index, i) for i, (e, d) in enumerate(zip(batch, drop))]
         mine = slice(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size)
         moments, context = self.encode(batch[mine], captions[mine], rng)
-        return sample_posterior(moments, gen) * self.scaling_factor, context
+        return sample_posterior(moments, gen, self.share) * self.scaling_factor, context
 
     def encode(self, batch: list, captions: list[str], rng: random.Random):
         """(posterior parameters on the device, text context) of these examples with these captions."""

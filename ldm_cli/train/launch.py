@@ -1,11 +1,18 @@
-"""`ldm train --gpus N`: re-run this command under accelerate's own launcher with N processes.
+"""`ldm train --gpus N` and `ldm sample --gpus N`: re-run this command under accelerate's own launcher with N
+processes.
 
 Nothing is launched by hand: `python -m accelerate.commands.launch --num_processes N -m ldm_cli ...`
-is exactly what a user would type, and accelerate sets up the process group (NCCL on GPUs).
+is exactly what a user would type, and accelerate sets up the process group (NCCL on GPUs, gloo for CPU
+processes). What the processes print passes through, each `ldm:` line once (every process finds the same bad
+input); the launcher's own report of a failed process (torchrun's log lines and traceback, after the process
+has said why in one line) is left out.
 """
 
+import re
 import subprocess
 import sys
+
+LAUNCHER_FAILED = re.compile(r"^[EWI]\d{4} .*torch/distributed/elastic")
 
 
 def without_option(argv: list[str], name: str) -> list[str]:
@@ -27,4 +34,12 @@ def launch(gpus: int, mixed_precision: str, argv: list[str]) -> int:
     if gpus > 1:
         cmd.append("--multi_gpu")
     cmd += ["-m", "ldm_cli", *without_option(argv, "--gpus")]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    said, failed = set(), False
+    for line in proc.stderr:
+        failed = failed or bool(LAUNCHER_FAILED.match(line))
+        if failed or (line.startswith("ldm: ") and line in said):
+            continue
+        said.add(line)
+        sys.stderr.write(line)
+    return proc.wait()

@@ -2,11 +2,12 @@
 space, conditioned on a frozen text encoder. `train()` reads top to bottom: setup, restore, loop, save.
 
 Determinism: optimizer step k's examples, caption dropout and noise come from generators seeded by
-(seed, k) (and the process rank), so a run resumed from the checkpoint of step k goes on exactly as
+(seed, k), so a run resumed from the checkpoint of step k goes on exactly as
 the unbroken run would have; no RNG state needs saving.
 Processes: `accelerate launch -m ldm_cli train ...` (or `ldm train --gpus N`) runs one copy per GPU;
-each step's global batch of batch_size x processes examples is split between them, and DDP averages
-the gradients. One process gives the same numbers as a run without accelerate's launcher.
+each step's global batch of batch_size x processes examples is split between them, its noise drawn for the
+whole global batch (loss.Share), and DDP averages the gradients: N processes of batch B train as one process
+of batch N x B (to float rounding). One process gives the same numbers as a run without accelerate's launcher.
 """
 
 import logging
@@ -47,7 +48,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     prepare_out_folder(cfg, resuming=resume_from is not None, clear=main)
-    c = load_components(cfg.model or default_model(), device=str(accelerator.device), dtype="fp32")
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # gloo processes say cpu:0
+    c = load_components(cfg.model or default_model(), device=device, dtype="fp32")
     if cfg.zero_terminal_snr:
         c = zero_terminal_snr(c, say)
     cfg = replace(cfg, model=cfg.model or default_model(),  # as saved in checkpoints: nothing left implicit
@@ -108,7 +110,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         for step in range(start, max_steps):
             with fast.compile_limits() if compiled != "none" else nullcontext():  # importing dynamo costs ~2 s
                 loss = train_step(cfg, model, unet, c.schedule, (batches, classes), optimizer, lr_sched, accelerator,
-                                  step, rank)
+                                  step)
             if step == start and main:
                 say(first_step_note(t_start, compiled, accelerator.device))
             if ema is not None:
@@ -253,7 +255,7 @@ def cached_encodings(cfg: TrainConfig, examples, skipped: list, c, encoders: Enc
     if not cfg.cache or cfg.random_crop or cfg.random_flip:
         return None, examples
     folder = cache.cache_folder(cfg.cache_dir, cfg.resolution, c)  # entries of a bucketed image name their bucket
-    with accelerator.main_process_first():  # the first process encodes, the others then find it all
+    with accelerator.local_main_process_first():  # one process a machine encodes, the others then find it all
         cached = cache.encode_dataset(examples, folder, cfg.resolution, encoders.pixels, encoders.captions,
                                       batch_size=max(cfg.batch_size, 8), pooled=c.family != "sd",
                                       # a new token's states, shuffled tags: the text changes each step
@@ -270,23 +272,24 @@ def cached_encodings(cfg: TrainConfig, examples, skipped: list, c, encoders: Enc
 
 
 def train_step(cfg: TrainConfig, model, unet, schedule, feeds: tuple, optimizer, lr_sched, accelerator,
-               step: int, rank: int) -> torch.Tensor:
+               step: int) -> torch.Tensor:
     """One optimizer step over cfg.gradient_accumulation micro-batches; returns the mean loss, on the device.
     `model` holds the trained parameters (the U-Net itself, or the text encoder of a new token); `feeds` is
     (the Batches of the data, those of DreamBooth's class images or None): with class images the loss is
     the data's plus --prior-loss-weight times theirs (Ruiz et al. 2023, eq. 2)."""
     batches, classes = feeds
-    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64)  # one stream for every process
     total = torch.zeros((), device=accelerator.device)
     for micro in range(cfg.gradient_accumulation):
         latents, context = batches.batch(step, micro, gen)
         last = micro == cfg.gradient_accumulation - 1
         with nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
             with accelerator.autocast():
-                loss = diffusion_loss(unet, schedule, latents, context, gen, cfg.noise_offset, cfg.min_snr_gamma)
+                loss = diffusion_loss(unet, schedule, latents, context, gen, cfg.noise_offset, cfg.min_snr_gamma,
+                                      share=batches.share)
                 if classes is not None:
                     prior = diffusion_loss(unet, schedule, *classes.batch(step, micro, gen), gen, cfg.noise_offset,
-                                           cfg.min_snr_gamma)
+                                           cfg.min_snr_gamma, share=batches.share)
                     loss = loss + cfg.prior_loss_weight * prior
             accelerator.backward(loss / cfg.gradient_accumulation)
         total += loss.detach() / cfg.gradient_accumulation

@@ -3,6 +3,8 @@
 Notation as diffusion/samplers.py: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4).
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -20,26 +22,42 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def sample_posterior(moments: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+@dataclass(frozen=True)
+class Share:
+    """This process's part of the step's global batch: random numbers are drawn for the whole global batch
+    (every process draws the same ones, from one generator) and each takes its own rows, so N processes of
+    batch B draw what one process of batch N x B draws."""
+    rank: int = 0
+    world: int = 1
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        n = len(t) // self.world
+        return t[self.rank * n:(self.rank + 1) * n]
+
+    def randn(self, shape, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+        return self.rows(torch.randn((shape[0] * self.world, *shape[1:]), generator=gen, dtype=dtype))
+
+
+def sample_posterior(moments: torch.Tensor, gen: torch.Generator, share: Share = Share()) -> torch.Tensor:
     """z ~ N(mean, exp(logvar)) from the VAE encoder's output [B, 2C, h, w], as diffusers'
     DiagonalGaussianDistribution.sample: z = mean + exp(logvar / 2) * eps, logvar clamped to [-30, 20],
     eps drawn on the CPU from `gen` (the same numbers on every device)."""
     mean, logvar = torch.chunk(moments, 2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
-    eps = to_device(torch.randn(mean.shape, generator=gen, dtype=mean.dtype), mean.device)
+    eps = to_device(share.randn(mean.shape, gen, dtype=mean.dtype), mean.device)
     return mean + std * eps
 
 
 def diffusion_loss(unet, schedule: Schedule, latents, context, gen: torch.Generator, noise_offset: float = 0.0,
-                   min_snr_gamma: float = 0.0, timesteps: torch.Tensor | None = None):
+                   min_snr_gamma: float = 0.0, timesteps: torch.Tensor | None = None, share: Share = Share()):
     """DDPM's simple loss (Ho et al. eq. 14) with the model's prediction type: || target - net(x_t, t) ||^2,
     at random timesteps (or the given CPU `timesteps`: the validation loss)."""
-    noise = to_device(torch.randn(latents.shape, generator=gen), latents.device).to(latents.dtype)
+    noise = to_device(share.randn(latents.shape, gen), latents.device).to(latents.dtype)
     if noise_offset:  # a per-channel constant shift lets the model learn to change overall brightness
-        noise = noise + noise_offset * to_device(torch.randn((*latents.shape[:2], 1, 1), generator=gen),
+        noise = noise + noise_offset * to_device(share.randn((*latents.shape[:2], 1, 1), gen),
                                                  noise.device).to(noise.dtype)
-    t_cpu = timesteps if timesteps is not None else torch.randint(0, schedule.num_train_timesteps, (len(latents),),
-                                                                  generator=gen)
+    t_cpu = timesteps if timesteps is not None else share.rows(
+        torch.randint(0, schedule.num_train_timesteps, (len(latents) * share.world,), generator=gen))
     alpha_bar = schedule.alpha_bar[t_cpu]  # indexed on the CPU: no device->host sync
     a = to_device(alpha_bar, latents.device).reshape(-1, 1, 1, 1)
     x_t = add_noise(latents, noise, a)

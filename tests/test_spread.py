@@ -1,0 +1,132 @@
+"""Several processes (accelerate's launcher, gloo on the CPU): `ldm sample --gpus N` makes the single process's
+files bitwise, a killed run resumes without duplicates, `ldm train --gpus 2` trains as one process of twice the
+batch and resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import LDM
+from PIL import Image
+from safetensors.torch import load_file
+
+PROMPTS = "a red cat\na blue dog | seed=7\na green tree | steps=3\na cat\nan apple | cfg=4\nrocket\nmoon\n"
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "seven.txt"
+    path.write_text(PROMPTS)
+    return path
+
+
+def pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def recorded(folder):
+    """(prompt, seed, steps) of every PNG's ldm metadata, with repeats."""
+    out = []
+    for p in sorted(folder.glob("*.png")):
+        d = json.loads(Image.open(p).text["ldm"])
+        out.append((d["prompt"], d["seed"], d["steps"]))
+    return sorted(out)
+
+
+def test_sample_on_two_and_three_processes_makes_the_single_process_files(ldm, tiny_model, prompt_file, tmp_path):
+    common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 2, "--device", "cpu", "--batch-size", 2)
+    one = ldm("sample", *common, "--seed", 1, "-o", tmp_path / "one", "-q")
+    three = ldm("sample", *common, "--seed", 1, "-o", tmp_path / "three", "--gpus", 3, "--json")
+    assert one.returncode == 0 and three.returncode == 0, (one.stderr, three.stderr)
+    assert len(pngs(tmp_path / "one")) == 7 and pngs(tmp_path / "three") == pngs(tmp_path / "one")
+    listed = json.loads(three.stdout)  # printed once, by the first process, in the run's order
+    assert [e["path"] for e in listed] == [str(tmp_path / "three" / n) for n in pngs(tmp_path / "one")]
+    # no --seed: one random seed for every process (a seed per prompt line, as one process gives)
+    two = ldm("sample", *common, "-o", tmp_path / "two", "--gpus", 2, "--json")
+    assert two.returncode == 0, two.stderr
+    seeds = [e["seed"] for e in json.loads(two.stdout)]
+    assert len(seeds) == 7 and seeds[1] == 7 and len(set(seeds[:1] + seeds[2:])) == 1
+    assert len(pngs(tmp_path / "two")) == 7
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all below it (torchrun starts its workers in sessions of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    family, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        family.append(p)
+        todo += parents.get(p, [])
+    for p in family:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_killed_sampling_on_two_processes_resumes_without_duplicates(ldm, tiny_model, prompt_file, tmp_path):
+    common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 40, "--device", "cpu", "--seed", 2)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([LDM, "sample", *map(str, common), "-o", str(out), "--gpus", "2", "-q"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.png"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    kill_tree(proc.pid)  # the launcher and both workers, mid-run
+    proc.wait()
+    before = len(list(out.glob("*.png")))
+    assert 2 <= before < 7, before
+    again = ldm("sample", *common, "-o", out, "--gpus", 2, "--skip-existing")
+    assert again.returncode == 0, again.stderr
+    assert f"{before} of 7 image(s) already in" in again.stderr
+    want = ldm("sample", *common, "-o", tmp_path / "one", "-q")
+    assert want.returncode == 0, want.stderr
+    assert recorded(out) == recorded(tmp_path / "one")  # every job once, no duplicate
+    pixels = {json.loads(Image.open(p).text["ldm"])["prompt"]: np.asarray(Image.open(p)) for p in out.glob("*.png")}
+    for p in (tmp_path / "one").glob("*.png"):
+        assert np.array_equal(pixels[json.loads(Image.open(p).text["ldm"])["prompt"]], np.asarray(Image.open(p)))
+    done = ldm("sample", *common, "-o", out, "--skip-existing", "-q")
+    assert done.returncode == 0 and len(list(out.glob("*.png"))) == 7  # nothing left to make
+
+
+def test_train_on_two_processes_equals_one_of_twice_the_batch_and_resumes(ldm, shapes, tiny_model, tmp_path):
+    common = ("--model", tiny_model, "--from-scratch", "--lr", 1e-3, "--device", "cpu", "-q", "--seed", 3,
+              "--cache-dir", tmp_path / "c", "--log-every", 1)
+    one = ldm("train", shapes, *common, "--batch-size", 4, "--max-steps", 4, "--out", tmp_path / "one")
+    two = ldm("train", shapes, *common, "--batch-size", 2, "--max-steps", 4, "--out", tmp_path / "two", "--gpus", 2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    assert two.stdout.strip() == str(tmp_path / "two" / "model")  # said once
+    losses = {r: [json.loads(x)["loss"] for x in (tmp_path / r / "log.jsonl").read_text().splitlines()]
+              for r in ("one", "two")}
+    assert np.allclose(losses["one"], losses["two"], rtol=1e-5, atol=0), losses
+    weights = {r: load_file(tmp_path / r / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+               for r in ("one", "two")}
+    worst = max(float((weights["one"][k] - weights["two"][k]).abs().max()) for k in weights["one"])
+    assert worst <= 1e-4, worst  # the same sums in another order (DDP's all-reduce): float rounding only
+    half = ldm("train", shapes, *common, "--batch-size", 2, "--max-steps", 2, "--out", tmp_path / "resumed",
+               "--gpus", 2)
+    assert half.returncode == 0, half.stderr
+    rest = ldm("train", shapes, *common, "--batch-size", 2, "--max-steps", 4, "--out", tmp_path / "resumed",
+               "--gpus", 2, "--resume", "latest")
+    assert rest.returncode == 0, rest.stderr
+    resumed = load_file(tmp_path / "resumed" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(np.array_equal(resumed[k].numpy(), weights["two"][k].numpy()) for k in resumed)
+
+
+def test_bad_input_under_the_launcher_is_one_line(ldm, tiny_model, tmp_path):
+    r = ldm("sample", "x", "--model", tiny_model, "--device", "cpu", "--gpus", 2, "--steps", 0, "-o", tmp_path)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == ["ldm: error: --steps must be >= 1, got 0"]
+    r = ldm("sample", "x", "--model", tiny_model, "--gpus", 2, "-o", tmp_path)
+    assert r.returncode == 2 and "--gpus 2: this machine has 0 CUDA GPU(s)" in r.stderr
