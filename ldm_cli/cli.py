@@ -168,6 +168,9 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
         jobs = _shared_seed(jobs, request, procs)
         load = replace(load, device=str(procs.device) if load.device != "cpu" else "cpu")
     _run(jobs, load, out, procs)
+    if procs is not None:  # a process group left to the interpreter's exit can abort it ("terminate called")
+        procs.wait_for_everyone()
+        procs.destroy_process_group()
 
 
 def _with_prompt_loras(jobs, load, from_png):
