@@ -130,7 +130,10 @@ FROM_PNG = inspect.Parameter("from_png", inspect.Parameter.KEYWORD_ONLY, default
     Optional[Path], typer.Option(help="Redo the image this ldm PNG was made with.")])
 GPUS = inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
     int, typer.Option(help="Processes (GPUs) to launch through accelerate.", min=1)])
-MAKE = [*_params(Request), *_params(LoadOptions), *_params(OutputOptions), GPUS]
+LAUNCH = inspect.Parameter("launch", inspect.Parameter.KEYWORD_ONLY, default="", annotation=Annotated[
+    str, typer.Option(help="With --gpus: more options for accelerate's launcher, e.g. '--num_machines 2 "
+                      "--machine_rank 0 --main_process_ip 10.0.0.1 --num_processes 16'.")])
+MAKE = [*_params(Request), *_params(LoadOptions), *_params(OutputOptions), GPUS, LAUNCH]
 
 
 @command(PROMPTS, FROM_PNG, *_params(Settings, skip=("strength",)), *MAKE)
@@ -149,7 +152,7 @@ def img2img(image, prompt=None, **kw):
 
 
 def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
-    gpus = kw.pop("gpus")
+    gpus, launch = kw.pop("gpus"), kw.pop("launch")
     settings, request = _take(Settings, kw), _take(Request, kw)
     load, out = _take(LoadOptions, kw), _take(OutputOptions, kw)
     if from_png is not None:
@@ -159,8 +162,8 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
     else:
         jobs = _jobs(prompt, settings, request, init_images)
     load = _with_prompt_loras(jobs, load, from_png)
-    if gpus > 1:  # the jobs are valid: the same command again, a process per GPU
-        _relaunch(gpus, "no", load.device)
+    if gpus > 1 or launch:  # the jobs are valid: the same command again, a process per GPU
+        _relaunch(gpus, "no", load.device, launch)
     from ldm_cli.sample.spread import processes
 
     procs = processes(load.device)
@@ -320,8 +323,8 @@ TRAIN_CONFIG = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, defau
 
 
 @command(_arg("data_dir", Optional[Path], "Folder of images with .txt captions or metadata.jsonl/.csv.", None),
-         *_params(TrainConfig), TRAIN_CONFIG, RESUME, GPUS, *_params(OutputOptions, only=("quiet",)))
-def train(data_dir=None, config=None, resume=None, gpus=1, quiet=False, given=frozenset(), **kw):
+         *_params(TrainConfig), TRAIN_CONFIG, RESUME, GPUS, LAUNCH, *_params(OutputOptions, only=("quiet",)))
+def train(data_dir=None, config=None, resume=None, gpus=1, launch="", quiet=False, given=frozenset(), **kw):
     """Fine-tune (full or LoRA) or train from scratch a U-Net on a folder of captioned images."""
     from ldm_cli.train.config import validate_config
 
@@ -334,23 +337,29 @@ def train(data_dir=None, config=None, resume=None, gpus=1, quiet=False, given=fr
             over["data_dir"] = str(data_dir)
         cfg = TrainConfig(**{**read_config(config), **over})
     validate_config(cfg)
-    if gpus > 1:
-        _relaunch(gpus, cfg.mixed_precision, cfg.device)
+    if gpus > 1 or launch:
+        _relaunch(gpus, cfg.mixed_precision, cfg.device, launch)
     _train(cfg, resume, quiet)
 
 
-def _relaunch(gpus: int, mixed_precision: str, device: str):
+def _relaunch(gpus: int, mixed_precision: str, device: str, extra: str = ""):
     """This same command again under accelerate's launcher, a process per GPU (or, with --device cpu, N CPU
     processes talking over gloo: how the tests run it)."""
+    import shlex
+
     import torch
 
     from ldm_cli.train.launch import launch
 
+    try:
+        shlex.split(extra)
+    except ValueError as e:
+        raise LdmError(f"--launch {extra!r}: {e}; quote it as one shell word") from None
     found = torch.cuda.device_count()
     if found < gpus and device != "cpu":
         raise LdmError(f"--gpus {gpus}: this machine has {found} CUDA GPU(s); use --gpus {max(found, 1)}"
                        + (" (or --device cpu for CPU processes)" if not found else ""))
-    raise typer.Exit(launch(gpus, mixed_precision, _ARGV))
+    raise typer.Exit(launch(gpus, mixed_precision, _ARGV, extra))
 
 
 def _train(cfg, resume, quiet):

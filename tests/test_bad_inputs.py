@@ -278,7 +278,8 @@ def cases(tmp, tiny_model, shapes):
         ("train --cache-dir is a file", (*tr, "--cache-dir", str(x / "blocker")), 2, "--cache-dir"),
         ("train absurd --unet-config", (*tr, "--from-scratch", "--unet-config", str(m / "huge-unet.json")), 2,
          "far beyond"),
-        ("train --gpus 2 without GPUs", (*tr, "--gpus", "2"), 2, "--gpus 2: this machine has 0 CUDA GPU"),
+        ("train --gpus 2 without GPUs", (*tr[:-3], "-q", "--gpus", "2"), 2,  # (with --device cpu: 2 CPU processes)
+         "--gpus 2: this machine has 0 CUDA GPU"),
         ("sample 8192x8192 on a CPU without --yes", (*s, "--width", "8192", "--height", "8192"), 2, "pass --yes"),
         ("train --validation-steps past the schedule", (*tr, "--validation-steps", "5000"), 2, "--validation-steps"),
         ("train --textual-inversion without --init-word", (*tr, "--textual-inversion", "zqx"), 2, "--init-word"),

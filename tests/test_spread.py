@@ -46,8 +46,9 @@ def test_sample_on_two_and_three_processes_makes_the_single_process_files(ldm, t
     assert len(pngs(tmp_path / "one")) == 7 and pngs(tmp_path / "three") == pngs(tmp_path / "one")
     listed = json.loads(three.stdout)  # printed once, by the first process, in the run's order
     assert [e["path"] for e in listed] == [str(tmp_path / "three" / n) for n in pngs(tmp_path / "one")]
-    # no --seed: one random seed for every process (a seed per prompt line, as one process gives)
-    two = ldm("sample", *common, "-o", tmp_path / "two", "--gpus", 2, "--json")
+    # no --seed: one random seed for every process (a seed per prompt line, as one process gives); the two
+    # processes asked for through --launch, the launcher's own options
+    two = ldm("sample", *common, "-o", tmp_path / "two", "--launch", "--num_processes 2 --multi_gpu", "--json")
     assert two.returncode == 0, two.stderr
     seeds = [e["seed"] for e in json.loads(two.stdout)]
     assert len(seeds) == 7 and seeds[1] == 7 and len(set(seeds[:1] + seeds[2:])) == 1
@@ -130,3 +131,5 @@ def test_bad_input_under_the_launcher_is_one_line(ldm, tiny_model, tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines() == ["ldm: error: --steps must be >= 1, got 0"]
     r = ldm("sample", "x", "--model", tiny_model, "--gpus", 2, "-o", tmp_path)
     assert r.returncode == 2 and "--gpus 2: this machine has 0 CUDA GPU(s)" in r.stderr
+    r = ldm("sample", "x", "--model", tiny_model, "--device", "cpu", "--launch", "--num_machines '2", "-o", tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--launch" in r.stderr and "No closing quotation" in r.stderr

@@ -28,12 +28,16 @@ def without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def launch(gpus: int, mixed_precision: str, argv: list[str]) -> int:
+def launch(gpus: int, mixed_precision: str, argv: list[str], extra: str = "") -> int:
+    """Run argv (less --gpus/--launch) under accelerate's launcher; `extra`: more launcher options (the last of
+    an option given twice wins, so `--launch '--num_machines 2 ...'` overrides the one-machine defaults)."""
+    import shlex
+
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--num_machines", "1",
            "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
     if gpus > 1:
         cmd.append("--multi_gpu")
-    cmd += ["-m", "ldm_cli", *without_option(argv, "--gpus")]
+    cmd += [*shlex.split(extra), "-m", "ldm_cli", *without_option(without_option(argv, "--gpus"), "--launch")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
     said, failed = set(), False
     for line in proc.stderr:
