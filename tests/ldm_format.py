@@ -5,6 +5,7 @@ numbered (layers_per_block + 1) per level; the VAE decoder's levels count upward
 the mapping by loading the file back through diffusers' from_single_file and comparing outputs.
 """
 
+import torch
 from safetensors.torch import save_file
 
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
@@ -24,6 +25,7 @@ def unet_key(k: str, layers: int, up_has_attn: list[bool]) -> str:
     p = k.split(".")
     n = layers + 1
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     head = ".".join(p[:-1])
     if head in fixed:
@@ -63,7 +65,7 @@ def vae_key(k: str, levels: int) -> str:
     return k.replace("conv_norm_out", "norm_out")
 
 
-def write_ldm_checkpoint(pipe, path) -> None:
+def _unet_and_vae(pipe) -> dict:
     unet, vae = pipe.unet, pipe.vae
     up_has_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
     sd = {}
@@ -74,6 +76,47 @@ def write_ldm_checkpoint(pipe, path) -> None:
         if ".mid.attn_1." in new and new.endswith(".weight") and v.ndim == 2:
             v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convs, diffusers uses linears
         sd["first_stage_model." + new] = v
-    for k, v in pipe.text_encoder.state_dict().items():  # transformers >= 5.6 drops the text_model prefix
-        sd["cond_stage_model.transformer.text_model." + k.removeprefix("text_model.")] = v
+    return sd
+
+
+def _clip(encoder, prefix: str) -> dict:
+    # transformers >= 5.6 drops the text_model prefix
+    return {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+
+
+def write_ldm_checkpoint(pipe, path) -> None:
+    sd = _unet_and_vae(pipe) | _clip(pipe.text_encoder, "cond_stage_model.transformer.")
+    save_file({k: t.contiguous() for k, t in sd.items()}, str(path))
+
+
+OPEN_CLIP = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+             ("self_attn.out_proj", "attn.out_proj")]
+
+
+def open_clip(encoder, prefix: str) -> dict:
+    """A CLIPTextModelWithProjection in OpenCLIP's layout (SGM's `conditioner.embedders.1.model.`): q, k, v
+    stacked into in_proj, the projection as a matrix x @ P (so P = W^T of the Linear)."""
+    sd = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out = {prefix + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": sd.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": sd.pop("final_layer_norm.bias"),
+           prefix + "text_projection": sd.pop("text_projection.weight").T}
+    sd.pop("embeddings.position_ids", None)
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")}
+    for i in sorted(layers):
+        a, b = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{b}attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{a}self_attn.{m}_proj.{kind}") for m in "qkv"])
+            for ours, theirs in OPEN_CLIP:
+                out[f"{b}{theirs}.{kind}"] = sd.pop(f"{a}{ours}.{kind}")
+    assert not sd, sorted(sd)  # every tensor placed
+    return out
+
+
+def write_sgm_checkpoint(pipe, path) -> None:
+    """An SDXL base pipeline as Stability's single file (generative-models layout): the U-Net and VAE as in
+    LDM, CLIP ViT-L under conditioner.embedders.0.transformer, OpenCLIP bigG under conditioner.embedders.1.model."""
+    sd = (_unet_and_vae(pipe) | _clip(pipe.text_encoder, "conditioner.embedders.0.transformer.")
+          | open_clip(pipe.text_encoder_2, "conditioner.embedders.1.model."))
     save_file({k: t.contiguous() for k, t in sd.items()}, str(path))

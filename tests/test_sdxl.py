@@ -247,3 +247,29 @@ def test_train_refuses_what_it_cannot_train(shapes, tiny_sdxl, tiny_sdxl_refiner
         train(TrainConfig(**base, model=str(tiny_sdxl), from_scratch=True, unet_config="tiny",
                           out_dir=str(tmp_path / "b")))
     assert not (tmp_path / "a" / "model").exists() and not (tmp_path / "b" / "model").exists()
+
+
+def test_sdxl_single_file_gives_the_folders_model_and_images(tmp_path, ldm):
+    """A single-file SDXL checkpoint in Stability's layout (written here from a folder: tests/ldm_format.py),
+    loaded with --config for the component configs: the family from its tensor names, every network's weights
+    equal to the folder's, and the same image. (The second encoder is wider than the first, as bigG is than
+    ViT-L: diffusers' single-file loader tells them apart by width.)"""
+    from ldm_format import write_sgm_checkpoint
+    from tiny import build_sdxl_pipeline
+
+    tiny_sdxl = tmp_path / "xl"
+    build_sdxl_pipeline(tokenizer_dir=tmp_path / "tok", hidden_2=48).save_pretrained(tiny_sdxl)
+    path = tmp_path / "xl.safetensors"
+    write_sgm_checkpoint(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), path)
+    one, folder = load_components(str(path), device="cpu", config=str(tiny_sdxl)), load_components(str(tiny_sdxl),
+                                                                                                   device="cpu")
+    assert one.family == folder.family == "sdxl"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(one, name).state_dict(), getattr(folder, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b if k in a) and not set(b) - set(a) - {
+            "text_model.embeddings.position_ids"}, name
+    s = Settings(steps=3, cfg=5.0, width=64, height=64)
+    ours = pipeline.txt2img(one, ["a red circle"], ["blurry"], [2], s)
+    assert torch.equal(ours, pipeline.txt2img(folder, ["a red circle"], ["blurry"], [2], s))
+    r = ldm("info", path, "--config", tiny_sdxl, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["family"] == "sdxl", r.stderr

@@ -81,7 +81,7 @@ def guided_inputs(unet, batch: int):
     return x, torch.tensor(10), context
 
 
-def build_sdxl_pipeline(refiner: bool = False, seed: int = 0, tokenizer_dir: Path | None = None):
+def build_sdxl_pipeline(refiner: bool = False, seed: int = 0, tokenizer_dir: Path | None = None, hidden_2: int = 32):
     """A diffusers StableDiffusionXL(Img2Img)Pipeline with tiny random weights: two text encoders (CLIP-L
     and a bigG-like one with a projection), addition_embed_type "text_time" (pooled embedding + six
     micro-conditioning numbers), 64x64 images. refiner: only the second encoder, aesthetic-score ids."""
@@ -103,7 +103,9 @@ def build_sdxl_pipeline(refiner: bool = False, seed: int = 0, tokenizer_dir: Pat
                    num_hidden_layers=3, vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="gelu",
                    projection_dim=32)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_kw))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_kw))
+    # hidden_2: the second encoder's width (bigG's 1280 beside ViT-L's 768 in the real model; diffusers' single-file
+    # loader tells the two apart by it)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_kw, "hidden_size": hidden_2}))
     # time ids: 6 numbers x addition_time_embed_dim 8, plus the pooled 32 (the refiner: 5 numbers)
     ids = 5 if refiner else 6
     unet = UNet2DConditionModel(
@@ -111,7 +113,7 @@ def build_sdxl_pipeline(refiner: bool = False, seed: int = 0, tokenizer_dir: Pat
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=ids * 8 + 32,
-        cross_attention_dim=32 if refiner else 64, norm_num_groups=8)
+        cross_attention_dim=hidden_2 if refiner else 32 + hidden_2, norm_num_groups=8)
     vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=64, force_upcast=True, scaling_factor=0.13025)
