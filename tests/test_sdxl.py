@@ -273,3 +273,53 @@ def test_sdxl_single_file_gives_the_folders_model_and_images(tmp_path, ldm):
     assert torch.equal(ours, pipeline.txt2img(folder, ["a red circle"], ["blurry"], [2], s))
     r = ldm("info", path, "--config", tiny_sdxl, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["family"] == "sdxl", r.stderr
+
+
+def test_kohya_sdxl_lora_equals_diffusers(tiny_sdxl, tmp_path):
+    """A kohya-format SDXL LoRA: sd-scripts names the U-Net's modules by the SGM layout
+    (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, written here from tests/ldm_format.py's
+    mapping), the encoders `lora_te1_` / `lora_te2_`, alpha != rank. --lora FILE:0.8 equals diffusers'
+    load_lora_weights + fuse_lora(0.8), its U-Net part equals the same LoRA in diffusers' format, and the
+    encoders' part changes the image."""
+    from ldm_format import unet_key
+    from safetensors.torch import load_file, save_file
+
+    from ldm_cli.models.lora import apply_lora
+
+    diffusers_file = write_lora(tiny_sdxl / "unet", tmp_path / "d", sdxl=True)
+    config = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
+    up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
+    alpha, unet_part = 2.0, {}
+    for key, value in load_file(diffusers_file).items():
+        module, kind = key.removeprefix("unet.").rsplit(".lora.", 1)
+        sgm = unet_key(module + ".weight", config["layers_per_block"], up_has_attn).removesuffix(".weight")
+        name = "lora_unet_" + sgm.replace(".", "_")
+        unet_part[f"{name}.lora_{kind}"] = value * (4 / alpha) if kind == "up.weight" else value
+        unet_part[f"{name}.alpha"] = torch.tensor(alpha)
+    g = torch.Generator().manual_seed(3)
+    encoders = {}
+    for prefix, width in (("lora_te1", 32), ("lora_te2", 32)):
+        for m in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            name = f"{prefix}_text_model_encoder_layers_0_self_attn_{m}"
+            encoders.update({f"{name}.lora_down.weight": torch.randn(4, width, generator=g),
+                             f"{name}.lora_up.weight": torch.randn(width, 4, generator=g) * 0.5,
+                             f"{name}.alpha": torch.tensor(4.0)})
+    save_file(unet_part, tmp_path / "k_unet.safetensors")
+    save_file(unet_part | encoders, tmp_path / "k_both.safetensors")
+    s = Settings(steps=4, cfg=5.0, width=64, height=64)
+
+    def ours(path):
+        c = load_components(str(tiny_sdxl), device="cpu", dtype="fp32")
+        apply_lora(c, str(path), 0.8)
+        return pipeline.txt2img(c, ["a cat"], ["blurry"], [2], s).permute(0, 2, 3, 1).numpy()
+
+    both, unet_only = ours(tmp_path / "k_both.safetensors"), ours(tmp_path / "k_unet.safetensors")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(str(tmp_path), weight_name="k_both.safetensors")
+    pipe.fuse_lora(lora_scale=0.8)
+    ref = pipe("a cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
+               output_type="np", generator=torch.Generator("cpu").manual_seed(2)).images
+    assert np.abs(both - ref).max() <= TOL
+    assert np.abs(unet_only - ours(diffusers_file)).max() <= TOL
+    assert np.abs(both - unet_only).max() > 100 * TOL
