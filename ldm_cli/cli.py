@@ -168,7 +168,9 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
 
     procs = processes(load.device)
     if procs is not None:  # each process on its own GPU
-        jobs = _shared_seed(jobs, request, procs)
+        from ldm_cli.sample.spread import shared_seed
+
+        jobs = shared_seed(jobs, request.seed is not None, procs)
         load = replace(load, device=str(procs.device) if load.device != "cpu" else "cpu")
     _run(jobs, load, out, procs)
     if procs is not None:  # a process group left to the interpreter's exit can abort it ("terminate called")
@@ -229,16 +231,6 @@ def _jobs(prompt, settings, request, init_images):
         raise LdmError("no prompt: give PROMPT arguments or --prompt-file FILE")
     seed = secrets.randbelow(2**32) if request.seed is None else request.seed
     return build_jobs(lines, settings, seed, request.num_images, init_images)
-
-
-def _shared_seed(jobs, request, procs):
-    """With several processes and no --seed, the first process's random seed for all of them."""
-    from ldm_cli.sample.spread import shared
-
-    if procs is None or request.seed is not None:
-        return jobs
-    offset = shared(jobs[0].seed, procs) - jobs[0].seed
-    return [replace(j, seed=j.seed + offset) for j in jobs]
 
 
 def _run(jobs, load: LoadOptions, out: OutputOptions, procs=None):
@@ -343,22 +335,10 @@ def train(data_dir=None, config=None, resume=None, gpus=1, launch="", quiet=Fals
 
 
 def _relaunch(gpus: int, mixed_precision: str, device: str, extra: str = ""):
-    """This same command again under accelerate's launcher, a process per GPU (or, with --device cpu, N CPU
-    processes talking over gloo: how the tests run it)."""
-    import shlex
+    """This same command again under accelerate's launcher (train/launch.py)."""
+    from ldm_cli.train.launch import check_launch, launch
 
-    import torch
-
-    from ldm_cli.train.launch import launch
-
-    try:
-        shlex.split(extra)
-    except ValueError as e:
-        raise LdmError(f"--launch {extra!r}: {e}; quote it as one shell word") from None
-    found = torch.cuda.device_count()
-    if found < gpus and device != "cpu":
-        raise LdmError(f"--gpus {gpus}: this machine has {found} CUDA GPU(s); use --gpus {max(found, 1)}"
-                       + (" (or --device cpu for CPU processes)" if not found else ""))
+    check_launch(gpus, device, extra)
     raise typer.Exit(launch(gpus, mixed_precision, _ARGV, extra))
 
 

@@ -38,6 +38,16 @@ def shared(value, procs):
     return broadcast_object_list([value], from_process=0)[0]
 
 
+def shared_seed(jobs: list, seed_given: bool, procs) -> list:
+    """With several processes and no --seed, the first process's random seed for all of them."""
+    if procs is None or seed_given:
+        return jobs
+    from dataclasses import replace
+
+    offset = shared(jobs[0].seed, procs) - jobs[0].seed
+    return [replace(j, seed=j.seed + offset) for j in jobs]
+
+
 def file_name(job, index: int) -> str:
     source = f"{images.slug(Path(job.init_image).stem, 24)}-" if job.init_image else ""
     return f"{index:05d}-{job.seed}-{source}{images.slug(job.prompt)}.png"

@@ -28,6 +28,25 @@ def without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def check_launch(gpus: int, device: str, extra: str) -> None:
+    """Before launching: enough GPUs (or CPU processes: --device cpu, gloo, how the tests run it), and
+    launcher options that split as a shell would split them."""
+    import shlex
+
+    import torch
+
+    from ldm_cli.errors import LdmError
+
+    try:
+        shlex.split(extra)
+    except ValueError as e:
+        raise LdmError(f"--launch {extra!r}: {e}; quote it as one shell word") from None
+    found = torch.cuda.device_count()
+    if found < gpus and device != "cpu":
+        raise LdmError(f"--gpus {gpus}: this machine has {found} CUDA GPU(s); use --gpus {max(found, 1)}"
+                       + (" (or --device cpu for CPU processes)" if not found else ""))
+
+
 def launch(gpus: int, mixed_precision: str, argv: list[str], extra: str = "") -> int:
     """Run argv (less --gpus/--launch) under accelerate's launcher; `extra`: more launcher options (the last of
     an option given twice wins, so `--launch '--num_machines 2 ...'` overrides the one-machine defaults)."""

@@ -52,16 +52,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     c = load_components(cfg.model or default_model(), device=device, dtype="fp32")
     if cfg.zero_terminal_snr:
         c = zero_terminal_snr(c, say)
-    cfg = replace(cfg, model=cfg.model or default_model(),  # as saved in checkpoints: nothing left implicit
-                  resolution=cfg.resolution or c.unet.config.sample_size * c.vae_scale,
-                  lr=cfg.lr or (5e-3 if cfg.textual_inversion else 1e-4))
-    validate_for_model(cfg, c.schedule.num_train_timesteps)
-    check(c.family != "sdxl-refiner", f"{cfg.model}: an SDXL refiner; ldm trains SD 1.x/2.x and SDXL base models")
-    check(c.family == "sd" or not cfg.from_scratch, "--from-scratch builds an SD-1.x-shaped U-Net; with an SDXL "
-          "model, fine-tune it (drop --from-scratch) or train a LoRA")
-    if not c.unet.config.sample_size * c.vae_scale // 2 <= cfg.resolution <= 2 * c.unet.config.sample_size * c.vae_scale:
-        log.warning(f"warning: --resolution {cfg.resolution} is far from this model's native "
-                    f"{c.unet.config.sample_size * c.vae_scale}; expect slow steps and poor images")
+    cfg = resolved_for(cfg, c)
     with accelerator.main_process_first():  # class images are drawn once, by the first process
         sets = folders.arrange(cfg, c, examples, skipped, say if main else lambda _: None)
     max_steps = steps_for(cfg, len(sets.train), world)
@@ -97,11 +88,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if start >= max_steps:  # a finished run: nothing to train, nothing rewritten
         return finished(resume_from, start, cfg, say)
 
-    batches = Batches(cfg, examples, encoders, cached, world, rank)
-    classes = Batches(cfg, [e for e in sets.classes if e.path in readable], encoders, cached, world, rank) \
-        if sets.classes else None
-    held_out = [e for e in sets.held_out if e.path in readable]
-    validation = ValidationLoss(cfg, held_out, encoders, cached) if held_out else None
+    batches, classes, validation = feeds(cfg, sets, readable, encoders, cached, world, rank)
 
     save = saver(accelerator, optimizer, lr_sched, named, ema, cfg, dict(accelerator.unwrap_model(unet).config))
     losses = LossLog(out / "log.jsonl", main, max_steps, on_log)
@@ -143,6 +130,32 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         (out / "skipped.txt").write_text("\n".join(skipped + batches.skipped) + "\n")
     with checkpoints.uninterrupted():
         return write_models(trained_components(accelerator, c, unet, cfg), params, ema, cfg, out)
+
+
+def resolved_for(cfg: TrainConfig, c) -> TrainConfig:
+    """The config with what the model decides filled in (as saved in checkpoints: nothing left implicit),
+    checked against the model."""
+    native = c.unet.config.sample_size * c.vae_scale
+    cfg = replace(cfg, model=cfg.model or default_model(), resolution=cfg.resolution or native,
+                  lr=cfg.lr or (5e-3 if cfg.textual_inversion else 1e-4))
+    validate_for_model(cfg, c.schedule.num_train_timesteps)
+    check(c.family != "sdxl-refiner", f"{cfg.model}: an SDXL refiner; ldm trains SD 1.x/2.x and SDXL base models")
+    check(c.family == "sd" or not cfg.from_scratch, "--from-scratch builds an SD-1.x-shaped U-Net; with an SDXL "
+          "model, fine-tune it (drop --from-scratch) or train a LoRA")
+    if not native // 2 <= cfg.resolution <= 2 * native:
+        log.warning(f"warning: --resolution {cfg.resolution} is far from this model's native {native}; expect slow "
+                    "steps and poor images")
+    return cfg
+
+
+def feeds(cfg: TrainConfig, sets, readable: set, encoders: Encoders, cached, world: int, rank: int):
+    """(the data's Batches, the class images' Batches or None, the ValidationLoss or None), over the readable
+    examples of each set."""
+    batches = Batches(cfg, [e for e in sets.train if e.path in readable], encoders, cached, world, rank)
+    classes = [e for e in sets.classes if e.path in readable]
+    held_out = [e for e in sets.held_out if e.path in readable]
+    return (batches, Batches(cfg, classes, encoders, cached, world, rank) if classes else None,
+            ValidationLoss(cfg, held_out, encoders, cached) if held_out else None)
 
 
 def validate(accelerator, c, unet, cfg: TrainConfig, ema, params, validation, losses: LossLog, step: int, say):
