@@ -323,3 +323,47 @@ def test_kohya_sdxl_lora_equals_diffusers(tiny_sdxl, tmp_path):
     assert np.abs(both - ref).max() <= TOL
     assert np.abs(unet_only - ours(diffusers_file)).max() <= TOL
     assert np.abs(both - unet_only).max() > 100 * TOL
+
+
+def test_sdxl_textual_inversion_trains_both_encoders_and_loads_in_diffusers(shapes, tiny_sdxl, tmp_path):
+    """--textual-inversion on SDXL: the token in both encoders, each with vectors of its own width that move
+    from the init word's; written as {clip_l, clip_g}; `--embedding` of it gives the image diffusers gives after
+    its two load_textual_inversion calls; a stopped run resumes bitwise."""
+    from safetensors.torch import load_file
+
+    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.sample.run import load
+    from ldm_cli.train.config import TrainConfig
+    from ldm_cli.train.loop import train
+
+    data = tmp_path / "stars"
+    data.mkdir()
+    for p in sorted(shapes.rglob("*.png"))[:4]:  # no captions: the instance prompt, by default the token
+        (data / p.name).write_bytes(p.read_bytes())
+    base = dict(data_dir=str(data), model=str(tiny_sdxl), textual_inversion="sks", init_word="circle",
+                batch_size=2, lr=5e-2, seed=1, device="cpu", cache_dir=str(tmp_path / "c"))
+    out = train(TrainConfig(**base, out_dir=str(tmp_path / "ti"), max_steps=6))
+    pair = load_file(out / "sks.safetensors")
+    c = load_components(str(tiny_sdxl), device="cpu")
+    starts = [enc.get_input_embeddings().weight[tok("circle", add_special_tokens=False).input_ids[0]]
+              for tok, enc in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2))]
+    assert sorted(pair) == ["clip_g", "clip_l"]
+    assert pair["clip_l"].shape == (1, c.text_encoder.config.hidden_size)
+    assert pair["clip_g"].shape == (1, c.text_encoder_2.config.hidden_size)
+    assert all((pair[k][0] - s).abs().max() > 1e-3 for k, s in zip(("clip_l", "clip_g"), starts))  # both trained
+    s = Settings(steps=4, cfg=5.0, width=64, height=64, prompt_syntax="plain")
+    emb = load(LoadOptions(model=str(tiny_sdxl), device="cpu", dtype="fp32", accel="none",
+                           embedding=(str(out / "sks.safetensors"),))).components
+    ours = pipeline.txt2img(emb, ["a sks"], [""], [2], s).permute(0, 2, 3, 1).numpy()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_textual_inversion(pair["clip_g"], token="sks", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(pair["clip_l"], token="sks", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    ref = pipe("a sks", num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(2)).images
+    assert np.abs(ours - ref).max() <= TOL
+    train(TrainConfig(**base, out_dir=str(tmp_path / "half"), max_steps=3))
+    resumed = train(TrainConfig(**base, out_dir=str(tmp_path / "half"), max_steps=6), resume="latest")
+    again = load_file(resumed / "sks.safetensors")
+    assert all(torch.equal(again[k], pair[k]) for k in pair)

@@ -64,19 +64,27 @@ class Encoders:
                 return hidden.float(), pooled.float()
             return encode_text(c, captions).float()
 
-    def trained_captions(self, captions: list[str]) -> torch.Tensor:
-        """Token states [B, 77, D] through the text encoder whose new token trains (with gradients),
-        tokenized as encode_text's plain syntax does."""
+    def trained_captions(self, captions: list[str]):
+        """Through the text encoder(s) whose new token trains (with gradients), tokenized as encode_text's plain
+        syntax does: token states [B, 77, D]; SDXL (token states of both, pooled embedding)."""
         from ldm_cli.models.embeddings import expand
         from ldm_cli.text.encode import states
 
-        c = self.c
-        ids = c.tokenizer([expand(p, c.tokenizer) for p in captions], padding="max_length", truncation=True,
-                          max_length=c.tokenizer.model_max_length, return_tensors="pt").input_ids
+        c, device = self.c, self.accelerator.device
+
+        def ids(tokenizer):
+            return tokenizer([expand(p, tokenizer) for p in captions], padding="max_length", truncation=True,
+                             max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+
+        rows = range(len(captions)) if c.batch_invariant else [slice(None)]  # one caption at a time on CPU
         with self.accelerator.autocast():
-            if c.batch_invariant:  # one caption at a time on CPU, as encode_text
-                return torch.cat([states(self.trained_text, row[None].to(self.accelerator.device)) for row in ids]).float()
-            return states(self.trained_text, ids.to(self.accelerator.device)).float()
+            if c.family == "sd":
+                first = ids(c.tokenizer)
+                return torch.cat([states(self.trained_text, first[r].reshape(-1, first.shape[1])) for r in rows]).float()
+            first, second = ids(c.tokenizer), ids(c.tokenizer_2)
+            parts = [self.trained_text(first[r].reshape(-1, first.shape[1]), second[r].reshape(-1, second.shape[1]))
+                     for r in rows]
+            return torch.cat([h for h, _ in parts]).float(), torch.cat([p for _, p in parts]).float()
 
 
 class Batches:
@@ -155,9 +163,12 @@ class Batches:
             loaded = [self._pixels(e, rng) for e in batch]
             moments = self.encoders.pixels(torch.stack([p for p, _ in loaded]))
             crops = [crop for _, crop in loaded]
-        if self.encoders.trained_text is not None:
-            return moments, self.encoders.trained_captions(captions)
-        if self.cached is not None and self.cached.context:  # no texts cached with --shuffle-tags
+        if self.encoders.trained_text is not None:  # a new token's vectors train: encoded with gradients
+            encoded = self.encoders.trained_captions(captions)
+            if not self.sdxl:
+                return moments, encoded
+            texts = list(zip(*encoded))
+        elif self.cached is not None and self.cached.context:  # no texts cached with --shuffle-tags
             texts = [self.cached.context[cap] for cap in captions]
         else:
             encoded = self.encoders.captions(captions)

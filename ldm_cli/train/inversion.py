@@ -8,7 +8,9 @@ Initial vectors: the init text's token embeddings, cycled over the N vectors (as
 
 The result is written as `{TOKEN: [N, D]}` in TOKEN.safetensors, which diffusers'
 `load_textual_inversion` (a one-key file names its token) and A1111 (a one-tensor file named by the
-file) both read, as does `ldm sample --embedding`.
+file) both read, as does `ldm sample --embedding`. SDXL: the token goes into both encoders, each with its
+own vectors, written as `{clip_l, clip_g}` (the SDXL embedding format A1111 and ldm read; diffusers loads
+it with two load_textual_inversion calls).
 """
 
 from pathlib import Path
@@ -43,13 +45,17 @@ def token_names(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
 
 
-def add_token(c, token: str, init_word: str, vectors: int) -> nn.Parameter:
-    """Add `token` (N = `vectors` tokens) to c's tokenizer and text encoder, in place; returns the
-    trainable [N, D] vectors, initialised from `init_word`'s embeddings."""
-    check(c.family == "sd", "--textual-inversion: SDXL (two text encoders) is not supported yet; train a LoRA")
-    tokenizer, encoder = c.tokenizer, c.text_encoder
-    check(token and not any(ch in token for ch in ' ,:/\\<>"|?*()[]'), f"--textual-inversion {token!r}: a token is "
-          "one word of letters, digits, '-' or '_' (it names the file too), e.g. 'sks-dog'")
+def add_token(c, token: str, init_word: str, vectors: int) -> list[nn.Parameter]:
+    """Add `token` (N = `vectors` tokens) to each of c's tokenizer/text encoder pairs (SDXL: both), in place;
+    returns the trainable [N, D] vectors of each, initialised from `init_word`'s embeddings there."""
+    check(c.family != "sdxl-refiner", "--textual-inversion: an SDXL refiner has no CLIP-L encoder; train on the base")
+    check(token and not any(ch in token for ch in ' ,:/\\<>"|?*()[]'), f"--textual-inversion {token!r}: a token "
+          "is one word of letters, digits, '-' or '_' (it names the file too), e.g. 'sks-dog'")
+    pairs = [(c.tokenizer, c.text_encoder)] + ([(c.tokenizer_2, c.text_encoder_2)] if c.family == "sdxl" else [])
+    return [_add_to(tokenizer, encoder, token, init_word, vectors) for tokenizer, encoder in pairs]
+
+
+def _add_to(tokenizer, encoder, token: str, init_word: str, vectors: int) -> nn.Parameter:
     vocab = tokenizer.get_vocab()
     names = token_names(token, vectors)
     taken = [n for n in names if n in vocab or f"{n}</w>" in vocab]
@@ -70,12 +76,29 @@ def add_token(c, token: str, init_word: str, vectors: int) -> nn.Parameter:
     return table.vectors
 
 
+class PairEncoder(nn.Module):
+    """SDXL's two text encoders as one module (what trains, and what DDP wraps): token ids of each ->
+    (penultimate states of both, concatenated [B, 77, D1 + D2], the second's pooled projection [B, P]), as
+    models/codecs.encode_text_sdxl computes them for plain text."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, ids_1: torch.Tensor, ids_2: torch.Tensor):
+        one = self.first(ids_1, output_hidden_states=True)
+        two = self.second(ids_2, output_hidden_states=True)
+        return torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1), two[0]
+
+
 def tokens_in(caption: str, token: str) -> bool:
     return token in caption.replace(",", " ").split()
 
 
-def save_embedding(vectors: torch.Tensor, token: str, path: Path) -> None:
-    """{token: [N, D]} as safetensors, fp32 (what diffusers, A1111 and `--embedding` read)."""
+def save_embedding(vectors: list[torch.Tensor], token: str, path: Path) -> None:
+    """{token: [N, D]} (SD), or SDXL's {clip_l: [N, 768], clip_g: [N, 1280]}, as safetensors, fp32: what
+    diffusers, A1111 and `--embedding` read."""
     from safetensors.torch import save_file
 
-    save_file({token: vectors.detach().float().cpu().contiguous()}, str(path))
+    names = [token] if len(vectors) == 1 else ["clip_l", "clip_g"]
+    save_file({n: v.detach().float().cpu().contiguous() for n, v in zip(names, vectors)}, str(path))

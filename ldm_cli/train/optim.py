@@ -62,13 +62,14 @@ def trainable(c: Components, cfg: TrainConfig):
     if not cfg.textual_inversion:
         unet, named = trainable_unet(c, cfg, cfg.seed)
         return unet, unet, named
-    from ldm_cli.train.inversion import add_token
+    from ldm_cli.train.inversion import PairEncoder, add_token
 
     vectors = add_token(c, cfg.textual_inversion, cfg.init_word, cfg.vectors)
     c.unet.requires_grad_(False)
     if cfg.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
-    return c.text_encoder, c.unet, {"vectors": vectors}
+    encoder = c.text_encoder if len(vectors) == 1 else PairEncoder(c.text_encoder, c.text_encoder_2)
+    return encoder, c.unet, dict(zip(("vectors", "vectors_2"), vectors))
 
 
 def build_optimizer(cfg: TrainConfig, params: list):

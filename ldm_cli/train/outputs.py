@@ -78,7 +78,7 @@ def write_model(c: Components, params, cfg: TrainConfig, out: Path, name: str) -
             if cfg.textual_inversion:
                 from ldm_cli.train.inversion import save_embedding
 
-                save_embedding(params[0], cfg.textual_inversion, tmp / f"{cfg.textual_inversion}.safetensors")
+                save_embedding(params, cfg.textual_inversion, tmp / f"{cfg.textual_inversion}.safetensors")
             elif cfg.lora_rank:
                 from ldm_cli.models.lora import save_lora
 
