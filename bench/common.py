@@ -138,5 +138,35 @@ def save_sd15_random(folder: Path) -> Path:
     return folder
 
 
+def save_sdxl_random(folder: Path) -> Path:
+    """An SDXL-base-shaped random model (fp16: U-Net 2.57B parameters, CLIP ViT-L and a bigG-shaped second
+    encoder, the SDXL VAE) saved as a diffusers folder (about 7 GB), for timing the CLI itself. Built on the
+    GPU when there is one (random init of 3.5B parameters on a CPU takes minutes)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from sdxl_speed import SCHED as SDXL_SCHED
+    from sdxl_speed import sdxl_shaped
+    from tiny import write_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    unet, vae = sdxl_shaped(dev, torch.float16)
+    tok = write_tokenizer(folder.parent / (folder.name + "-tok"))
+    kw = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+              vocab_size=49408, max_position_embeddings=77)
+    with torch.device(dev):
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, hidden_act="quick_gelu", **kw))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                            num_hidden_layers=32, num_attention_heads=20,
+                                                            hidden_act="gelu", projection_dim=1280, **kw))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text.half(), text_encoder_2=text_2.half(), tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHED))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 if __name__ == "__main__":
     print(__doc__)

@@ -7,6 +7,7 @@ first process of all is timed apart (it writes Python's bytecode cache and warms
 
     python bench/first_image.py                         # --accel auto vs none, 5 rounds
     python bench/first_image.py --modes auto,compile --rounds 3
+    python bench/first_image.py --family sdxl --rounds 2     # SDXL-shaped (7 GB fp16), 1024 px
 """
 
 import argparse
@@ -23,8 +24,10 @@ def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modes", default="auto,none", help="--accel modes to alternate")
     ap.add_argument("--rounds", type=int, default=5, help="processes per mode")
-    ap.add_argument("--model", type=Path, default=Path(tempfile.gettempdir()) / "ldm-bench-sd15",
-                    help="where the SD-1.5-shaped random model is saved (made if missing)")
+    ap.add_argument("--family", default="sd15", choices=("sd15", "sdxl"),
+                    help="SD-1.5-shaped (512 px) or SDXL-shaped (1024 px) random weights")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="where the random model is saved (made if missing; default: a folder in the temp dir)")
     from common import add_out_option
 
     add_out_option(ap)
@@ -41,13 +44,15 @@ def one(model: Path, mode: str, out: Path) -> float:
 
 def main():
     args = parse()
-    from common import Report, out_folder, save_sd15_random
+    from common import Report, out_folder, save_sd15_random, save_sdxl_random
 
     report = Report(out_folder(args.out), "first_image")
-    save_sd15_random(args.model)
+    args.model = args.model or Path(tempfile.gettempdir()) / f"ldm-bench-{args.family}"
+    (save_sdxl_random if args.family == "sdxl" else save_sd15_random)(args.model)
     modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        report.emit(dict(accel=modes[0], round="first process", wall_s=round(one(args.model, modes[0], Path(tmp)), 2)))
+        first = one(args.model, modes[0], Path(tmp))
+        report.emit(dict(family=args.family, accel=modes[0], round="first process", wall_s=round(first, 2)))
         for i in range(args.rounds):
             for mode in modes:
                 report.emit(dict(accel=mode, round=i + 1, wall_s=round(one(args.model, mode, Path(tmp)), 2)))

@@ -6,9 +6,12 @@ without the latent cache, and prints one JSON line per run and a table:
 
     python bench/train_speed.py --runs nocache:1,cache:1          # one GPU
     python bench/train_speed.py --runs cache:1,cache:2            # scaling, on a 2-GPU machine
+    python bench/train_speed.py --family sdxl --runs cache:1 --batch-size 4 --images 64   # SDXL at 1024px
 
 images/s is measured between logged steps (after warm-up), so start-up and cache building are apart;
-MFU = images/s x 3 x 0.80 TFLOP (SD-1.5 U-Net forward at 64x64 latents, training = 3x forward) / peak.
+MFU = images/s x 3 x forward TFLOP / peak: SD-1.5's U-Net forward at 64x64 latents ~0.80 TFLOP; SDXL's
+at 128x128 latents 6.76 TFLOP (counted by torch.utils.flop_counter.FlopCounterMode on the SDXL-shaped
+U-Net of sdxl_speed.py, attention included); training = 3x forward.
 """
 
 import argparse
@@ -23,7 +26,9 @@ from pathlib import Path
 from common import PEAK_TFLOPS
 from PIL import Image, ImageDraw
 
-TRAIN_TFLOP_PER_IMAGE = 3 * 0.80
+TRAIN_TFLOP_PER_IMAGE = {"sd15": 3 * 0.80, "sdxl": 3 * 6.76}
+RESOLUTION = {"sd15": 512, "sdxl": 1024}
+LOG_EVERY = 5
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["circle", "square", "triangle"]
 
@@ -47,25 +52,32 @@ def make_data(root: Path, n: int, size: int) -> None:
 
 
 def run(ldm: list[str], data: Path, model: Path, out: Path, cache: bool, gpus: int, args) -> dict:
-    cmd = [*ldm, "train", str(data), "--model", str(model), "--out", str(out), "--resolution", "512",
+    cmd = [*ldm, "train", str(data), "--model", str(model), "--out", str(out), "--resolution", str(RESOLUTION[args.family]),
            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--mixed-precision", "bf16",
-           "--log-every", "5", "--lr", "1e-5", "--gpus", str(gpus), "--cache-dir", str(args.cache_dir)]
+           "--log-every", str(LOG_EVERY), "--lr", "1e-5", "--gpus", str(gpus), "--cache-dir", str(args.cache_dir)]
     if not cache:
         cmd.append("--no-cache")
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     (args.results / f"train_speed-{out.name}.log").write_text(p.stdout + p.stderr)
-    if p.returncode != 0:
-        return {"run": out.name, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    a, b = next(r for r in log if r["step"] == args.warmup), log[-1]
+    error = (p.stderr.strip().splitlines() or ["?"])[-1] if p.returncode != 0 else None
+    log_file = out / "log.jsonl"
+    log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    # elapsed_s is taken when the losses are read back (every LOG_EVERY steps): time from a flush to a flush
+    flushes = [r for r in log if r["step"] % LOG_EVERY == 0 or r is log[-1]]
+    start = next((r for r in flushes if r["step"] >= args.warmup), None)
+    if start is None or start is flushes[-1]:
+        return {"run": out.name, "error": error or "too few logged steps after the warm-up"}
+    a, b = start, flushes[-1]
     images = (b["step"] - a["step"]) * args.batch_size * gpus
     ips = images / (b["elapsed_s"] - a["elapsed_s"])
     cache_note = next((line for line in p.stderr.splitlines() if "latent cache" in line), "")
     return {"run": out.name, "gpus": gpus, "cache": cache, "batch_per_gpu": args.batch_size, "images_per_s": round(ips, 2),
-            "mfu_pct": round(100 * ips * TRAIN_TFLOP_PER_IMAGE / (PEAK_TFLOPS * gpus), 1), "wall_s": round(wall, 1),
-            "final_loss": round(b["loss"], 4), "cache_note": cache_note.split(": ", 1)[-1]}
+            "mfu_pct": round(100 * ips * TRAIN_TFLOP_PER_IMAGE[args.family] / (PEAK_TFLOPS * gpus), 1),
+            "wall_s": round(wall, 1),
+            "final_loss": round(b["loss"], 4), "cache_note": cache_note.split(": ", 1)[-1],
+            **({"error_after_timing": error} if error else {})}
 
 
 def main():
@@ -74,25 +86,27 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8, help="images per step and GPU")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=10, help="steps before the timed span")
-    ap.add_argument("--images", type=int, default=256, help="generated 512px training images")
+    ap.add_argument("--family", default="sd15", choices=("sd15", "sdxl"), help="SD-1.5-shaped at 512px, SDXL at 1024px")
+    ap.add_argument("--images", type=int, default=256, help="generated training images")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ldm-train-bench",
                     help="folder for the model, data, cache and runs")
     from common import add_out_option
 
     add_out_option(ap)
     args = ap.parse_args()
-    from common import Report, out_folder, save_sd15_random
+    from common import Report, out_folder, save_sd15_random, save_sdxl_random
 
     args.results = out_folder(args.out)
     report = Report(args.results, "train_speed")
     args.cache_dir = args.work / "cache"
-    model, data = save_sd15_random(args.work / "sd15"), args.work / "data"
+    save = save_sdxl_random if args.family == "sdxl" else save_sd15_random
+    model, data = save(args.work / args.family), args.work / f"data-{RESOLUTION[args.family]}"
     if not data.is_dir():
-        make_data(data, args.images, 512)
+        make_data(data, args.images, RESOLUTION[args.family])
     ldm = [sys.executable, "-m", "ldm_cli"]
     for spec in args.runs.split(","):
         mode, gpus = spec.split(":")
-        report.emit(run(ldm, data, model, args.work / f"{mode}-{gpus}gpu", mode == "cache", int(gpus), args))
+        report.emit(run(ldm, data, model, args.work / f"{args.family}-{mode}-{gpus}gpu", mode == "cache", int(gpus), args))
     report.table(("run", "GPUs", "images/s", "MFU", "wall s", "cache"),
                  lambda r: [r["run"], r.get("gpus"), r.get("images_per_s"), f"{r.get('mfu_pct')}%", r.get("wall_s"),
                             r.get("cache_note") or r.get("error", "")] if "run" in r and "gpu" not in r else None)
