@@ -27,6 +27,5 @@ EMBED_WORK ?= /tmp/ldm-embedded
 embedded-model:
 	mkdir -p $(EMBED_WORK)
 	$(BIN)/python recipes/tiny-emoji/make_dataset.py $(EMBED_WORK)
-	PATH=$(CURDIR)/$(BIN):$$PATH bash recipes/tiny-emoji/run.sh $(EMBED_WORK) 640
-	PATH=$(CURDIR)/$(BIN):$$PATH bash recipes/tiny-emoji/finetune.sh $(EMBED_WORK)/emoji.npz $(EMBED_WORK)/embedded $(EMBED_WORK)/ft 200
-	rm -rf ldm_cli/embedded && cp -r $(EMBED_WORK)/ft/embedded ldm_cli/embedded
+	PATH=$(CURDIR)/$(BIN):$$PATH bash recipes/tiny-emoji/run.sh $(EMBED_WORK) 1800
+	rm -rf ldm_cli/embedded && cp -r $(EMBED_WORK)/embedded ldm_cli/embedded

@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--max-seconds", type=float, default=float("inf"), help="stop early after this long")
+    ap.add_argument("--scenes", type=Path, help="a scenes.py folder: half of each batch from its (picture, caption)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -66,14 +67,27 @@ def main():
                    pad_token_id=tok.pad_token_id)
     config = CLIPConfig(text_config={**TEXT, **special}, vision_config=VISION, projection_dim=256)
     model = CLIPModel(config).to(dev).train()
+    scene_pix = scene_ids = None
+    if args.scenes:
+        from scenes import load_folder
+
+        images, captions = load_folder(args.scenes, 60000)
+        scene_pix = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+        scene_ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
     t0 = time.time()
     for step in range(args.steps):
         idx = train_idx[torch.randperm(len(train_idx), device=dev)[:args.batch]]
         bg = torch.randint(len(BG_NAMES), (len(idx),), device=dev)
+        input_ids, pixels = ids[idx, bg], compose(rgba[idx], bg)
+        if scene_pix is not None:
+            pick = torch.randint(len(scene_pix), (len(idx) // 2,), device=dev)
+            input_ids, pixels = torch.cat([input_ids[len(pick):], scene_ids[pick]]), torch.cat([pixels[len(pick):],
+                                                                                                scene_pix[pick]])
         with torch.autocast(dev, torch.bfloat16, enabled=dev == "cuda"):
-            loss = model(input_ids=ids[idx, bg], pixel_values=compose(rgba[idx], bg), return_loss=True).loss
+            loss = model(input_ids=input_ids, pixel_values=pixels, return_loss=True).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -26,6 +26,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / mse)
 
 
+def scene_pixels(folder: Path, dev, limit: int = 60000) -> torch.Tensor:
+    """A scenes.py folder's pictures as float [N, 3, 64, 64] in [-1, 1] on `dev`."""
+    from scenes import load_folder
+
+    images, _ = load_folder(folder, limit)
+    return torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def main():
     from diffusers import AutoencoderKL
 
@@ -36,6 +44,7 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--max-seconds", type=float, default=float("inf"), help="stop early after this long")
+    ap.add_argument("--scenes", type=Path, help="a scenes.py folder: half of each batch from its pictures")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -43,6 +52,7 @@ def main():
     rgba = torch.from_numpy(d["rgba"]).to(dev)
     held = torch.from_numpy(d["held_out"]).to(dev)
     train_idx, test_idx = (~held).nonzero()[:, 0], held.nonzero()[:, 0]
+    scenes = scene_pixels(args.scenes, dev) if args.scenes else None
     vae = AutoencoderKL(**VAE_CONFIG).to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
@@ -50,6 +60,8 @@ def main():
     for step in range(args.steps):
         idx = train_idx[torch.randint(len(train_idx), (args.batch,), device=dev)]
         x = compose(rgba[idx], torch.randint(len(BG_NAMES), (args.batch,), device=dev))
+        if scenes is not None:
+            x[::2] = scenes[torch.randint(len(scenes), (len(x[::2]),), device=dev)]
         with torch.autocast(dev, torch.bfloat16, enabled=dev == "cuda"):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample.float()
@@ -78,7 +90,13 @@ def main():
         scale = 1 / zt.float().std().item()
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(args.out)
-    metrics = {"vae_params_m": sum(p.numel() for p in vae.parameters()) / 1e6, "psnr_held_out_db": round(held_psnr, 2),
+    scene_psnr = None
+    if scenes is not None:  # on 500 of the scene pictures it trained on (fresh ones look alike)
+        with torch.no_grad():
+            xs = scenes[-500:]
+            scene_psnr = round(psnr(vae.decode(vae.encode(xs).latent_dist.mode()).sample, xs), 2)
+    metrics = {"psnr_scenes_db": scene_psnr,
+               "vae_params_m": sum(p.numel() for p in vae.parameters()) / 1e6, "psnr_held_out_db": round(held_psnr, 2),
                "psnr_train_db": round(train_psnr, 2), "scaling_factor": scale, "steps": args.steps,
                "seconds": round(time.time() - t0, 1)}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
