@@ -39,6 +39,9 @@ STEP=$(ls "$W/unet-run/checkpoints" | sort | tail -1 | sed 's/step-0*//')
 $LDM train "${ARGS[@]}" --max-steps "$STEP" --resume latest
 stamp "final"; python3 "$R/assemble.py" final "$W/unet-run/model-ema" "$W/clip" "$W/embedded"
 if [ "$N" -gt 0 ]; then
-  stamp "judge"; python3 "$R/judge.py" "$W/emoji.npz" "$W/judge.pt"
-  python3 "$R/../../bench/embedded_judge.py" "$W/emoji.npz" --judge "$W/judge.pt" --model "$W/embedded" --out "$W"
+  if [ ! -f "$W/judge.pt" ]; then  # a judge trained before (e.g. on a CPU) is kept
+    stamp "judge"; python3 "$R/judge.py" "$W/emoji.npz" "$W/judge.pt" --images "${JUDGE_IMAGES:-30000}" --epochs "${JUDGE_EPOCHS:-8}"
+  fi
+  python3 "$R/../../bench/embedded_judge.py" "$W/emoji.npz" --judge "$W/judge.pt" --model "$W/embedded" --out "$W" \
+    --prompts "${JUDGE_PROMPTS:-200}"
 fi
