@@ -24,14 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from emoji_data import BACKGROUNDS as COLOURS  # the first edition's ten plain colours
 from PIL import Image, ImageDraw
 
 SIZE = 64
 STYLES = {"cartoon": ["cartoon", "cartoon style"], "flat": ["flat", "flat style", "flat vector"],
           "3d": ["3d", "3d style", "3d render"]}
-COLOURS = {"white": (245, 245, 245), "black": (20, 20, 20), "red": (210, 40, 40), "orange": (240, 140, 30),
-           "yellow": (240, 220, 50), "green": (50, 170, 70), "blue": (40, 90, 220), "purple": (130, 60, 190),
-           "pink": (240, 130, 190), "grey": (128, 128, 128)}
 # emoji name -> the words people use for it (the first is the judge's label word)
 WEARERS = {
     "cat face": ["cat", "kitten", "kitty"], "dog face": ["dog", "puppy"], "bear face": ["bear", "brown bear"],
