@@ -36,6 +36,15 @@ def compose(rgba: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     return back * 2 - 1
 
 
+def load_scenes(folder: Path, dev, limit: int = 60000) -> tuple[torch.Tensor, list[str]]:
+    """A scenes.py folder's pictures (float [N, 3, 64, 64] in [-1, 1] on `dev`, N <= limit, every kind)
+    and their captions."""
+    from scenes import load_folder
+
+    images, captions = load_folder(folder, limit)
+    return torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+
+
 # ---- a CLIP-format BPE tokenizer learnt from the captions ------------------------------------------------
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from emoji_data import BG_NAMES, caption, compose, load
+from emoji_data import BG_NAMES, caption, compose, load, load_scenes
 
 TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=32, projection_dim=256)
@@ -69,10 +69,7 @@ def main():
     model = CLIPModel(config).to(dev).train()
     scene_pix = scene_ids = None
     if args.scenes:
-        from scenes import load_folder
-
-        images, captions = load_folder(args.scenes, 60000)
-        scene_pix = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+        scene_pix, captions = load_scenes(args.scenes, dev)
         scene_ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from emoji_data import BG_NAMES, compose, load
+from emoji_data import BG_NAMES, compose, load, load_scenes
 
 VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(64, 128, 128), layers_per_block=1,
@@ -24,14 +24,6 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderB
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b + 1) / 2).item()
     return 10 * math.log10(1 / mse)
-
-
-def scene_pixels(folder: Path, dev, limit: int = 60000) -> torch.Tensor:
-    """A scenes.py folder's pictures as float [N, 3, 64, 64] in [-1, 1] on `dev`."""
-    from scenes import load_folder
-
-    images, _ = load_folder(folder, limit)
-    return torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def main():
@@ -52,7 +44,7 @@ def main():
     rgba = torch.from_numpy(d["rgba"]).to(dev)
     held = torch.from_numpy(d["held_out"]).to(dev)
     train_idx, test_idx = (~held).nonzero()[:, 0], held.nonzero()[:, 0]
-    scenes = scene_pixels(args.scenes, dev) if args.scenes else None
+    scenes = load_scenes(args.scenes, dev)[0] if args.scenes else None
     vae = AutoencoderKL(**VAE_CONFIG).to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
