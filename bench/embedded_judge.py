@@ -98,7 +98,7 @@ def main():
         if cfg == max(map(float, args.cfgs.split(","))):
             from PIL import Image
 
-            grid = np.concatenate([np.concatenate([real[i], gen[i]], 1) for i in range(16)], 0)
+            grid = np.concatenate([np.concatenate([real[i], gen[i]], 1) for i in range(min(16, len(real)))], 0)
             Image.fromarray(grid).save(out_folder(args.out) / "embedded_judge_examples.png")
     report.table(("images", "pass: all", "wearing", "pair", "seed spread (0-255)"),
                  lambda r: [r["images"], r.get("pass", {}).get("all", "-"), r.get("pass", {}).get("wearing", "-"),

@@ -3,6 +3,9 @@
 #   carry .whl (diffusers, typer and pydantic, ... for Python 3.12), .data/emoji.npz (from make_dataset.py) and,
 #   when there is one, .data/judge.pt (judge.py, trained on a CPU beforehand; else the recipe trains it).
 #   VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh UNET_SECONDS
+# A call is at most 10 minutes; for a longer U-Net, a second call right after the first (the machine is
+# still warm, /tmp/emoji still there) goes on from the first one's checkpoint:
+#   FROM=unet bash recipes/tiny-emoji/gpu_call.sh UNET_SECONDS
 # Returns under $OUT: the fp16 model folder as tar parts, metrics and the validation grids.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -7,6 +7,8 @@
 # Data: SCENES_PER_KIND composed scenes of each kind (scenes.py: single emoji, wearing, pairs, counts,
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;
 # its short-caption second stage was finetune.sh).
+# FROM=unet skips to the U-Net and resumes it from its last checkpoint in WORK_DIR (for a second time-boxed
+# call on the same machine: the first call's SIGTERM checkpoint is where it goes on).
 set -euo pipefail
 stamp() { echo "[$(date +%T)] $*"; }
 W=$1
@@ -14,18 +16,23 @@ T=${2:-1800}
 R=$(cd "$(dirname "$0")" && pwd)
 LDM="python3 -m ldm_cli"
 N=${SCENES_PER_KIND:-20000}
+FROM=${FROM:-data}
 cd "$R"
-if [ "$N" -gt 0 ]; then
+if [ "$FROM" = unet ]; then
+  stamp "going on with the U-Net in $W/unet-run"
+elif [ "$N" -gt 0 ]; then
   stamp "scenes.py"; python3 scenes.py "$W/emoji.npz" "$W/data" --per-kind "$N"
   SCENES=(--scenes "$W/data"); TOK_SCENES=("$W/data")
 else
   stamp "export_folder.py"; python3 export_folder.py "$W/emoji.npz" "$W/data"
   SCENES=(); TOK_SCENES=()
 fi
+if [ "$FROM" != unet ]; then
 stamp "make_tokenizer.py"; python3 make_tokenizer.py "$W/emoji.npz" "$W/tokenizer" "${TOK_SCENES[@]}"
 stamp "train_vae.py"; python3 train_vae.py "$W/emoji.npz" "$W/vae" --steps "${VAE_STEPS:-3000}" --batch "${VAE_BATCH:-128}" --max-seconds "${VAE_SECONDS:-600}" "${SCENES[@]}"
 stamp "train_clip.py"; python3 train_clip.py "$W/emoji.npz" "$W/tokenizer" "$W/clip" --steps "${CLIP_STEPS:-4000}" --batch "${CLIP_BATCH:-512}" --max-seconds "${CLIP_SECONDS:-600}" "${SCENES[@]}"
 stamp "assemble.py"; python3 assemble.py base "$W/vae" "$W/clip" "$W/tokenizer" "$W/base"
+fi
 cd - >/dev/null
 # The U-Net, trained by ldm itself, for at most T seconds: SIGTERM makes ldm checkpoint and stop,
 # and a resume with --max-steps at that step writes the final folders.
@@ -34,7 +41,8 @@ ARGS=("$W/data" --model "$W/base" --out "$W/unet-run" --from-scratch --unet-conf
       --ema --ema-decay 0.999 --mixed-precision bf16 --log-every 100 --checkpoint-every 2000 --cache-dir "$W/cache"
       --validate-every 1000 --validation-prompt "a cat wearing a top hat"
       --validation-prompt "an apple on the left and a banana on the right")
-stamp "unet"; timeout -s TERM "$T" $LDM train "${ARGS[@]}" --max-steps "${UNET_STEPS:-100000}" || true
+GO_ON=(); [ "$FROM" = unet ] && GO_ON=(--resume latest)
+stamp "unet"; timeout -s TERM "$T" $LDM train "${ARGS[@]}" --max-steps "${UNET_STEPS:-100000}" "${GO_ON[@]}" || true
 STEP=$(ls "$W/unet-run/checkpoints" | sort | tail -1 | sed 's/step-0*//')
 $LDM train "${ARGS[@]}" --max-steps "$STEP" --resume latest
 stamp "final"; python3 "$R/assemble.py" final "$W/unet-run/model-ema" "$W/clip" "$W/embedded"
