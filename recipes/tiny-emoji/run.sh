@@ -7,6 +7,7 @@
 # Data: SCENES_PER_KIND composed scenes of each kind (scenes.py: single emoji, wearing, pairs, counts,
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;
 # its short-caption second stage was finetune.sh).
+# UNET_CONFIG=FILE trains another U-Net shape than unet.json (the shipped weights must stay <= 60 MB in all).
 # FROM=unet skips to the U-Net and resumes it from its last checkpoint in WORK_DIR (for a second time-boxed
 # call on the same machine: the first call's SIGTERM checkpoint is where it goes on).
 set -euo pipefail
@@ -36,7 +37,7 @@ fi
 cd - >/dev/null
 # The U-Net, trained by ldm itself, for at most T seconds: SIGTERM makes ldm checkpoint and stop,
 # and a resume with --max-steps at that step writes the final folders.
-ARGS=("$W/data" --model "$W/base" --out "$W/unet-run" --from-scratch --unet-config "$R/unet.json"
+ARGS=("$W/data" --model "$W/base" --out "$W/unet-run" --from-scratch --unet-config "${UNET_CONFIG:-$R/unet.json}"
       --resolution 64 --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps 200 --min-snr-gamma 5
       --ema --ema-decay 0.999 --mixed-precision bf16 --log-every 100 --checkpoint-every 2000 --cache-dir "$W/cache"
       --validate-every 1000 --validation-prompt "a cat wearing a top hat"
