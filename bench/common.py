@@ -87,6 +87,47 @@ def timed(fn, reps: int):
     return sorted(ts)[len(ts) // 2], out
 
 
+# kernel name fragments -> what the kernel does; the first match wins (convolutions before matmuls: cuDNN's
+# Hopper convolutions are "sm90_xmma_fprop_implicit_gemm..." kernels)
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("convolution", ("fprop", "dgrad", "wgrad", "conv", "implicit_gemm", "winograd")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "triton_tem", "_mm_", "matmul")),
+    ("norm / pointwise (fused)", ("triton_", "elementwise", "reduce", "norm", "vectorized")),
+    ("copies", ("memcpy", "memset", "copy", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def kernel_breakdown(fn, calls: int = 1) -> dict:
+    """GPU time of one call of `fn` by kind of kernel (ms, and % of the GPU-busy time) plus the wall time
+    and the GPU's idle share of it, from torch.profiler's CUDA kernel events over `calls` calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / calls * 1e3
+    by_kind: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+            k = kernel_kind(e.name)
+            by_kind[k] = by_kind.get(k, 0.0) + e.device_time_total / 1e3 / calls
+    busy = sum(by_kind.values())
+    return {"wall_ms": round(wall, 1), "gpu_busy_ms": round(busy, 1), "idle_pct": round(100 * (1 - busy / wall), 1),
+            **{f"{k}_ms": round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            **{f"{k}_pct": round(100 * v / busy, 1) for k, v in by_kind.items()}}
+
+
 def sd15_shaped(dev, dtype):
     """(unet, vae, text_encoder) shaped like Stable Diffusion 1.5's, random weights, eval, no grad."""
     import torch

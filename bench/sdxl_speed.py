@@ -11,6 +11,7 @@ once, random, and given to both. Settings (--modes):
 
     python bench/sdxl_speed.py                              # diffusers,graphs at batch 1 and 4
     python bench/sdxl_speed.py --modes diffusers,diffusers-compile,graphs,compile
+    python bench/sdxl_speed.py --modes diffusers-compile,compile --batches 1 --profile   # GPU time by kernel kind
 """
 
 import argparse
@@ -47,7 +48,8 @@ def main():
     ap.add_argument("--modes", default="diffusers,graphs")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--reps", type=int, default=2)
-    from common import Report, add_out_option, out_folder, timed
+    ap.add_argument("--profile", action="store_true", help="also where the GPU time of one call goes, by kernel kind")
+    from common import Report, add_out_option, kernel_breakdown, out_folder, timed
 
     add_out_option(ap)
     args = ap.parse_args()
@@ -108,6 +110,8 @@ def main():
                 run()
                 torch.cuda.synchronize()
                 record(label, bs, run, round(time.perf_counter() - t0, 1))
+                if args.profile:
+                    report.emit({"profile": label, "batch": bs, **kernel_breakdown(run)})
             if mode == "diffusers-compile":
                 pipe.unet = pipe.unet._orig_mod.to(memory_format=torch.contiguous_format)
             continue
@@ -123,6 +127,8 @@ def main():
             run()
             torch.cuda.synchronize()
             record(f"ldm {mode}", bs, run, round(time.perf_counter() - t0, 1))
+            if args.profile:
+                report.emit({"profile": f"ldm {mode}", "batch": bs, **kernel_breakdown(run)})
     for (label, bs), img in images.items():
         ref = images.get(("diffusers default", bs))
         if label != "diffusers default" and ref is not None:

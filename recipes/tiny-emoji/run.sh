@@ -2,7 +2,7 @@
 # Rebuild the embedded model end to end (the GPU part of `make embedded-model`).
 #   bash recipes/tiny-emoji/run.sh WORK_DIR [UNET_SECONDS]
 # Needs WORK_DIR/emoji.npz from make_dataset.py (which needs npm). Writes WORK_DIR/embedded (fp16),
-# which `make embedded-model` copies to ldm_cli/embedded, and WORK_DIR/judge.pt + judge.jsonl (the
+# which `make embedded-model` copies to ldm_cli/embedded, and WORK_DIR/judge.pt + embedded_judge.jsonl (the
 # independent judge's scores, bench/embedded_judge.py).
 # Data: SCENES_PER_KIND composed scenes of each kind (scenes.py: single emoji, wearing, pairs, counts,
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;

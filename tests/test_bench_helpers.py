@@ -1,0 +1,46 @@
+"""The benchmark scripts' own logic that runs without a GPU: the kernel-kind table of the GPU-time breakdown,
+and how train_speed.py reads images/s from a log whose times are taken per flush (also after a failed end)."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "matmul"),
+    ("triton_tem_fused_addmm_0", "matmul"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),
+    ("triton_red_fused_native_group_norm_silu_3", "norm / pointwise (fused)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "norm / pointwise (fused)"),
+    ("Memcpy HtoD (Pageable -> Device)", "copies"),
+    ("some_unknown_kernel", "other"),
+])
+def test_kernel_kinds(name, kind):
+    common = pytest.importorskip("common")
+    assert common.kernel_kind(name) == kind
+
+
+def test_train_speed_times_from_flush_to_flush_and_keeps_a_rate_after_a_failed_end(tmp_path, monkeypatch):
+    train_speed = pytest.importorskip("train_speed")
+    out = tmp_path / "run"
+    out.mkdir()
+    flush_times = {5: 3.0, 10: 5.0, 15: 6.5, 16: 6.8}  # losses read back every 5 steps and at the end
+    log = [{"step": s, "loss": 0.5, "lr": 1e-5, "elapsed_s": flush_times[min(k for k in flush_times if k >= s)]}
+           for s in range(1, 17)]
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    monkeypatch.setattr(train_speed.subprocess, "run",
+                        lambda *a, **k: types.SimpleNamespace(returncode=1, stdout="", stderr="ldm: error: disk full"))
+    args = types.SimpleNamespace(batch_size=4, steps=16, cache_dir=tmp_path, results=tmp_path, warmup=6, family="sdxl")
+    row = train_speed.run(["ldm"], tmp_path, tmp_path, out, True, 1, args)
+    # warm-up 6 falls inside the flush at step 10: timed from 10 (5.0 s) to 16 (6.8 s), 6 steps x 4 images
+    assert row["images_per_s"] == pytest.approx(24 / 1.8, abs=0.01)
+    assert row["error_after_timing"] == "ldm: error: disk full"
+    assert row["mfu_pct"] == pytest.approx(100 * 24 / 1.8 * 3 * 6.76 / 989, abs=0.1)
