@@ -4,6 +4,7 @@
     python bench/train_step.py --part more         # batch 8, fast-vs-plain losses
     python bench/train_step.py --part plain        # the plain loop eager and compiled at batch 32
     python bench/train_step.py --part memory --batch 32 --checkpointing   # one peak-memory row (own process)
+    python bench/train_step.py --part kernels      # batch 32: GPU time by kernel kind, ldm vs plain compiled
 
 SD-1.5-shaped random U-Net (speed does not depend on values), 512px images = 64x64 latents, bf16.
 - `plain`: a reference loop written here, nothing from ldm: data already on the GPU, autocast bf16,
@@ -35,7 +36,11 @@ def fresh_unet():
 
 
 def plain_run(batch: int, compiled: bool, steps: int, warmup: int) -> dict:
-    """The reference loop: what a PyTorch user writes in a few lines."""
+    return timed_run(f"plain {'compiled' if compiled else 'eager'}", batch, plain_step(batch, compiled), steps, warmup)
+
+
+def plain_step(batch: int, compiled: bool):
+    """The reference loop's step: what a PyTorch user writes in a few lines."""
     unet, _, _ = fresh_unet()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2, fused=True)
     model = torch.compile(unet) if compiled else unet
@@ -57,7 +62,7 @@ def plain_run(batch: int, compiled: bool, steps: int, warmup: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return timed_run(f"plain {'compiled' if compiled else 'eager'}", batch, step, steps, warmup)
+    return step
 
 
 def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, checkpointing: bool = False,
@@ -98,6 +103,13 @@ def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, check
 
 
 def ldm_run(batch: int, compile_mode: str, steps: int, warmup: int, channels_last: bool | None = None) -> dict:
+    layout = "" if channels_last is None else f" channels_last={channels_last}"
+    return timed_run(f"ldm compile={compile_mode}{layout}", batch, ldm_step(batch, compile_mode, channels_last), steps,
+                     warmup)
+
+
+def ldm_step(batch: int, compile_mode: str, channels_last: bool | None = None):
+    """ldm's training step as `ldm train` runs it, one call per step."""
     from ldm_cli.train import fast
     from ldm_cli.train.loop import train_step
 
@@ -108,8 +120,23 @@ def ldm_run(batch: int, compile_mode: str, steps: int, warmup: int, channels_las
         with fast.compile_limits():
             return train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, next(k))
 
-    layout = "" if channels_last is None else f" channels_last={channels_last}"
-    return timed_run(f"ldm compile={compile_mode}{layout}", batch, step, steps, warmup)
+    return step
+
+
+def kernels(batch: int, compile_mode: str) -> list[dict]:
+    """GPU time by kernel kind of one step, ldm's and the plain compiled loop's (after 3 steps of compiling)."""
+    from common import kernel_breakdown
+
+    rows = []
+    for name, step in ((f"kernels ldm compile={compile_mode}", lambda: ldm_step(batch, compile_mode)),
+                       ("kernels plain compiled", lambda: plain_step(batch, True))):
+        fn = step()
+        for _ in range(3):
+            fn()
+        rows.append({"run": name, "batch": batch, **kernel_breakdown(fn, calls=3)})
+        del fn
+        torch.cuda.empty_cache()
+    return rows
 
 
 def timed_run(name: str, batch: int, step, steps: int, warmup: int) -> dict:
@@ -221,7 +248,7 @@ def peak_memory(batch: int, checkpointing: bool, lora: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("speed", "more", "plain", "memory"), default="speed")
+    ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels"), default="speed")
     ap.add_argument("--batch", type=int, default=8, help="--part memory: batch size")
     ap.add_argument("--checkpointing", action="store_true", help="--part memory: gradient checkpointing")
     ap.add_argument("--lora", type=int, default=0, help="--part memory: LoRA rank (0: full fine-tune)")
@@ -240,6 +267,9 @@ def main():
         report.emit(plain_run(32, True, args.steps, args.warmup))
     elif args.part == "memory":  # one row per process: nothing of an earlier run counts in its peak
         report.emit(peak_memory(args.batch, args.checkpointing, args.lora))
+    elif args.part == "kernels":
+        for row in kernels(32, args.compile):
+            report.emit(row)
     elif args.part == "plain":
         report.emit(plain_run(32, False, args.steps, args.warmup))
         report.emit(plain_run(32, True, args.steps, args.warmup))
