@@ -165,7 +165,11 @@ def background(rng: random.Random, place: str | None, colour: str | None) -> Ima
 
 
 def paste(canvas: Image.Image, im: Image.Image, cx: float, cy: float) -> None:
-    canvas.alpha_composite(im, (round(cx - im.width / 2), round(cy - im.height / 2)))
+    """`im` centred at (cx, cy); what falls off the canvas is cut (older Pillows refuse negative offsets)."""
+    x, y = round(cx - im.width / 2), round(cy - im.height / 2)
+    if x < 0 or y < 0:
+        im = im.crop((max(0, -x), max(0, -y), im.width, im.height))
+    canvas.alpha_composite(im, (max(0, x), max(0, y)))
 
 
 def wear(emoji: Emoji, wearer: str, accessory: str, style: str, size: int, mirror: bool) -> Image.Image:
