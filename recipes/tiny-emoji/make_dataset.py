@@ -47,6 +47,7 @@ def to_rgba(data: bytes) -> np.ndarray:
 
 
 def main(work: Path) -> None:
+    work = work.resolve()  # npm runs inside it: a relative --pack-destination would point below itself
     work.mkdir(parents=True, exist_ok=True)
     tars = {style: fetch(spec, work) for style, spec in PACKAGES.items()}
     meta = json.load(tars["cartoon"].extractfile("package/emoji.json"))
