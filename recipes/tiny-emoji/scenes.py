@@ -58,6 +58,10 @@ ACCESSORIES = {
     "eyeglasses": ("eyes", ["glasses", "eyeglasses", "spectacles"]), "sunglasses": ("eyes", ["sunglasses", "shades"]),
     "goggles": ("eyes", ["goggles"]), "ribbon": ("bow", ["bow", "ribbon"]), "scarf": ("neck", ["scarf"])}
 GENERIC = {"hat": "hat", "eyes": "glasses"}  # "a cat wearing a hat": any hat
+# where the eyes are, for wearers that are not a round face: (height as a share of the drawn box from its top,
+# glasses width as a share of its width); others (0.42, 0.8). Read off a grid of every wearer in every style.
+EYES = {"rabbit face": (0.6, 0.8), "mouse face": (0.5, 0.8), "frog face": (0.33, 0.8), "koala": (0.45, 0.8),
+        "penguin": (0.2, 0.55), "owl": (0.3, 0.75), "chicken": (0.27, 0.5)}
 # places: (sky colour top, sky colour bottom, ground colour or None, ground line y, words, things that belong)
 PLACES = {
     "night sky": ((8, 12, 40), (30, 40, 90), None, 0, ["in the night sky", "at night", "under the stars"],
@@ -177,7 +181,8 @@ def wear(emoji: Emoji, wearer: str, accessory: str, style: str, size: int, mirro
     base = emoji.image(wearer, style, size, mirror)
     w, h = base.size
     where = ACCESSORIES[accessory][0]
-    acc_size = {"hat": 0.72 * w, "eyes": 0.8 * w, "neck": 0.7 * w, "bow": 0.42 * w}[where]
+    eye_y, eye_w = EYES.get(wearer, (0.42, 0.8))
+    acc_size = {"hat": 0.72 * w, "eyes": eye_w * w, "neck": 0.7 * w, "bow": 0.42 * w}[where]
     acc = emoji.image(accessory, style, round(acc_size), mirror)
     top_room = round(acc.height * 0.75) if where == "hat" else 0
     canvas = Image.new("RGBA", (max(w, acc.width) + 8, h + top_room + acc.height // 2 + 4), (0, 0, 0, 0))
@@ -186,8 +191,8 @@ def wear(emoji: Emoji, wearer: str, accessory: str, style: str, size: int, mirro
     cx = ox + w / 2
     if where == "hat":  # sits on the head: its lower quarter overlaps the top of the box
         paste(canvas, acc, cx, top_room - acc.height / 2 + acc.height * 0.3)
-    elif where == "eyes":  # across the eyes, ~40% down a face
-        paste(canvas, acc, cx, top_room + 0.42 * h)
+    elif where == "eyes":  # across the eyes
+        paste(canvas, acc, cx, top_room + eye_y * h)
     elif where == "neck":  # under the chin
         paste(canvas, acc, cx, top_room + h)
     else:  # a bow at the top corner
