@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "recipes" / "tiny-emoji"))
 
@@ -96,8 +97,6 @@ def main():
         report.emit({"images": f"cfg {cfg:g}", "prompts": len(scenes), "pass": rates(ok, kinds),
                      "seed_spread": round(spread(groups), 2), "seconds": round(time.perf_counter() - t0, 1)})
         if cfg == max(map(float, args.cfgs.split(","))):
-            from PIL import Image
-
             grid = np.concatenate([np.concatenate([real[i], gen[i]], 1) for i in range(min(16, len(real)))], 0)
             Image.fromarray(grid).save(out_folder(args.out) / "embedded_judge_examples.png")
     report.table(("images", "pass: all", "wearing", "pair", "seed spread (0-255)"),
