@@ -269,6 +269,10 @@ def test_training_never_replaces_what_it_did_not_create(shapes, tiny_model, tmp_
     r = ldm(data, "--out", run, "--resume", "latest")  # resuming a finished run: nothing to do
     assert r.returncode == 0 and "nothing to train" in r.stderr, r.stderr
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == model
+    shutil.rmtree(run / "model")  # as a run stopped by a signal right at its last step leaves it
+    r = ldm(data, "--out", run, "--resume", "latest")  # writes the model folder from the checkpoint
+    assert r.returncode == 0 and "nothing to train" in r.stderr, r.stderr
+    assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == model
     r = ldm(data, "--out", run, "--lr", "1e-2", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != model

@@ -49,18 +49,21 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: Path, overwrite: bool = False):
+def atomic_file(path: Path, overwrite: bool = False, durable: bool = True):
     """Yield a temp path beside `path`; when the block ends without error, move it to `path`.
 
     Without `overwrite`, an existing `path` raises FileExistsError (checked by the rename itself, so
-    two processes racing for one name cannot both win). On any error the temp file is removed."""
+    two processes racing for one name cannot both win). On any error the temp file is removed.
+    `durable`: the data reaches the disk before the rename (fsync); without it a power cut can leave an empty
+    file under the name, for files whose reader checks them and can make them again (cache entries)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a finished file gets the user's umask
     try:
         yield Path(tmp)
-        _fsync(Path(tmp))
+        if durable:
+            _fsync(Path(tmp))
         if overwrite:
             os.replace(tmp, path)
         else:

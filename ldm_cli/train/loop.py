@@ -86,7 +86,11 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     if start >= max_steps:  # a finished run: nothing to train, nothing rewritten
-        return finished(resume_from, start, cfg, say)
+        say(f"{resume_from} is at step {start} of {max_steps}: nothing to train (raise --max-steps to go on)")
+        if main and not (out / output_kind(cfg)).exists():  # stopped at its last step by a signal: no model yet
+            with checkpoints.uninterrupted():
+                return write_models(trained_components(accelerator, c, unet, cfg), params, ema, cfg, out)
+        return out / output_kind(cfg)
 
     batches, classes, validation = feeds(cfg, sets, readable, encoders, cached, world, rank)
 
@@ -159,13 +163,17 @@ def feeds(cfg: TrainConfig, sets, readable: set, encoders: Encoders, cached, wor
 
 
 def validate(accelerator, c, unet, cfg: TrainConfig, ema, params, validation, losses: LossLog, step: int, say):
-    """The validation grid (with --validation-prompt) and the validation loss (with held-out images)."""
-    if cfg.validation_prompts:
-        validation_grid(accelerator, trained_components(accelerator, c, unet, cfg), ema, params, cfg, step)
-    if validation is not None and accelerator.is_main_process:
-        value = validation(accelerator.unwrap_model(unet), c.schedule, accelerator)
-        losses.record({"step": step, "validation_loss": value})
-        say(f"step {step}: validation loss {value:.6f} ({len(validation.examples)} images)")
+    """The validation grid (with --validation-prompt) and the validation loss (with held-out images), run eager:
+    a compiled training U-Net would compile again for the no-grad calls of another batch, and the training graph
+    after them (the batch then dynamic): on an H200 the embedded model's run made no step in the 200 s after its
+    first validation, having made 1,000 in the 70 s before it."""
+    with torch.compiler.set_stance("force_eager"):
+        if cfg.validation_prompts:
+            validation_grid(accelerator, trained_components(accelerator, c, unet, cfg), ema, params, cfg, step)
+        if validation is not None and accelerator.is_main_process:
+            value = validation(accelerator.unwrap_model(unet), c.schedule, accelerator)
+            losses.record({"step": step, "validation_loss": value})
+            say(f"step {step}: validation loss {value:.6f} ({len(validation.examples)} images)")
 
 
 def zero_terminal_snr(c, say):
@@ -220,11 +228,6 @@ def saver(accelerator, optimizer, lr_sched, named: dict, ema, cfg: TrainConfig, 
                                                cfg.keep_checkpoints)
 
     return save
-
-
-def finished(ckpt: Path, step: int, cfg: TrainConfig, say) -> Path:
-    say(f"{ckpt} is at step {step} of {cfg.max_steps}: nothing to train (raise --max-steps to go on)")
-    return Path(cfg.out_dir) / output_kind(cfg)
 
 
 def rescue(save, losses, worth_it: bool, done: int) -> Path | None:

@@ -1,20 +1,45 @@
 #!/usr/bin/env bash
-# How the embedded model is built on the GPU machine (one device call; no network there):
-#   carry .whl (diffusers, typer and pydantic, ... for Python 3.12), .data/emoji.npz (from make_dataset.py) and,
-#   when there is one, .data/judge.pt (judge.py, trained on a CPU beforehand; else the recipe trains it).
-#   VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh UNET_SECONDS
-# A call is at most 10 minutes; for a longer U-Net, a second call right after the first (the machine is
-# still warm, /tmp/emoji still there) goes on from the first one's checkpoint:
-#   FROM=unet bash recipes/tiny-emoji/gpu_call.sh UNET_SECONDS
-# Returns under $OUT: the fp16 model folder as tar parts, metrics and the validation grids.
+# How the embedded model is built on the GPU machine, over back-to-back device calls (no network there; a call
+# is at most 10 minutes; the machine stays warm, /tmp/emoji and the U-Net's process with it, while calls follow
+# each other). Each call carries .whl (diffusers, typer and pydantic, ... for Python 3.12); the first also
+# .data/emoji.npz (from make_dataset.py) and, when there is one, .data/judge.pt (judge.py, trained on a CPU
+# beforehand; else the recipe trains it).
+#   VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh start 560
+#       data, tokenizer, VAE, CLIP, base model; then the U-Net in its own process session (it outlives the
+#       call), this call watching it until 560 s have passed
+#   bash recipes/tiny-emoji/gpu_call.sh watch 580      the U-Net goes on; the call shows its log
+#   bash recipes/tiny-emoji/gpu_call.sh finish 300     the U-Net for 300 s more, then SIGTERM (ldm checkpoints
+#       and stops), the fp16 model folder, the judge's scores
+# Returns under $OUT: the model folder as tar parts, the logs, metrics and the last validation grid.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-W=/tmp/emoji && mkdir -p $W && cp .data/emoji.npz $W/ && { cp .data/judge.pt $W/ 2>/dev/null || true; }
-timeout 530 bash recipes/tiny-emoji/run.sh $W "${1:-300}" > $OUT/recipe.log 2>&1; grep -v -i "warn\|Writing model\|Loading weights" $OUT/recipe.log | tail -40
-tar cf - -C $W embedded | split -b 15M - $OUT/embedded.tar.part-
-# at most 8 files come back: the tar parts (3), the log, one metrics file, two pictures
-cat $W/vae/metrics.json $W/clip/metrics.json $W/embedded_judge.jsonl $W/unet-run/log.jsonl > $OUT/metrics.txt 2>/dev/null
-cp $W/embedded_judge_examples.png $OUT/ 2>/dev/null
-ls $W/unet-run/validation | tail -1 | xargs -I{} cp $W/unet-run/validation/{} $OUT/validation-last.png
+START=$(date +%s)
+SITE=${SITE:-/tmp/site}  # installed once: the running U-Net imports from there
+[ -f $SITE/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target $SITE .whl/*.whl && touch $SITE/.installed; } || exit 1
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+W=${W:-/tmp/emoji}
+RUN="bash $PWD/recipes/tiny-emoji/run.sh $W"
+TRAIN="^python3 -m ldm_cli train"  # the U-Net's process (not the timeout around it)
+until_s() { while [ $(( $(date +%s) - START )) -lt "$1" ] && pgrep -f "$TRAIN" >/dev/null; do sleep 5; done; }
+unet_log() { grep -v -i "warn\|Writing model\|Loading weights\|Loading pipeline\|float32" $W/unet.log | tail -"${1:-12}"; }
+case "${1:-}" in
+  start)
+    mkdir -p $W && cp .data/emoji.npz $W/ && { cp .data/judge.pt $W/ 2>/dev/null || true; }
+    STAGES=data $RUN > $OUT/data.log 2>&1 || { tail -30 $OUT/data.log; exit 1; }
+    grep -v -i "warn\|Writing model\|Loading weights" $OUT/data.log | tail -20
+    STAGES=unet setsid nohup $RUN 100000 > $W/unet.log 2>&1 < /dev/null &
+    sleep 10; until_s "${2:-560}"; unet_log 20 ;;
+  watch)
+    until_s "${2:-580}"; unet_log ;;
+  finish)
+    until_s "${2:-300}"
+    pkill -TERM -f "$TRAIN"; while pgrep -f "$TRAIN" >/dev/null; do sleep 2; done; unet_log 6
+    STAGES=final $RUN > $OUT/final.log 2>&1; grep -v -i "warn\|Writing model\|Loading weights\|float32" $OUT/final.log | tail -16
+    tar cf - -C $W embedded | split -b 15M - $OUT/embedded.tar.part-
+    # at most 8 files come back: the tar parts (3), the logs, one metrics file, the last validation grid
+    cp $W/unet.log $OUT/
+    cat $W/vae/metrics.json $W/clip/metrics.json $W/embedded_judge.jsonl $W/unet-run/log.jsonl > $OUT/metrics.txt 2>/dev/null
+    ls $W/unet-run/validation | tail -1 | xargs -I{} cp $W/unet-run/validation/{} $OUT/validation-last.png ;;
+  *) echo "usage: gpu_call.sh start|watch|finish SECONDS" >&2; exit 2 ;;
+esac
 ls -la $OUT

@@ -8,8 +8,10 @@
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;
 # its short-caption second stage was finetune.sh).
 # UNET_CONFIG=FILE trains another U-Net shape than unet.json (the shipped weights must stay <= 60 MB in all).
-# FROM=unet skips to the U-Net and resumes it from its last checkpoint in WORK_DIR (for a second time-boxed
-# call on the same machine: the first call's SIGTERM checkpoint is where it goes on).
+# STAGES picks what runs, in order (default all: "data unet final"): data = scenes, tokenizer, VAE, CLIP, the
+# base model; unet = the U-Net for at most UNET_SECONDS (resumed from WORK_DIR's last checkpoint if there is
+# one); final = the fp16 model folder from the last checkpoint, and the judge's scores. gpu_call.sh runs them
+# over several device calls.
 set -euo pipefail
 stamp() { echo "[$(date +%T)] $*"; }
 W=$1
@@ -17,18 +19,18 @@ T=${2:-1800}
 R=$(cd "$(dirname "$0")" && pwd)
 LDM="python3 -m ldm_cli"
 N=${SCENES_PER_KIND:-20000}
-FROM=${FROM:-data}
+STAGES=${STAGES:-data unet final}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+SCENES=(); [ "$N" -gt 0 ] && SCENES=(--scenes "$W/data")
 cd "$R"
-if [ "$FROM" = unet ]; then
-  stamp "going on with the U-Net in $W/unet-run"
-elif [ "$N" -gt 0 ]; then
+if has data; then
+if [ "$N" -gt 0 ]; then
   stamp "scenes.py"; python3 scenes.py "$W/emoji.npz" "$W/data" --per-kind "$N"
-  SCENES=(--scenes "$W/data"); TOK_SCENES=("$W/data")
+  TOK_SCENES=("$W/data")
 else
   stamp "export_folder.py"; python3 export_folder.py "$W/emoji.npz" "$W/data"
-  SCENES=(); TOK_SCENES=()
+  TOK_SCENES=()
 fi
-if [ "$FROM" != unet ]; then
 stamp "make_tokenizer.py"; python3 make_tokenizer.py "$W/emoji.npz" "$W/tokenizer" "${TOK_SCENES[@]}"
 stamp "train_vae.py"; python3 train_vae.py "$W/emoji.npz" "$W/vae" --steps "${VAE_STEPS:-3000}" --batch "${VAE_BATCH:-128}" --max-seconds "${VAE_SECONDS:-600}" "${SCENES[@]}"
 stamp "train_clip.py"; python3 train_clip.py "$W/emoji.npz" "$W/tokenizer" "$W/clip" --steps "${CLIP_STEPS:-4000}" --batch "${CLIP_BATCH:-512}" --max-seconds "${CLIP_SECONDS:-600}" "${SCENES[@]}"
@@ -42,10 +44,14 @@ ARGS=("$W/data" --model "$W/base" --out "$W/unet-run" --from-scratch --unet-conf
       --ema --ema-decay 0.999 --mixed-precision bf16 --log-every 100 --checkpoint-every 2000 --cache-dir "$W/cache"
       --validate-every 1000 --validation-prompt "a cat wearing a top hat"
       --validation-prompt "an apple on the left and a banana on the right")
-GO_ON=(); [ "$FROM" = unet ] && GO_ON=(--resume latest)
-stamp "unet"; timeout -s TERM "$T" $LDM train "${ARGS[@]}" --max-steps "${UNET_STEPS:-100000}" "${GO_ON[@]}" || true
+GO_ON=(); ls "$W/unet-run/checkpoints" 2>/dev/null | grep -q step- && GO_ON=(--resume latest)
+if has unet; then
+  stamp "unet"; timeout -s TERM "$T" $LDM train "${ARGS[@]}" --max-steps "${UNET_STEPS:-100000}" "${GO_ON[@]}" || true
+fi
+has final || exit 0
+# a run stopped by its time limit: its last checkpoint's step becomes the last step, which writes the folders
 STEP=$(ls "$W/unet-run/checkpoints" | sort | tail -1 | sed 's/step-0*//')
-$LDM train "${ARGS[@]}" --max-steps "$STEP" --resume latest
+[ -d "$W/unet-run/model-ema" ] || $LDM train "${ARGS[@]}" --max-steps "$STEP" --resume latest
 stamp "final"; python3 "$R/assemble.py" final "$W/unet-run/model-ema" "$W/clip" "$W/embedded"
 if [ "$N" -gt 0 ]; then
   if [ ! -f "$W/judge.pt" ]; then  # a judge trained before (e.g. on a CPU) is kept
