@@ -228,3 +228,21 @@ def test_config_file_round_trips_and_flags_win(ldm, shapes, tiny_model, tmp_path
             read_config(bad)
     r = ldm("train", shapes, "--config", bad, "--out", tmp_path / "x")
     assert r.returncode == 2 and "not TOML" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_the_logged_images_per_second_is_the_rate_since_the_last_flush(tmp_path, monkeypatch):
+    """A slow first window (compiling) must not drag down the rate shown for later steps."""
+    from ldm_cli.train import log as losslog
+
+    clock = iter([0.0, 100.0, 101.0])  # start; a first flush after 100 s of compiling; the next 1 s later
+    monkeypatch.setattr(losslog.time, "perf_counter", lambda: next(clock))
+    shown = []
+    log = losslog.LossLog(tmp_path / "log.jsonl", True, 4, lambda r, _: shown.append(r))
+    log.add(1, torch.tensor(0.5), 1e-4, 256)
+    log.flush()
+    log.add(2, torch.tensor(0.4), 1e-4, 256)
+    log.add(3, torch.tensor(0.3), 1e-4, 256)
+    log.flush()
+    assert [r["images_per_s"] for r in shown] == [2.56, 512.0, 512.0]
+    assert [r["elapsed_s"] for r in shown] == [100.0, 101.0, 101.0]
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -1,5 +1,7 @@
 """The loss log: losses stay on the device between flushes (no host sync every step); each flush
-reads them back at once, appends JSON lines to OUT/log.jsonl and reports them to `on_log`."""
+reads them back at once, appends JSON lines to OUT/log.jsonl and reports them to `on_log`.
+images_per_s is the rate since the previous flush (the first one's window holds the compile and warm-up):
+a running average since the start would hide the steady rate behind minutes of compiling."""
 
 import json
 import time
@@ -15,7 +17,8 @@ class LossLog:
         self.path, self.max_steps, self.on_log = path, max_steps, on_log
         self.file = open(path, "a") if main_process else None
         self.pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, lr)
-        self.t_start, self.images = time.perf_counter(), 0
+        self.t_start = self.t_last = time.perf_counter()
+        self.images = 0  # since the last flush
 
     def add(self, step: int, loss: torch.Tensor, lr: float, images: int) -> None:
         self.pending.append((step, loss, lr))
@@ -25,11 +28,12 @@ class LossLog:
         if not self.pending:
             return
         values = torch.stack([loss for _, loss, _ in self.pending]).float().cpu().tolist()  # one sync per flush
-        elapsed = time.perf_counter() - self.t_start
-        records = [{"step": step, "loss": value, "lr": lr, "elapsed_s": round(elapsed, 3),
-                    "images_per_s": round(self.images / elapsed, 3) if elapsed > 0 else None}
-                   for (step, _, lr), value in zip(self.pending, values)]
+        now = time.perf_counter()
+        rate = round(self.images / (now - self.t_last), 3) if now > self.t_last else None
+        records = [{"step": step, "loss": value, "lr": lr, "elapsed_s": round(now - self.t_start, 3),
+                    "images_per_s": rate} for (step, _, lr), value in zip(self.pending, values)]
         self.pending.clear()
+        self.t_last, self.images = now, 0
         if self.file is None:
             return
         try:
