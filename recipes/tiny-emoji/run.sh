@@ -7,6 +7,7 @@
 # Data: SCENES_PER_KIND composed scenes of each kind (scenes.py: single emoji, wearing, pairs, counts,
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;
 # its short-caption second stage was finetune.sh).
+# COMPILE=none|regional|full: ldm train's --compile for the U-Net (default auto: full on CUDA for long runs).
 # UNET_CONFIG=FILE trains another U-Net shape than unet.json (the shipped weights must stay <= 60 MB in all).
 # STAGES picks what runs, in order (default all: "data unet final"): data = scenes, tokenizer, VAE, CLIP, the
 # base model; unet = the U-Net for at most UNET_SECONDS (resumed from WORK_DIR's last checkpoint if there is
@@ -42,6 +43,7 @@ cd - >/dev/null
 ARGS=("$W/data" --model "$W/base" --out "$W/unet-run" --from-scratch --unet-config "${UNET_CONFIG:-$R/unet.json}"
       --resolution 64 --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps 200 --min-snr-gamma 5
       --ema --ema-decay 0.999 --mixed-precision bf16 --log-every 100 --checkpoint-every 2000 --cache-dir "$W/cache"
+      --compile "${COMPILE:-auto}"
       --validate-every 1000 --validation-prompt "a cat wearing a top hat"
       --validation-prompt "an apple on the left and a banana on the right")
 GO_ON=(); ls "$W/unet-run/checkpoints" 2>/dev/null | grep -q step- && GO_ON=(--resume latest)
@@ -53,7 +55,7 @@ has final || exit 0
 STEP=$(ls "$W/unet-run/checkpoints" | sort | tail -1 | sed 's/step-0*//')
 [ -d "$W/unet-run/model-ema" ] || $LDM train "${ARGS[@]}" --max-steps "$STEP" --resume latest
 stamp "final"; python3 "$R/assemble.py" final "$W/unet-run/model-ema" "$W/clip" "$W/embedded"
-if [ "$N" -gt 0 ]; then
+if [ "$N" -gt 0 ] && [ "${JUDGE_PROMPTS:-200}" -gt 0 ]; then  # JUDGE_PROMPTS=0: scored elsewhere (on a CPU)
   if [ ! -f "$W/judge.pt" ]; then  # a judge trained before (e.g. on a CPU) is kept
     stamp "judge"; python3 "$R/judge.py" "$W/emoji.npz" "$W/judge.pt" --images "${JUDGE_IMAGES:-30000}" --epochs "${JUDGE_EPOCHS:-8}"
   fi
