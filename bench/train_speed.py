@@ -7,8 +7,10 @@ without the latent cache, and prints one JSON line per run and a table:
     python bench/train_speed.py --runs nocache:1,cache:1          # one GPU
     python bench/train_speed.py --runs cache:1,cache:2            # scaling, on a 2-GPU machine
     python bench/train_speed.py --family sdxl --runs cache:1 --batch-size 4 --images 64   # SDXL at 1024px
+    python bench/train_speed.py --runs cache:1,cache:1 --batch-size 32 --compile full   # cold, then warm compile
 
 images/s is measured between logged steps (after warm-up), so start-up and cache building are apart;
+first step s: from the command to ldm's "first step done" line (TORCHINDUCTOR_CACHE_DIR decides what is warm);
 MFU = images/s x 3 x forward TFLOP / peak: SD-1.5's U-Net forward at 64x64 latents ~0.80 TFLOP; SDXL's
 at 128x128 latents 6.76 TFLOP (counted by torch.utils.flop_counter.FlopCounterMode on the SDXL-shaped
 U-Net of sdxl_speed.py, attention included); training = 3x forward.
@@ -17,6 +19,7 @@ U-Net of sdxl_speed.py, attention included); training = 3x forward.
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,11 +60,18 @@ def run(ldm: list[str], data: Path, model: Path, out: Path, cache: bool, gpus: i
            "--log-every", str(LOG_EVERY), "--lr", "1e-5", "--gpus", str(gpus), "--cache-dir", str(args.cache_dir)]
     if not cache:
         cmd.append("--no-cache")
+    if args.compile:
+        cmd += ["--compile", args.compile]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    first_step_s, lines = None, []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        for line in p.stdout:  # the time to the first step as the user sees it: from the command
+            lines.append(line)
+            if first_step_s is None and "first step done" in line:
+                first_step_s = round(time.perf_counter() - t0, 1)
     wall = time.perf_counter() - t0
-    (args.results / f"train_speed-{out.name}.log").write_text(p.stdout + p.stderr)
-    error = (p.stderr.strip().splitlines() or ["?"])[-1] if p.returncode != 0 else None
+    (args.results / f"train_speed-{out.name}.log").write_text("".join(lines))
+    error = ("".join(lines).strip().splitlines() or ["?"])[-1] if p.returncode != 0 else None
     log_file = out / "log.jsonl"
     log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
     # elapsed_s is taken when the losses are read back (every LOG_EVERY steps): time from a flush to a flush
@@ -72,10 +82,10 @@ def run(ldm: list[str], data: Path, model: Path, out: Path, cache: bool, gpus: i
     a, b = start, flushes[-1]
     images = (b["step"] - a["step"]) * args.batch_size * gpus
     ips = images / (b["elapsed_s"] - a["elapsed_s"])
-    cache_note = next((line for line in p.stderr.splitlines() if "latent cache" in line), "")
+    cache_note = next((line.strip() for line in lines if "latent cache" in line), "")
     return {"run": out.name, "gpus": gpus, "cache": cache, "batch_per_gpu": args.batch_size, "images_per_s": round(ips, 2),
             "mfu_pct": round(100 * ips * TRAIN_TFLOP_PER_IMAGE[args.family] / (PEAK_TFLOPS * gpus), 1),
-            "wall_s": round(wall, 1),
+            "wall_s": round(wall, 1), "first_step_s": first_step_s,
             "final_loss": round(b["loss"], 4), "cache_note": cache_note.split(": ", 1)[-1],
             **({"error_after_timing": error} if error else {})}
 
@@ -87,6 +97,7 @@ def main():
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=10, help="steps before the timed span")
     ap.add_argument("--family", default="sd15", choices=("sd15", "sdxl"), help="SD-1.5-shaped at 512px, SDXL at 1024px")
+    ap.add_argument("--compile", choices=("auto", "none", "regional", "full"), help="ldm train's --compile")
     ap.add_argument("--images", type=int, default=256, help="generated training images")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ldm-train-bench",
                     help="folder for the model, data, cache and runs")
@@ -104,12 +115,15 @@ def main():
     if not data.is_dir():
         make_data(data, args.images, RESOLUTION[args.family])
     ldm = [sys.executable, "-m", "ldm_cli"]
-    for spec in args.runs.split(","):
+    for k, spec in enumerate(args.runs.split(",")):  # a spec given twice runs twice (a warm compile cache)
         mode, gpus = spec.split(":")
-        report.emit(run(ldm, data, model, args.work / f"{args.family}-{mode}-{gpus}gpu", mode == "cache", int(gpus), args))
-    report.table(("run", "GPUs", "images/s", "MFU", "wall s", "cache"),
-                 lambda r: [r["run"], r.get("gpus"), r.get("images_per_s"), f"{r.get('mfu_pct')}%", r.get("wall_s"),
-                            r.get("cache_note") or r.get("error", "")] if "run" in r and "gpu" not in r else None)
+        out = args.work / f"{args.family}-{mode}-{gpus}gpu-{k}"
+        shutil.rmtree(out, ignore_errors=True)
+        report.emit(run(ldm, data, model, out, mode == "cache", int(gpus), args))
+    report.table(("run", "GPUs", "images/s", "MFU", "first step s", "wall s", "cache"),
+                 lambda r: [r["run"], r.get("gpus"), r.get("images_per_s"), f"{r.get('mfu_pct')}%", r.get("first_step_s"),
+                            r.get("wall_s"), r.get("cache_note") or r.get("error", "")]
+                 if "run" in r and "gpu" not in r else None)
     report.save()
 
 

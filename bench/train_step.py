@@ -4,6 +4,7 @@
     python bench/train_step.py --part more         # batch 8, fast-vs-plain losses
     python bench/train_step.py --part plain        # the plain loop eager and compiled at batch 32
     python bench/train_step.py --part memory --batch 32 --checkpointing   # one peak-memory row (own process)
+    python bench/train_step.py --part memory --batch 32 --optimizer adamw8bit   # with bitsandbytes installed
     python bench/train_step.py --part kernels      # batch 32: GPU time by kernel kind, ldm vs plain compiled
 
 SD-1.5-shaped random U-Net (speed does not depend on values), 512px images = 64x64 latents, bf16.
@@ -66,7 +67,7 @@ def plain_step(batch: int, compiled: bool):
 
 
 def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, checkpointing: bool = False,
-              channels_last: bool | None = None):
+              channels_last: bool | None = None, optimizer: str = "adamw"):
     """ldm's training objects as `train.loop.train` builds them, over an in-memory latent cache."""
     from accelerate import Accelerator
 
@@ -80,7 +81,7 @@ def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, check
     unet, vae, text = fresh_unet()
     c = components(unet, vae, text)
     cfg = TrainConfig(data_dir="-", batch_size=batch, mixed_precision="bf16", seed=seed, lr=1e-5, resolution=512,
-                      compile=compile_mode)
+                      compile=compile_mode, optimizer=optimizer)
     acc = Accelerator(mixed_precision="bf16")
     if lora:
         from ldm_cli.models.lora import add_lora
@@ -224,11 +225,13 @@ def profile(batch: int, compile_mode: str, steps: int = 5) -> dict:
             **{f"{k}_pct": round(100 * v / total, 1) for k, v in phases.items()}}
 
 
-def peak_memory(batch: int, checkpointing: bool, lora: int) -> dict:
-    """Peak GPU memory of ldm's step (eager): full fine-tune or LoRA, with or without checkpointing."""
+def peak_memory(batch: int, checkpointing: bool, lora: int, optimizer: str = "adamw") -> dict:
+    """Peak GPU memory of ldm's step (eager): full fine-tune or LoRA, with or without checkpointing, AdamW or
+    8-bit AdamW."""
     from ldm_cli.train.loop import train_step
 
-    cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, "none", lora=lora, checkpointing=checkpointing)
+    cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, "none", lora=lora, checkpointing=checkpointing,
+                                                        optimizer=optimizer)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, 0)
@@ -239,7 +242,8 @@ def peak_memory(batch: int, checkpointing: bool, lora: int) -> dict:
     float(loss)
     dt = (time.perf_counter() - t0) / 5
     row = {"run": "peak memory", "batch": batch, "what": f"LoRA r{lora}" if lora else "full fine-tune",
-           "checkpointing": checkpointing, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+           "checkpointing": checkpointing, "optimizer": optimizer,
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
            "images_per_s_eager": round(batch / dt, 1)}
     del model, opt, c, batches
     torch.cuda.empty_cache()
@@ -252,6 +256,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="--part memory: batch size")
     ap.add_argument("--checkpointing", action="store_true", help="--part memory: gradient checkpointing")
     ap.add_argument("--lora", type=int, default=0, help="--part memory: LoRA rank (0: full fine-tune)")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
+                    help="--part memory: adamw8bit needs bitsandbytes")
     ap.add_argument("--steps", type=int, default=15, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
     ap.add_argument("--compile", default="full", choices=("regional", "full"), help="ldm's compiled mode to time")
@@ -266,7 +272,7 @@ def main():
         report.emit(profile(32, args.compile))
         report.emit(plain_run(32, True, args.steps, args.warmup))
     elif args.part == "memory":  # one row per process: nothing of an earlier run counts in its peak
-        report.emit(peak_memory(args.batch, args.checkpointing, args.lora))
+        report.emit(peak_memory(args.batch, args.checkpointing, args.lora, args.optimizer))
     elif args.part == "kernels":
         for row in kernels(32, args.compile):
             report.emit(row)

@@ -36,10 +36,25 @@ def test_train_speed_times_from_flush_to_flush_and_keeps_a_rate_after_a_failed_e
     log = [{"step": s, "loss": 0.5, "lr": 1e-5, "elapsed_s": flush_times[min(k for k in flush_times if k >= s)]}
            for s in range(1, 17)]
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    monkeypatch.setattr(train_speed.subprocess, "run",
-                        lambda *a, **k: types.SimpleNamespace(returncode=1, stdout="", stderr="ldm: error: disk full"))
-    args = types.SimpleNamespace(batch_size=4, steps=16, cache_dir=tmp_path, results=tmp_path, warmup=6, family="sdxl")
+    class Ended:  # the command's output, and its failed end
+        returncode = 1
+        stdout = iter(["latent cache /c: 4 entries encoded, 0 reused, 0.1 s\n", "first step done 9.9 s after the "
+                       "start (compile: full)\n", "ldm: error: disk full\n"])
+
+        def __init__(self, cmd, **kw):
+            assert cmd[-2:] == ["--compile", "full"]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(train_speed.subprocess, "Popen", Ended)
+    args = types.SimpleNamespace(batch_size=4, steps=16, cache_dir=tmp_path, results=tmp_path, warmup=6, family="sdxl",
+                                 compile="full")
     row = train_speed.run(["ldm"], tmp_path, tmp_path, out, True, 1, args)
+    assert row["first_step_s"] is not None and row["cache_note"] == "4 entries encoded, 0 reused, 0.1 s"
     # warm-up 6 falls inside the flush at step 10: timed from 10 (5.0 s) to 16 (6.8 s), 6 steps x 4 images
     assert row["images_per_s"] == pytest.approx(24 / 1.8, abs=0.01)
     assert row["error_after_timing"] == "ldm: error: disk full"
