@@ -73,8 +73,9 @@ class Encoders:
         c, device = self.c, self.accelerator.device
 
         def ids(tokenizer):
-            return tokenizer([expand(p, tokenizer) for p in captions], padding="max_length", truncation=True,
-                             max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+            tokens = tokenizer([expand(p, tokenizer) for p in captions], padding="max_length", truncation=True,
+                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+            return to_device(tokens, device)
 
         rows = range(len(captions)) if c.batch_invariant else [slice(None)]  # one caption at a time on CPU
         with self.accelerator.autocast():

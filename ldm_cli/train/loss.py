@@ -68,7 +68,7 @@ def diffusion_loss(unet, schedule: Schedule, latents, context, gen: torch.Genera
     if min_snr_gamma:  # weight min(SNR, gamma) / SNR on eps (/(SNR + 1) on v): tames the low-noise steps
         snr = alpha_bar / (1 - alpha_bar)
         weight = snr.clamp(max=min_snr_gamma) / (snr + 1 if v_pred else snr)
-        per_item = per_item * weight.to(per_item.device)
+        per_item = per_item * to_device(weight, per_item.device)  # pinned: a pageable copy would sync each step
     return per_item.mean()
 
 
