@@ -246,3 +246,38 @@ def test_the_logged_images_per_second_is_the_rate_since_the_last_flush(tmp_path,
     assert [r["images_per_s"] for r in shown] == [2.56, 512.0, 512.0]
     assert [r["elapsed_s"] for r in shown] == [100.0, 101.0, 101.0]
     assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_batches_gathered_from_a_device_store_equal_the_stacked_ones():
+    """On CUDA the cache's tensors are kept on the GPU and each batch gathered there; here the same store is
+    built on the CPU: every batch (caption dropout included) must equal the stacked one, and a store is refused
+    when it would not fit or the moments differ in shape."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ldm_cli.train.batches import Batches
+    from ldm_cli.train.cache import EncodedData
+    from ldm_cli.train.config import TrainConfig
+    from ldm_cli.train.data import Example
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(Path(f"/d/{i}.png"), f"caption {i % 5}") for i in range(23)]
+    cached = EncodedData({e.path: torch.randn(8, 4, 4, generator=g) for e in examples},
+                         {c: torch.randn(77, 16, generator=g) for c in {e.caption for e in examples} | {""}}, 0, 0, [])
+    fake = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), trained_text=None,
+                           c=SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5)),
+                                             family="sd"))
+    cfg = TrainConfig(data_dir="x", seed=3, batch_size=6, caption_dropout=0.3)
+    plain, stored = Batches(cfg, examples, fake, cached, 1, 0), Batches(cfg, examples, fake, cached, 1, 0)
+    assert plain.store is None  # only on CUDA by itself
+    stored.store = stored._device_store(cached, free_bytes=10**9)
+    assert stored.store is not None and stored.store[0].shape == (23, 8, 4, 4) and len(stored.store[2]) == 6
+    dropped = 0
+    for step in range(8):
+        (za, ca), (zb, cb) = (b.batch(step, 0, torch.Generator().manual_seed(step)) for b in (plain, stored))
+        assert torch.equal(za, zb) and torch.equal(ca, cb)
+        dropped += int((ca == cached.context[""]).all(dim=(1, 2)).sum())
+    assert dropped > 0  # caption dropout was exercised
+    assert stored._device_store(cached, free_bytes=1000) is None  # would not fit
+    cached.moments[examples[0].path] = torch.randn(8, 4, 6)
+    assert stored._device_store(cached, free_bytes=10**9) is None  # moments of two shapes (buckets)
