@@ -166,7 +166,7 @@ def validate(accelerator, c, unet, cfg: TrainConfig, ema, params, validation, lo
     """The validation grid (with --validation-prompt) and the validation loss (with held-out images), run eager:
     a compiled training U-Net would compile again for the no-grad calls of another batch, and the training graph
     after them (the batch then dynamic): on an H200 the embedded model's run made no step in the 200 s after its
-    first validation, having made 1,000 in the 70 s before it."""
+    first validation, having made its steps 100-1,000 in the 70 s before it."""
     with torch.compiler.set_stance("force_eager"):
         if cfg.validation_prompts:
             validation_grid(accelerator, trained_components(accelerator, c, unet, cfg), ema, params, cfg, step)
