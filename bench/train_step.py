@@ -6,6 +6,7 @@
     python bench/train_step.py --part memory --batch 32 --checkpointing   # one peak-memory row (own process)
     python bench/train_step.py --part memory --batch 32 --optimizer adamw8bit   # with bitsandbytes installed
     python bench/train_step.py --part kernels      # batch 32: GPU time by kernel kind, ldm vs plain compiled
+    python bench/train_step.py --part small        # the embedded model's U-Net at batch 256: none, full, graphs
 
 SD-1.5-shaped random U-Net (speed does not depend on values), 512px images = 64x64 latents, bf16.
 - `plain`: a reference loop written here, nothing from ldm: data already on the GPU, autocast bf16,
@@ -16,42 +17,97 @@ SD-1.5-shaped random U-Net (speed does not depend on values), 512px images = 64x
 images/s over --steps timed steps after --warmup steps (compilation happens in warm-up: `first_s` is the
 time to the end of the first step). MFU = images/s x 2.40 TFLOP / 989 TFLOP/s (SD-1.5 U-Net forward at
 64x64 latents ~0.80 TFLOP, training = 3x forward; the convention of bench/train_speed.py).
+`--part small`: the embedded model's U-Net (recipes/tiny-emoji/unet.json, 64px images = 16x16 latents, 32
+tokens of 256) at batch 256, the shape of the embedded recipe's run, whose step the host cannot keep fed:
+ldm's step with --compile none, full and graphs (CUDA graphs) beside the plain loop compiled by default and
+with reduce-overhead (CUDA graphs); TFLOP per image counted by torch's FlopCounterMode (3x the forward).
 """
 
 import argparse
+import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from common import PEAK_TFLOPS, Report, add_out_option, components, out_folder, sd15_shaped
 
-TFLOP_PER_IMAGE = 2.40
+
+@dataclass
+class Shape:
+    """The U-Net timed: its modules, latent side, text context [tokens, width], TFLOP a training image."""
+    build: object  # () -> (unet, vae, text encoder) on the GPU
+    latent: int
+    context: tuple
+    tflop_per_image: float
+    resolution: int
+
+
+def small_shaped(dev, dtype):
+    """(unet, vae, text_encoder) shaped like the embedded model's: the recipe's U-Net, a VAE of factor 4."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = json.loads((Path(__file__).parent.parent / "recipes/tiny-emoji/unet.json").read_text())
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, cross_attention_dim=256, **config)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 32, 32), layers_per_block=1,
+                        sample_size=64)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=3,
+                                        num_attention_heads=4, max_position_embeddings=32, vocab_size=49408))
+    for m in (unet, vae, text):
+        m.to(dev, dtype).eval().requires_grad_(False)
+    return unet, vae, text
+
+
+def training_tflop(unet, latent: int, context: tuple) -> float:
+    """3x the forward's FLOPs of one image (backward ~2x forward), by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = next(unet.parameters()).device
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(torch.zeros(1, 4, latent, latent, device=dev), torch.tensor([500], device=dev),
+             torch.zeros(1, *context, device=dev))
+    return 3 * counter.get_total_flops() / 1e12
+
+
+SD15 = Shape(lambda: sd15_shaped("cuda", torch.float32), 64, (77, 768), 2.40, 512)
+SHAPE = SD15  # what the runs time (main sets it)
+
+
+def small_shape() -> Shape:
+    unet, _, _ = small_shaped("cuda", torch.float32)
+    return Shape(lambda: small_shaped("cuda", torch.float32), 16, (32, 256), training_tflop(unet, 16, (32, 256)), 64)
 
 
 def fresh_unet():
-    unet, vae, text = sd15_shaped("cuda", torch.float32)
+    unet, vae, text = SHAPE.build()
     unet.train().requires_grad_(True)
     return unet, vae, text
 
 
-def plain_run(batch: int, compiled: bool, steps: int, warmup: int) -> dict:
-    return timed_run(f"plain {'compiled' if compiled else 'eager'}", batch, plain_step(batch, compiled), steps, warmup)
+def plain_run(batch: int, compiled: bool, steps: int, warmup: int, mode: str | None = None) -> dict:
+    name = f"plain {'compiled' if compiled else 'eager'}" + (f" {mode}" if mode else "")
+    return timed_run(name, batch, plain_step(batch, compiled, mode), steps, warmup)
 
 
-def plain_step(batch: int, compiled: bool):
-    """The reference loop's step: what a PyTorch user writes in a few lines."""
+def plain_step(batch: int, compiled: bool, mode: str | None = None):
+    """The reference loop's step: what a PyTorch user writes in a few lines (`mode`: torch.compile's)."""
     unet, _, _ = fresh_unet()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2, fused=True)
-    model = torch.compile(unet) if compiled else unet
+    model = torch.compile(unet, mode=mode) if compiled else unet
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device="cuda") ** 2
     alpha_bar = torch.cumprod(1 - betas, 0)
     g = torch.Generator("cuda").manual_seed(0)
-    x0 = torch.randn(batch, 4, 64, 64, device="cuda", generator=g)
-    ctx = torch.randn(batch, 77, 768, device="cuda", generator=g)
+    x0 = torch.randn(batch, 4, SHAPE.latent, SHAPE.latent, device="cuda", generator=g)
+    ctx = torch.randn(batch, *SHAPE.context, device="cuda", generator=g)
 
     def step():
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (batch,), device="cuda")
         a = alpha_bar[t].view(-1, 1, 1, 1)
@@ -80,7 +136,8 @@ def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, check
 
     unet, vae, text = fresh_unet()
     c = components(unet, vae, text)
-    cfg = TrainConfig(data_dir="-", batch_size=batch, mixed_precision="bf16", seed=seed, lr=1e-5, resolution=512,
+    cfg = TrainConfig(data_dir="-", batch_size=batch, mixed_precision="bf16", seed=seed, lr=1e-5,
+                      resolution=SHAPE.resolution,
                       compile=compile_mode, optimizer=optimizer)
     acc = Accelerator(mixed_precision="bf16")
     if lora:
@@ -96,9 +153,10 @@ def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, check
     model, opt = acc.prepare(unet, opt)
     rng = torch.Generator().manual_seed(seed)
     examples = [Example(Path(f"/data/{i}.png"), f"caption {i % 16}") for i in range(256)]
-    cached = EncodedData({e.path: torch.randn(8, 64, 64, generator=rng) for e in examples},
-                         {f"caption {k}": torch.randn(77, 768, generator=rng) for k in range(16)} |
-                         {"": torch.randn(77, 768, generator=rng)}, 0, 0.0, [])
+    n = SHAPE.latent
+    cached = EncodedData({e.path: torch.randn(8, n, n, generator=rng) for e in examples},
+                         {f"caption {k}": torch.randn(*SHAPE.context, generator=rng) for k in range(16)} |
+                         {"": torch.randn(*SHAPE.context, generator=rng)}, 0, 0.0, [])
     batches = Batches(cfg, examples, Encoders(c, acc), cached, 1, 0)
     return cfg, model, c, batches, opt, sched, acc
 
@@ -119,6 +177,7 @@ def ldm_step(batch: int, compile_mode: str, channels_last: bool | None = None):
 
     def step():
         with fast.compile_limits():
+            fast.step_begins(compile_mode)
             return train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, next(k))
 
     return step
@@ -157,7 +216,7 @@ def timed_run(name: str, batch: int, step, steps: int, warmup: int) -> dict:
     dt = (time.perf_counter() - t1) / steps
     ips = batch / dt
     row = {"run": name, "batch": batch, "images_per_s": round(ips, 1),
-           "mfu_pct": round(100 * ips * TFLOP_PER_IMAGE / PEAK_TFLOPS, 1), "step_ms": round(1000 * dt, 1),
+           "mfu_pct": round(100 * ips * SHAPE.tflop_per_image / PEAK_TFLOPS, 1), "step_ms": round(1000 * dt, 1),
            "first_s": round(first, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
     torch.cuda.empty_cache()
     return row
@@ -173,12 +232,13 @@ def losses_agree(batch: int, fast_mode: str, n: int = 20) -> dict:
         cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, mode, seed=7)
         t0 = time.perf_counter()
         with fast.compile_limits():
-            out[mode] = [train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, 0)]
-            float(out[mode][0])  # waits for the step
-            out[f"{mode}_first_s"] = round(time.perf_counter() - t0, 1)
-            out[mode] += [train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, k)
-                          for k in range(1, n)]
-        out[mode] = [float(x) for x in out[mode]]
+            out[mode] = []
+            for k in range(n):
+                fast.step_begins(mode)
+                out[mode].append(float(train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc,
+                                                  k)))  # read now: a graph's next replay reuses its buffers
+                if k == 0:
+                    out[f"{mode}_first_s"] = round(time.perf_counter() - t0, 1)
         del model, opt
         torch.cuda.empty_cache()
     rel = [abs(a - b) / abs(a) for a, b in zip(out["none"], out[fast_mode])]
@@ -252,7 +312,7 @@ def peak_memory(batch: int, checkpointing: bool, lora: int, optimizer: str = "ad
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels"), default="speed")
+    ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels", "small"), default="speed")
     ap.add_argument("--batch", type=int, default=8, help="--part memory: batch size")
     ap.add_argument("--checkpointing", action="store_true", help="--part memory: gradient checkpointing")
     ap.add_argument("--lora", type=int, default=0, help="--part memory: LoRA rank (0: full fine-tune)")
@@ -260,12 +320,25 @@ def main():
                     help="--part memory: adamw8bit needs bitsandbytes")
     ap.add_argument("--steps", type=int, default=15, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
-    ap.add_argument("--compile", default="full", choices=("regional", "full"), help="ldm's compiled mode to time")
+    ap.add_argument("--compile", default="full", choices=("regional", "full", "graphs"),
+                    help="ldm's compiled mode to time")
     add_out_option(ap)
     args = ap.parse_args()
     random.seed(0)
     report = Report(out_folder(args.out), f"train_step_{args.part}")
-    if args.part == "speed":
+    global SHAPE
+    if args.part == "small":
+        SHAPE = small_shape()
+        print(f"embedded-shaped U-Net: {SHAPE.tflop_per_image:.5f} TFLOP a training image")
+        steps = max(args.steps, 60)  # ~0.1 s a step: more of them for a steady figure
+        for mode in ("none", "full", "graphs"):
+            report.emit(ldm_run(256, mode, steps, args.warmup))
+        report.emit(plain_run(256, True, steps, args.warmup))
+        report.emit(plain_run(256, True, steps, args.warmup, mode="reduce-overhead"))
+        report.emit(losses_agree(256, "graphs"))
+        for row in kernels(256, "full"):  # GPU time a step against the step's time: GPU- or host-bound?
+            report.emit(row)
+    elif args.part == "speed":
         report.emit(ldm_run(32, "none", args.steps, args.warmup, channels_last=False))
         report.emit(ldm_run(32, "none", args.steps, args.warmup, channels_last=True))
         report.emit(ldm_run(32, args.compile, args.steps, args.warmup))

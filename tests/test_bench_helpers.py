@@ -59,3 +59,22 @@ def test_train_speed_times_from_flush_to_flush_and_keeps_a_rate_after_a_failed_e
     assert row["images_per_s"] == pytest.approx(24 / 1.8, abs=0.01)
     assert row["error_after_timing"] == "ldm: error: disk full"
     assert row["mfu_pct"] == pytest.approx(100 * 24 / 1.8 * 3 * 6.76 / 989, abs=0.1)
+
+
+def test_small_training_bench_times_the_shipped_models_unet():
+    """bench/train_step.py --part small builds the embedded model's U-Net (the recipe's config) at its latent
+    and context shapes, and counts its training FLOPs: 3x a forward."""
+    import torch
+
+    from ldm_cli.models.load import default_model, load_components
+
+    train_step = pytest.importorskip("train_step")
+    unet, vae, _ = train_step.small_shaped("cpu", torch.float32)
+    shipped = load_components(default_model(), device="cpu").unet
+    keys = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
+            "cross_attention_dim", "sample_size", "in_channels", "norm_num_groups")
+    assert {k: unet.config[k] for k in keys} == {k: shipped.config[k] for k in keys}
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in shipped.parameters())
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 4  # 64 px images, 16x16 latents
+    tflop = train_step.training_tflop(unet, 16, (32, 256))
+    assert 0.002 < tflop < 0.005, tflop  # counted: 0.00327 (0.84 TFLOP a step of 256)

@@ -281,3 +281,25 @@ def test_batches_gathered_from_a_device_store_equal_the_stacked_ones():
     assert stored._device_store(cached, free_bytes=1000) is None  # would not fit
     cached.moments[examples[0].path] = torch.randn(8, 4, 6)
     assert stored._device_store(cached, free_bytes=10**9) is None  # moments of two shapes (buckets)
+
+
+def test_compile_modes_resolve_by_device_length_and_layout():
+    from ldm_cli.train.fast import AUTO_COMPILE_MIN_STEPS, compile_mode
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS) == "full"
+    assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS - 1) == "none"  # a cold compile would not pay back
+    assert compile_mode("auto", cpu, 10**6) == compile_mode("full", cpu, 10) == compile_mode("graphs", cpu, 10) == "none"
+    assert compile_mode("graphs", cuda, 10) == "graphs"
+    assert compile_mode("graphs", cuda, 10, world=2) == "full"  # DDP all-reduces mid-backward
+    assert compile_mode("graphs", cuda, 10, accumulation=2) == "full"  # gradients kept across micro-batches
+
+
+def test_compile_graphs_on_a_cpu_is_the_plain_step(shapes, tiny_model, tmp_path):
+    notes = []
+    base = dict(data_dir=str(shapes), model=str(tiny_model), max_steps=2, batch_size=2, lr=1e-3, seed=2,
+                device="cpu", cache_dir=str(tmp_path / "cache"))
+    train(TrainConfig(out_dir=str(tmp_path / "graphs"), compile="graphs", **base), say=notes.append)
+    train(TrainConfig(out_dir=str(tmp_path / "none"), compile="none", **base))
+    assert any(n.endswith("(compile: none)") for n in notes)  # said as it is: nothing compiled on a CPU
+    assert len(losses(tmp_path / "graphs")) == 2 and losses(tmp_path / "graphs") == losses(tmp_path / "none")

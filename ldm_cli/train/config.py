@@ -92,8 +92,9 @@ class TrainConfig:
     # recompute activations in backward: less memory, ~30% slower
     gradient_checkpointing: bool = option(False, "Less memory, ~30% slower.")
     # auto: full on CUDA for runs of >= 2000 steps (train/fast.py gives the measured break-even)
-    compile: str = option("auto", "torch.compile the U-Net: auto, none, regional (its repeated blocks), full.",
-                          choices=("auto", "none", "regional", "full"))
+    # graphs: full + CUDA graphs, for small U-Nets whose steps the host cannot keep fed (one GPU, no accumulation)
+    compile: str = option("auto", "torch.compile the U-Net: auto, none, regional (its repeated blocks), full, graphs.",
+                          choices=("auto", "none", "regional", "full", "graphs"))
     # train the unconditional branch too, so classifier-free guidance works on the result
     caption_dropout: float = option(0.1, "Share of empty captions (for CFG).", min=0.0, max=1.0, finite=True)
     random_flip: bool = option(False, "Flip images left-right at random.")

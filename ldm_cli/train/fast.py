@@ -8,7 +8,12 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   ~150 s to compile cold, ~7 s from inductor's warm cache); `regional` compiles each repeated block
   (ResNet and transformer blocks) alone: measured slower to run (110 images/s) and not quicker to
   compile (174 s: ~20 distinct block shapes, each compiled forward and backward);
-- channels_last: measured 6% slower (GroupNorm runs NCHW), so off.
+- channels_last: measured 6% slower (GroupNorm runs NCHW), so off;
+- `graphs`: `full` with CUDA graphs (torch.compile's reduce-overhead): each step's forward and backward
+  replayed with one launch each, for steps the host cannot keep fed (small U-Nets at large batch, where
+  Python's kernel launches outlast the GPU's work). One process, one micro-batch a step (graphs replay
+  into fixed buffers: gradients kept across micro-batches or all-reduced by DDP mid-backward are not
+  theirs to own); otherwise `full`. Not yet measured on a GPU (bench/train_step.py --part small).
 On the CPU none applies: the CPU path stays bitwise as before (exact-resume tests run there).
 """
 
@@ -17,18 +22,23 @@ from contextlib import contextmanager
 import torch
 
 REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")  # the U-Net's repeated blocks
-COMPILE_MODES = ("auto", "none", "regional", "full")
+COMPILE_MODES = ("auto", "none", "regional", "full", "graphs")
 CHANNELS_LAST = False  # measured 6% slower in training (89.3 vs 95.2 images/s eager at batch 32)
 # break-even of `full` at batch 32: 147 s cold compile / (336 - 253 ms saved per step) ~ 1800 steps; with a
 # warm inductor cache (~7 s) ~ 100 steps. auto compiles for runs of at least this many steps:
 AUTO_COMPILE_MIN_STEPS = 2000
 
 
-def compile_mode(mode: str, device: torch.device, max_steps: int) -> str:
-    """`auto`: full on CUDA for runs long enough to pay a cold compile back, else none."""
+def compile_mode(mode: str, device: torch.device, max_steps: int, world: int = 1, accumulation: int = 1) -> str:
+    """`auto`: full on CUDA for runs long enough to pay a cold compile back, else none. `graphs` is `full`
+    with more than one process or micro-batch a step. Off CUDA, none: the levers are CUDA's."""
+    if device.type != "cuda":
+        return "none"
+    if mode == "graphs" and (world > 1 or accumulation > 1):
+        return "full"
     if mode != "auto":
         return mode
-    return "full" if device.type == "cuda" and max_steps >= AUTO_COMPILE_MIN_STEPS else "none"
+    return "full" if max_steps >= AUTO_COMPILE_MIN_STEPS else "none"
 
 
 def speed_up(unet, mode: str, device: torch.device, channels_last: bool = CHANNELS_LAST) -> None:
@@ -43,6 +53,15 @@ def speed_up(unet, mode: str, device: torch.device, channels_last: bool = CHANNE
                 m.compile()
     elif mode == "full":
         unet.compile()
+    elif mode == "graphs":
+        unet.compile(mode="reduce-overhead")
+
+
+def step_begins(mode: str) -> None:
+    """Tell CUDA graphs a new step begins: the last step's outputs (its loss, its gradients) are done with,
+    so their buffers may be replayed into."""
+    if mode == "graphs":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 @contextmanager

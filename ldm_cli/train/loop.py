@@ -71,7 +71,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if cfg.textual_inversion:
         check_token_used(cfg, examples, say)
     unet.to(accelerator.device).train()
-    compiled = fast.compile_mode(cfg.compile, accelerator.device, max_steps)
+    compiled = fast.compile_mode(cfg.compile, accelerator.device, max_steps, world, cfg.gradient_accumulation)
+    if compiled != cfg.compile and cfg.compile == "graphs":
+        say("--compile graphs needs one process and one micro-batch a step: compiling full instead")
     fast.speed_up(unet, compiled, accelerator.device)
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
@@ -100,6 +102,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     try:
         for step in range(start, max_steps):
             with fast.compile_limits() if compiled != "none" else nullcontext():  # importing dynamo costs ~2 s
+                fast.step_begins(compiled)
                 loss = train_step(cfg, model, unet, c.schedule, (batches, classes), optimizer, lr_sched, accelerator,
                                   step)
             if step == start and main:

@@ -7,7 +7,7 @@
 # Data: SCENES_PER_KIND composed scenes of each kind (scenes.py: single emoji, wearing, pairs, counts,
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;
 # its short-caption second stage was finetune.sh).
-# COMPILE=none|regional|full: ldm train's --compile for the U-Net (default auto: full on CUDA for long runs).
+# COMPILE=none|regional|full|graphs: ldm train's --compile for the U-Net (default auto: full on CUDA for long runs).
 # UNET_CONFIG=FILE trains another U-Net shape than unet.json (the shipped weights must stay <= 60 MB in all).
 # STAGES picks what runs, in order (default all: "data unet final"): data = scenes, tokenizer, VAE, CLIP, the
 # base model; unet = the U-Net for at most UNET_SECONDS (resumed from WORK_DIR's last checkpoint if there is
