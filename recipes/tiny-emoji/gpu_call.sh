@@ -4,7 +4,10 @@
 # each other). Each call carries .whl (diffusers, typer and pydantic, ... for Python 3.12); the first also
 # .data/emoji.npz (from make_dataset.py) and, when there is one, .data/judge.pt (judge.py, trained on a CPU
 # beforehand; else the recipe trains it).
-#   VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh start 560
+#   bash recipes/tiny-emoji/gpu_call.sh probe          (optional, ~6 min) ldm train's step for this U-Net with
+#       --compile none, full and graphs (bench/train_step.py --part small), CUDA-graphed training against eager
+#       (tests/test_gpu.py); it fills inductor's cache, so the run's own compile is quick; pick COMPILE from it
+#   [COMPILE=graphs] VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh start 560
 #       data, tokenizer, VAE, CLIP, base model; then the U-Net in its own process session (it outlives the
 #       call), this call watching it until 560 s have passed
 #   bash recipes/tiny-emoji/gpu_call.sh watch 580      the U-Net goes on; the call shows its log
@@ -23,6 +26,9 @@ TRAIN="^python3 -m ldm_cli train"  # the U-Net's process (not the timeout around
 until_s() { while [ $(( $(date +%s) - START )) -lt "$1" ] && pgrep -f "$TRAIN" >/dev/null; do sleep 5; done; }
 unet_log() { grep -v -i "warn\|Writing model\|Loading weights\|Loading pipeline\|float32" $W/unet.log | tail -"${1:-12}"; }
 case "${1:-}" in
+  probe)
+    python3 bench/train_step.py --part small --out $OUT 2>&1 | grep -v -i "warn\|float32" | tail -24
+    python3 -m pytest -q -m gpu tests/test_gpu.py -k training -p no:cacheprovider 2>&1 | tail -4 ;;
   start)
     mkdir -p $W && cp .data/emoji.npz $W/ && { cp .data/judge.pt $W/ 2>/dev/null || true; }
     STAGES=data $RUN > $OUT/data.log 2>&1 || { tail -30 $OUT/data.log; exit 1; }
@@ -40,6 +46,6 @@ case "${1:-}" in
     cp $W/unet.log $OUT/
     cat $W/vae/metrics.json $W/clip/metrics.json $W/embedded_judge.jsonl $W/unet-run/log.jsonl > $OUT/metrics.txt 2>/dev/null
     ls $W/unet-run/validation | tail -1 | xargs -I{} cp $W/unet-run/validation/{} $OUT/validation-last.png ;;
-  *) echo "usage: gpu_call.sh start|watch|finish SECONDS" >&2; exit 2 ;;
+  *) echo "usage: gpu_call.sh probe | start|watch|finish SECONDS" >&2; exit 2 ;;
 esac
 ls -la $OUT
