@@ -28,7 +28,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--compile", default="full", choices=("none", "regional", "full"))
+    ap.add_argument("--compile", default="full", choices=("none", "regional", "full", "graphs"))
     ap.add_argument("--model", type=Path, help="a model folder (default: an SD-1.5-shaped random one, 512 px)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ldm-train-bench")

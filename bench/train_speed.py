@@ -97,7 +97,7 @@ def main():
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=10, help="steps before the timed span")
     ap.add_argument("--family", default="sd15", choices=("sd15", "sdxl"), help="SD-1.5-shaped at 512px, SDXL at 1024px")
-    ap.add_argument("--compile", choices=("auto", "none", "regional", "full"), help="ldm train's --compile")
+    ap.add_argument("--compile", choices=("auto", "none", "regional", "full", "graphs"), help="ldm train's --compile")
     ap.add_argument("--images", type=int, default=256, help="generated training images")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ldm-train-bench",
                     help="folder for the model, data, cache and runs")
