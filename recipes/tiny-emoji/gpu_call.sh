@@ -27,8 +27,8 @@ until_s() { while [ $(( $(date +%s) - START )) -lt "$1" ] && pgrep -f "$TRAIN" >
 unet_log() { grep -v -i "warn\|Writing model\|Loading weights\|Loading pipeline\|float32" $W/unet.log | tail -"${1:-12}"; }
 case "${1:-}" in
   probe)
-    python3 bench/train_step.py --part small --out $OUT 2>&1 | grep -v -i "warn\|float32" | tail -24
-    python3 -m pytest -q -m gpu tests/test_gpu.py -k training -p no:cacheprovider 2>&1 | tail -4 ;;
+    timeout 420 python3 bench/train_step.py --part small --out $OUT 2>&1 | grep -v -i "warn\|float32" | tail -24
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -k training -p no:cacheprovider 2>&1 | tail -4 ;;
   start)
     mkdir -p $W && cp .data/emoji.npz $W/ && { cp .data/judge.pt $W/ 2>/dev/null || true; }
     STAGES=data $RUN > $OUT/data.log 2>&1 || { tail -30 $OUT/data.log; exit 1; }
