@@ -10,6 +10,8 @@
 #   [COMPILE=graphs] VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh start 560
 #       data, tokenizer, VAE, CLIP, base model; then the U-Net in its own process session (it outlives the
 #       call), this call watching it until 560 s have passed
+#       FROM=.data/from (carried: an earlier run's returned model folder) trains that model on instead of a new
+#       one: the data stage only composes the scenes (run.sh says more)
 #   bash recipes/tiny-emoji/gpu_call.sh watch 580      the U-Net goes on; the call shows its log
 #   bash recipes/tiny-emoji/gpu_call.sh finish 300     the U-Net for 300 s more, then SIGTERM (ldm checkpoints
 #       and stops), the fp16 model folder, the judge's scores
@@ -21,6 +23,10 @@ SITE=${SITE:-/tmp/site}  # installed once: the running U-Net imports from there
   --target $SITE .whl/*.whl && touch $SITE/.installed; } || exit 1
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 W=${W:-/tmp/emoji}
+if [ "${1:-}" = start ]; then  # FROM is kept in W: later calls need it (the final stage), carried or not
+  rm -rf $W/from; [ -n "${FROM:-}" ] && { mkdir -p $W && cp -r "$FROM" $W/from || exit 1; }
+fi
+unset FROM; [ -d $W/from ] && export FROM=$W/from
 RUN="bash $PWD/recipes/tiny-emoji/run.sh $W"
 TRAIN="^python3 -m ldm_cli train"  # the U-Net's process (not the timeout around it)
 until_s() { while [ $(( $(date +%s) - START )) -lt "$1" ] && pgrep -f "$TRAIN" >/dev/null; do sleep 5; done; }

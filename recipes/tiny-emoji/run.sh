@@ -9,6 +9,9 @@
 # its short-caption second stage was finetune.sh).
 # COMPILE=none|regional|full|graphs: ldm train's --compile for the U-Net (default auto: full on CUDA for long runs).
 # UNET_CONFIG=FILE trains another U-Net shape than unet.json (the shipped weights must stay <= 60 MB in all).
+# FROM=MODEL_DIR (absolute) goes on from a model an earlier run made (its fp16 folder, clip_image_tower in it):
+# its VAE, tokenizer and text encoder are kept (the data stage only composes the scenes) and its U-Net trains on
+# with a fresh optimizer: training spread over several sessions of GPU time, each adding its steps.
 # STAGES picks what runs, in order (default all: "data unet final"): data = scenes, tokenizer, VAE, CLIP, the
 # base model; unet = the U-Net for at most UNET_SECONDS (resumed from WORK_DIR's last checkpoint if there is
 # one); final = the fp16 model folder from the last checkpoint, and the judge's scores. gpu_call.sh runs them
@@ -32,15 +35,18 @@ else
   stamp "export_folder.py"; python3 export_folder.py "$W/emoji.npz" "$W/data"
   TOK_SCENES=()
 fi
+if [ -z "${FROM:-}" ]; then  # else FROM's tokenizer, VAE and text encoder
 stamp "make_tokenizer.py"; python3 make_tokenizer.py "$W/emoji.npz" "$W/tokenizer" "${TOK_SCENES[@]}"
 stamp "train_vae.py"; python3 train_vae.py "$W/emoji.npz" "$W/vae" --steps "${VAE_STEPS:-3000}" --batch "${VAE_BATCH:-128}" --max-seconds "${VAE_SECONDS:-600}" "${SCENES[@]}"
 stamp "train_clip.py"; python3 train_clip.py "$W/emoji.npz" "$W/tokenizer" "$W/clip" --steps "${CLIP_STEPS:-4000}" --batch "${CLIP_BATCH:-512}" --max-seconds "${CLIP_SECONDS:-600}" "${SCENES[@]}"
 stamp "assemble.py"; python3 assemble.py base "$W/vae" "$W/clip" "$W/tokenizer" "$W/base"
 fi
+fi
 cd - >/dev/null
 # The U-Net, trained by ldm itself, for at most T seconds: SIGTERM makes ldm checkpoint and stop,
 # and a resume with --max-steps at that step writes the final folders.
-ARGS=("$W/data" --model "$W/base" --out "$W/unet-run" --from-scratch --unet-config "${UNET_CONFIG:-$R/unet.json}"
+NEW=(--from-scratch --unet-config "${UNET_CONFIG:-$R/unet.json}"); [ -n "${FROM:-}" ] && NEW=()
+ARGS=("$W/data" --model "${FROM:-$W/base}" --out "$W/unet-run" "${NEW[@]}"
       --resolution 64 --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps 200 --min-snr-gamma 5
       --ema --ema-decay 0.999 --mixed-precision bf16 --log-every 100 --checkpoint-every 2000 --cache-dir "$W/cache"
       --compile "${COMPILE:-auto}"
@@ -54,7 +60,8 @@ has final || exit 0
 # a run stopped by its time limit: its last checkpoint's step becomes the last step, which writes the folders
 STEP=$(ls "$W/unet-run/checkpoints" | sort | tail -1 | sed 's/step-0*//')
 [ -d "$W/unet-run/model-ema" ] || $LDM train "${ARGS[@]}" --max-steps "$STEP" --resume latest
-stamp "final"; python3 "$R/assemble.py" final "$W/unet-run/model-ema" "$W/clip" "$W/embedded"
+TOWER=$W/clip; [ -n "${FROM:-}" ] && TOWER=$FROM/clip_image_tower
+stamp "final"; python3 "$R/assemble.py" final "$W/unet-run/model-ema" "$TOWER" "$W/embedded"
 if [ "$N" -gt 0 ] && [ "${JUDGE_PROMPTS:-200}" -gt 0 ]; then  # JUDGE_PROMPTS=0: scored elsewhere (on a CPU)
   if [ ! -f "$W/judge.pt" ]; then  # a judge trained before (e.g. on a CPU) is kept
     stamp "judge"; python3 "$R/judge.py" "$W/emoji.npz" "$W/judge.pt" --images "${JUDGE_IMAGES:-30000}" --epochs "${JUDGE_EPOCHS:-8}"
