@@ -312,6 +312,53 @@ def peak_memory(batch: int, checkpointing: bool, lora: int, optimizer: str = "ad
     return row
 
 
+def attention(name: str):
+    """Every run's SDPA kernel pinned to one backend (a lever to time: head dim 40 at SD-1.5's first level)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}
+    return nullcontext() if name == "default" else sdpa_kernel([backends[name]])
+
+
+def run_part(args, report) -> None:
+    global SHAPE
+
+    def emit(row: dict) -> None:
+        report.emit({**row, "sdpa": args.sdpa})
+
+    if args.part == "small":
+        SHAPE = small_shape()
+        print(f"embedded-shaped U-Net: {SHAPE.tflop_per_image:.5f} TFLOP a training image")
+        steps = max(args.steps, 60)  # ~0.1 s a step: more of them for a steady figure
+        for mode in ("none", "full", "graphs"):  # ldm's first: the embedded recipe picks its --compile from them
+            emit(ldm_run(256, mode, steps, args.warmup))
+        emit(losses_agree(256, "graphs"))
+        for row in kernels(256, "full"):  # GPU time a step against the step's time: GPU- or host-bound?
+            emit(row)
+        emit(plain_run(256, True, steps, args.warmup))
+        emit(plain_run(256, True, steps, args.warmup, mode="reduce-overhead"))
+    elif args.part == "speed":
+        emit(ldm_run(32, "none", args.steps, args.warmup, channels_last=False))
+        emit(ldm_run(32, "none", args.steps, args.warmup, channels_last=True))
+        emit(ldm_run(32, args.compile, args.steps, args.warmup))
+        emit(profile(32, args.compile))
+        emit(plain_run(32, True, args.steps, args.warmup))
+    elif args.part == "memory":  # one row per process: nothing of an earlier run counts in its peak
+        emit(peak_memory(args.batch, args.checkpointing, args.lora, args.optimizer))
+    elif args.part == "kernels":
+        for row in kernels(32, args.compile):
+            emit(row)
+    elif args.part == "plain":
+        emit(plain_run(32, False, args.steps, args.warmup))
+        emit(plain_run(32, True, args.steps, args.warmup))
+    else:
+        emit(ldm_run(8, args.compile, args.steps, args.warmup))
+        emit(losses_agree(8, args.compile))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels", "small"), default="speed")
@@ -324,39 +371,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
     ap.add_argument("--compile", default="full", choices=("regional", "full", "graphs"),
                     help="ldm's compiled mode to time")
+    ap.add_argument("--sdpa", default="default", choices=("default", "flash", "efficient", "cudnn"),
+                    help="the attention kernel of every run (torch.nn.attention.sdpa_kernel); default: torch's choice")
     add_out_option(ap)
     args = ap.parse_args()
     random.seed(0)
     report = Report(out_folder(args.out), f"train_step_{args.part}")
-    global SHAPE
-    if args.part == "small":
-        SHAPE = small_shape()
-        print(f"embedded-shaped U-Net: {SHAPE.tflop_per_image:.5f} TFLOP a training image")
-        steps = max(args.steps, 60)  # ~0.1 s a step: more of them for a steady figure
-        for mode in ("none", "full", "graphs"):  # ldm's first: the embedded recipe picks its --compile from them
-            report.emit(ldm_run(256, mode, steps, args.warmup))
-        report.emit(losses_agree(256, "graphs"))
-        for row in kernels(256, "full"):  # GPU time a step against the step's time: GPU- or host-bound?
-            report.emit(row)
-        report.emit(plain_run(256, True, steps, args.warmup))
-        report.emit(plain_run(256, True, steps, args.warmup, mode="reduce-overhead"))
-    elif args.part == "speed":
-        report.emit(ldm_run(32, "none", args.steps, args.warmup, channels_last=False))
-        report.emit(ldm_run(32, "none", args.steps, args.warmup, channels_last=True))
-        report.emit(ldm_run(32, args.compile, args.steps, args.warmup))
-        report.emit(profile(32, args.compile))
-        report.emit(plain_run(32, True, args.steps, args.warmup))
-    elif args.part == "memory":  # one row per process: nothing of an earlier run counts in its peak
-        report.emit(peak_memory(args.batch, args.checkpointing, args.lora, args.optimizer))
-    elif args.part == "kernels":
-        for row in kernels(32, args.compile):
-            report.emit(row)
-    elif args.part == "plain":
-        report.emit(plain_run(32, False, args.steps, args.warmup))
-        report.emit(plain_run(32, True, args.steps, args.warmup))
-    else:
-        report.emit(ldm_run(8, args.compile, args.steps, args.warmup))
-        report.emit(losses_agree(8, args.compile))
+    with attention(args.sdpa):
+        run_part(args, report)
     report.table(("run", "batch", "images/s", "MFU", "step ms", "first step s", "peak GiB"),
                  lambda r: [r["run"], r["batch"], r["images_per_s"], f"{r['mfu_pct']}%", r["step_ms"], r["first_s"],
                             r["peak_gib"]] if "mfu_pct" in r else None)
