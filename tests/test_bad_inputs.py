@@ -157,6 +157,8 @@ def cases(tmp, tiny_model, shapes):
         ("no prompt", ("sample", *tm), 2, "no prompt"),
         ("output not writable", ("sample", "x", *tm, "--steps", 1, "--out", x / "blocker" / "sub"), 2,
          "output folder is not writable"),
+        ("output is a file", ("sample", "x", *tm, "--steps", 1, "--out", x / "notimage.png"), 2,
+         "notimage.png: is a file; --out takes a folder"),
         ("cuda absent", ("sample", "x", *tm, "--device", "cuda"), 2, "CUDA is not available"),
         ("from-png not ldm", ("sample", "--from-png", x / "notimage.png"), 2, "cannot read PNG"),
         ("unknown sampler", (*s, "--sampler", "dpm2"), 2, "--sampler must be ddim, ddpm, euler"),

@@ -22,6 +22,9 @@ def cache_root() -> Path:
 
 def ensure_dir(out_dir: Path) -> Path:
     """Create `out_dir` if needed and prove it writable, before any work is done."""
+    if out_dir.is_file():  # `-o picture.png`: the option names a folder
+        raise LdmError(f"{out_dir}: is a file; --out takes a folder (images are named there by number, seed and "
+                       "prompt)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not out_dir.is_dir():
