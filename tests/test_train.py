@@ -303,3 +303,24 @@ def test_compile_graphs_on_a_cpu_is_the_plain_step(shapes, tiny_model, tmp_path)
     train(TrainConfig(out_dir=str(tmp_path / "none"), compile="none", **base))
     assert any(n.endswith("(compile: none)") for n in notes)  # said as it is: nothing compiled on a CPU
     assert len(losses(tmp_path / "graphs")) == 2 and losses(tmp_path / "graphs") == losses(tmp_path / "none")
+
+
+def test_warmup_steps_ramp_the_default_constant_schedule():
+    """diffusers' `constant` ignores num_warmup_steps: `--warmup-steps 4` must still ramp the rate."""
+    from ldm_cli.train.optim import build_schedule
+
+    def rates(**kw):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_schedule(TrainConfig(data_dir="d", **kw), opt, max_steps=10)
+        seen = []
+        for _ in range(6):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return seen
+
+    assert rates(warmup_steps=4) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert rates() == [1.0] * 6
+    assert rates(warmup_steps=4, lr_scheduler="linear")[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(LdmError, match="piecewise_constant"):
+        rates(warmup_steps=4, lr_scheduler="piecewise_constant")

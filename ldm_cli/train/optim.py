@@ -84,11 +84,18 @@ def build_optimizer(cfg: TrainConfig, params: list):
 
 
 def build_schedule(cfg: TrainConfig, optimizer, max_steps: int):
+    """diffusers' schedule of that name. Its `constant` and `piecewise_constant` ignore num_warmup_steps
+    silently, so `--warmup-steps N` turns `constant` into `constant_with_warmup` and is refused with
+    `piecewise_constant`."""
     from diffusers.optimization import get_scheduler
 
+    name = cfg.lr_scheduler
+    if cfg.warmup_steps and name == "constant":
+        name = "constant_with_warmup"
+    if cfg.warmup_steps and name == "piecewise_constant":
+        raise LdmError("--warmup-steps does not apply to --lr-scheduler piecewise_constant: drop one of them")
     try:
-        return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=max_steps)
+        return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
     except ValueError as e:
         raise LdmError(f"--lr-scheduler {cfg.lr_scheduler!r}: {str(e).splitlines()[0][:200]}") from None
 

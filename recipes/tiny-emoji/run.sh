@@ -8,6 +8,8 @@
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;
 # its short-caption second stage was finetune.sh).
 # COMPILE=none|regional|full|graphs: ldm train's --compile for the U-Net (default auto: full on CUDA for long runs).
+# BATCH, LR, WARMUP, EMA_DECAY, PRECISION (no on a CPU: bf16 is no faster there), CHECKPOINT_EVERY, LOG_EVERY: ldm
+# train's settings for the U-Net (defaults: the GPU run's).
 # UNET_CONFIG=FILE trains another U-Net shape than unet.json (the shipped weights must stay <= 60 MB in all).
 # FROM=MODEL_DIR (absolute) goes on from a model an earlier run made (its fp16 folder, clip_image_tower in it):
 # its VAE, tokenizer and text encoder are kept (the data stage only composes the scenes) and its U-Net trains on
@@ -47,8 +49,9 @@ cd - >/dev/null
 # and a resume with --max-steps at that step writes the final folders.
 NEW=(--from-scratch --unet-config "${UNET_CONFIG:-$R/unet.json}"); [ -n "${FROM:-}" ] && NEW=()
 ARGS=("$W/data" --model "${FROM:-$W/base}" --out "$W/unet-run" "${NEW[@]}"
-      --resolution 64 --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps 200 --min-snr-gamma 5
-      --ema --ema-decay 0.999 --mixed-precision bf16 --log-every 100 --checkpoint-every 2000 --cache-dir "$W/cache"
+      --resolution 64 --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps "${WARMUP:-200}" --min-snr-gamma 5
+      --ema --ema-decay "${EMA_DECAY:-0.999}" --mixed-precision "${PRECISION:-bf16}" --log-every "${LOG_EVERY:-100}"
+      --checkpoint-every "${CHECKPOINT_EVERY:-2000}" --cache-dir "$W/cache"
       --compile "${COMPILE:-auto}"
       --validate-every 1000 --validation-prompt "a cat wearing a top hat"
       --validation-prompt "an apple on the left and a banana on the right")
