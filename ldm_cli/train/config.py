@@ -140,11 +140,15 @@ def validate_config(cfg: TrainConfig) -> None:
     check(not ti or not (cfg.lora_rank or cfg.from_scratch),
           "--textual-inversion trains an embedding for a frozen model: drop --lora-rank / --from-scratch")
     check(not cfg.keep_tokens or cfg.shuffle_tags, "--keep-tokens goes with --shuffle-tags")
+    check(cfg.ema or cfg.ema_decay == TrainConfig.ema_decay, "--ema-decay goes with --ema")
+    check(cfg.lora_rank or not cfg.lora_alpha, "--lora-alpha goes with --lora-rank N")
     check(not (cfg.validation_split and cfg.validation_dir), "give --validation-split or --validation-dir, not both")
     dreambooth = cfg.class_data or cfg.class_prompt or cfg.num_class_images
     check(not dreambooth or (cfg.class_data and cfg.class_prompt.strip()), "DreamBooth needs both --class-data DIR "
           "and --class-prompt TEXT (e.g. 'photo of a dog')")
     check(not (dreambooth and ti), "--class-data (DreamBooth) trains the U-Net: drop --textual-inversion")
+    check(dreambooth or cfg.prior_loss_weight == TrainConfig.prior_loss_weight,
+          "--prior-loss-weight goes with --class-data DIR and --class-prompt TEXT (DreamBooth)")
     check(not cfg.zero_terminal_snr or not (cfg.lora_rank or ti), "--zero-terminal-snr changes the model's noise "
           "schedule and prediction type, which a LoRA or an embedding file cannot carry: train the whole U-Net")
     texts = cfg.instance_prompt + ti + cfg.init_word + cfg.caption_prefix + cfg.class_prompt
