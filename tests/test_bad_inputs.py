@@ -288,6 +288,8 @@ def cases(tmp, tiny_model, shapes):
         ("train --init-word alone", (*tr, "--init-word", "dog"), 2, "go with --textual-inversion"),
         ("train --ema-decay without --ema", (*tr, "--ema-decay", "0.99"), 2, "--ema-decay goes with --ema"),
         ("train --lora-alpha without --lora-rank", (*tr, "--lora-alpha", "8"), 2, "goes with --lora-rank"),
+        ("train --warmup-steps with piecewise_constant", (*tr, "--warmup-steps", "5", "--lr-scheduler",
+                                                          "piecewise_constant"), 2, "does not apply"),
         ("train --prior-loss-weight without DreamBooth", (*tr, "--prior-loss-weight", "0.5"), 2, "--class-data"),
         ("train --textual-inversion with --lora-rank", (*tr, "--textual-inversion", "zqx", "--init-word", "red",
                                                         "--lora-rank", "4"), 2, "drop --lora-rank"),

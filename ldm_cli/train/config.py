@@ -142,6 +142,8 @@ def validate_config(cfg: TrainConfig) -> None:
     check(not cfg.keep_tokens or cfg.shuffle_tags, "--keep-tokens goes with --shuffle-tags")
     check(cfg.ema or cfg.ema_decay == TrainConfig.ema_decay, "--ema-decay goes with --ema")
     check(cfg.lora_rank or not cfg.lora_alpha, "--lora-alpha goes with --lora-rank N")
+    check(not (cfg.warmup_steps and cfg.lr_scheduler == "piecewise_constant"),  # before any caching; optim.py too
+          "--warmup-steps does not apply to --lr-scheduler piecewise_constant: drop one of them")
     check(not (cfg.validation_split and cfg.validation_dir), "give --validation-split or --validation-dir, not both")
     dreambooth = cfg.class_data or cfg.class_prompt or cfg.num_class_images
     check(not dreambooth or (cfg.class_data and cfg.class_prompt.strip()), "DreamBooth needs both --class-data DIR "
