@@ -273,6 +273,13 @@ def test_training_never_replaces_what_it_did_not_create(shapes, tiny_model, tmp_
     r = ldm(data, "--out", run, "--resume", "latest")  # writes the model folder from the checkpoint
     assert r.returncode == 0 and "nothing to train" in r.stderr, r.stderr
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == model
+    # a model folder older than the checkpoint (an earlier sitting's, the run trained on since) is rewritten
+    (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"an earlier step's weights")
+    earlier = (run / "checkpoints" / "step-0000002").stat().st_mtime - 3600
+    os.utime(run / "model", (earlier, earlier))
+    r = ldm(data, "--out", run, "--resume", "latest")
+    assert r.returncode == 0 and "nothing to train" in r.stderr, r.stderr
+    assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == model
     r = ldm(data, "--out", run, "--lr", "1e-2", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != model

@@ -32,6 +32,13 @@ from ldm_cli.train.validation import ValidationLoss
 log = logging.getLogger("ldm")
 
 
+
+def stale(folder: Path, checkpoint: Path) -> bool:
+    """No model folder, or one written before the checkpoint (an earlier stop's, when a run trained on over
+    several sittings): the checkpoint's step has no model folder yet."""
+    return not folder.exists() or folder.stat().st_mtime < Path(checkpoint).stat().st_mtime
+
+
 def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) -> Path:
     """Train; returns the output (diffusers folder, or the LoRA file's folder).
     on_log(record, max_steps) for each logged step; say(text) for notes (default: the `ldm` logger)."""
@@ -87,9 +94,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     encoders.trained_text = model if cfg.textual_inversion else None
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
-    if start >= max_steps:  # a finished run: nothing to train, nothing rewritten
+    if start >= max_steps:  # a finished run: nothing to train, nothing rewritten that holds this step
         say(f"{resume_from} is at step {start} of {max_steps}: nothing to train (raise --max-steps to go on)")
-        if main and not (out / output_kind(cfg)).exists():  # stopped at its last step by a signal: no model yet
+        if main and stale(out / output_kind(cfg), resume_from):  # stopped by a signal: no model of this step
             with checkpoints.uninterrupted():
                 return write_models(trained_components(accelerator, c, unet, cfg), params, ema, cfg, out)
         return out / output_kind(cfg)
