@@ -32,7 +32,6 @@ from ldm_cli.train.validation import ValidationLoss
 log = logging.getLogger("ldm")
 
 
-
 def stale(folder: Path, checkpoint: Path) -> bool:
     """No model folder, or one written before the checkpoint (an earlier stop's, when a run trained on over
     several sittings): the checkpoint's step has no model folder yet."""

@@ -61,9 +61,9 @@ if has unet; then
 fi
 has final || exit 0
 # a run stopped by its time limit: its last checkpoint's step becomes the last step, which writes the folders
-# (again after a later call trained on: folders older than the last checkpoint are rewritten)
+# (ldm rewrites folders older than that checkpoint, after a later call trained on; leaves current ones alone)
 LAST=$(ls "$W/unet-run/checkpoints" | sort | tail -1); STEP=$(echo "$LAST" | sed 's/step-0*//')
-[ "$W/unet-run/model-ema" -nt "$W/unet-run/checkpoints/$LAST" ] || $LDM train "${ARGS[@]}" --max-steps "$STEP" --resume latest
+$LDM train "${ARGS[@]}" --max-steps "$STEP" --resume latest
 TOWER=$W/clip; [ -n "${FROM:-}" ] && TOWER=$FROM/clip_image_tower
 stamp "final"; python3 "$R/assemble.py" final "$W/unet-run/model-ema" "$TOWER" "$W/embedded"
 if [ "$N" -gt 0 ] && [ "${JUDGE_PROMPTS:-200}" -gt 0 ]; then  # JUDGE_PROMPTS=0: scored elsewhere (on a CPU)
