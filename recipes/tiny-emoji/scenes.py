@@ -6,7 +6,8 @@ each with a caption that says what is there, in many phrasings.
 
 Kinds of scene (every one also varies position, size and mirroring, so that a caption has many right
 pictures and the model must read its noise):
-  single   one emoji on a plain colour, the first edition's captions ("cat face, 3d style, on a blue background")
+  single   one emoji on a plain colour, the first edition's captions ("cat face, 3d style, on a blue background");
+           every kind on a plain colour names it in a third of its captions ("..., on a blue background")
   wearing  a wearer (animal or face) with an accessory where it belongs: hats on top of the alpha mask's box,
            glasses across the eyes, a scarf under the chin, a bow at the top corner ("a cat wearing a top hat")
   pair     two things side by side ("a cat next to an apple", "an apple on the left and a banana on the right")
@@ -261,6 +262,15 @@ class Composer:
         """Another real picture of what a wearing or pair scene shows (style, place, size, background vary)."""
         return self.wearing(s.things[0], s.accessory) if s.kind == "wearing" else self.pair(*s.things)
 
+    def colour_suffix(self, colour: str, kind: str) -> str:
+        """The plain background named in a third of training captions: a colour no caption names is one the model
+        may draw for any prompt, and a prompt that names one (the first edition's form) must be drawn on it. The
+        held-out prompts (train=False) are drawn as they always were (a quarter of wearing captions, no pair), so
+        that the judge's 200 prompts, and its scores, stay the same."""
+        if not self.train and kind != "wearing":
+            return ""
+        return f", on a {colour} background" if self.rng.random() < (0.35 if self.train else 0.25) else ""
+
     def _finish(self, s: Scene, canvas: Image.Image) -> Scene:
         s.image = np.asarray(canvas.convert("RGB"))
         return s
@@ -272,8 +282,9 @@ class Composer:
         colour = r.choice(list(COLOURS))
         canvas = background(r, None, colour)
         paste(canvas, self.e.image(name, style, r.randint(36, 50)), SIZE / 2 + r.randint(-4, 4), SIZE / 2 + r.randint(-4, 4))
-        text = r.choice([f"{name}, {style} style, on a {colour} background", f"{name}, {style} style",
-                         article(name), name, f"{article(name)} on a {colour} background"])
+        # the first edition's full form half the time: said less often, the model drifted off its colours
+        text = r.choices([f"{name}, {style} style, on a {colour} background", f"{name}, {style} style",
+                          article(name), name, f"{article(name)} on a {colour} background"], [10, 3, 2, 2, 3])[0]
         return self._finish(Scene("single", text, [name], style=style), canvas)
 
     def wearing(self, wearer: str | None = None, acc: str | None = None) -> Scene:
@@ -291,9 +302,7 @@ class Composer:
         canvas = background(r, None, colour)
         im = fit(wear(self.e, wearer, acc, style, 40, r.random() < 0.5), r.randint(44, 58))
         paste(canvas, im, SIZE / 2 + r.randint(-5, 5), SIZE / 2 + r.randint(-3, 3))
-        text = wearing_caption(r, wearer, acc, style)
-        if r.random() < 0.25:
-            text += f", on a {colour} background"
+        text = wearing_caption(r, wearer, acc, style) + self.colour_suffix(colour, "wearing")
         return self._finish(Scene("wearing", text, [wearer], accessory=acc, style=style), canvas)
 
     def pair(self, left: str | None = None, right: str | None = None) -> Scene:
@@ -307,11 +316,12 @@ class Composer:
             if fixed or (styles and self.allowed(left, right)):
                 break
         style = r.choice(styles)
-        canvas = background(r, None, r.choice(list(COLOURS)))
+        colour = r.choice(list(COLOURS))
+        canvas = background(r, None, colour)
         size = r.randint(24, 30)
         for name, cx in ((left, 16 + r.randint(-2, 3)), (right, 48 + r.randint(-3, 2))):
             paste(canvas, self.e.image(name, style, size, r.random() < 0.3), cx, SIZE / 2 + r.randint(-8, 8))
-        text = pair_caption(r, left, right, style)
+        text = pair_caption(r, left, right, style) + self.colour_suffix(colour, "pair")
         return self._finish(Scene("pair", text, [left, right], style=style, ordered=" left" in text or " right" in text),
                             canvas)
 
@@ -319,13 +329,15 @@ class Composer:
         r = self.rng
         name, n = r.choice(self.things), r.choice([1, 2, 2, 3, 3])
         style = r.choice(self.e.styles_of(name))
-        canvas = background(r, None, r.choice(list(COLOURS)))
+        colour = r.choice(list(COLOURS))
+        canvas = background(r, None, colour)
         size = {1: r.randint(32, 44), 2: r.randint(24, 28), 3: r.randint(18, 20)}[n]
         y = SIZE / 2 + r.randint(-6, 6)
         for i in range(n):
             cx = SIZE * (i + 1) / (n + 1) + r.randint(-2, 2)
             paste(canvas, self.e.image(name, style, size), cx, y + r.randint(-3, 3))
-        return self._finish(Scene("count", count_caption(r, name, n, style), [name] * n, count=n, style=style), canvas)
+        text = count_caption(r, name, n, style) + self.colour_suffix(colour, "count")
+        return self._finish(Scene("count", text, [name] * n, count=n, style=style), canvas)
 
     def place(self) -> Scene:
         r = self.rng
