@@ -6,7 +6,8 @@
 # independent judge's scores, bench/embedded_judge.py).
 # Data: SCENES_PER_KIND composed scenes of each kind (scenes.py: single emoji, wearing, pairs, counts,
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;
-# its short-caption second stage was finetune.sh).
+# its short-caption second stage was finetune.sh). SINGLE_BACKGROUNDS=K adds the first edition's data to the scenes:
+# every training emoji on K plain colours, half of them in the full caption form (export_folder.py).
 # COMPILE=none|regional|full|graphs: ldm train's --compile for the U-Net (default auto: full on CUDA for long runs).
 # BATCH, LR, WARMUP, EMA_DECAY, PRECISION (no on a CPU: bf16 is no faster there), CHECKPOINT_EVERY, LOG_EVERY: ldm
 # train's settings for the U-Net (defaults: the GPU run's).
@@ -32,6 +33,9 @@ cd "$R"
 if has data; then
 if [ "$N" -gt 0 ]; then
   stamp "scenes.py"; python3 scenes.py "$W/emoji.npz" "$W/data" --per-kind "$N"
+  if [ "${SINGLE_BACKGROUNDS:-0}" -gt 0 ]; then  # the first edition's data beside the scenes (its caption form kept)
+    stamp "export_folder.py"; python3 export_folder.py "$W/emoji.npz" "$W/data" --backgrounds "$SINGLE_BACKGROUNDS"
+  fi
   TOK_SCENES=("$W/data")
 else
   stamp "export_folder.py"; python3 export_folder.py "$W/emoji.npz" "$W/data"
