@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,24 @@ def test_latent_cache_is_reused_and_changes_nothing(shapes, tiny_model, tmp_path
     assert "41 entries encoded, 0 reused" in notes[0]  # 32 images, 8 captions + the empty one
     assert "0 entries encoded, 41 reused" in notes[1] and len(notes) == 2
     assert losses(tmp_path / "first") == losses(tmp_path / "second") == losses(tmp_path / "uncached")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="counts the process's memory mappings (Linux)")
+def test_cache_entries_are_read_into_memory_not_mapped(tmp_path):
+    """Each mapped entry held one of the process's ~65k mappings: a 60k-image folder's resume hung."""
+    from safetensors.torch import save_file
+
+    from ldm_cli.train.cache import _load_entry
+
+    paths = []
+    for i in range(200):
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file({"moments": torch.full((8, 4, 4), float(i))}, paths[-1])
+    maps = lambda: len(Path("/proc/self/maps").read_text().splitlines())  # noqa: E731
+    before = maps()
+    held = [_load_entry(p, ("moments",)) for p in paths]
+    assert maps() - before < 20, maps() - before  # load_file: +200
+    assert [float(t[0, 0, 0]) for t in held] == [float(i) for i in range(200)]
 
 
 def test_accelerate_launch_one_process_equals_plain_run(shapes, tiny_model, tmp_path, ldm):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from ldm_cli.errors import LdmError
 from ldm_cli.io.files import atomic_file, cache_root
@@ -88,8 +88,8 @@ def _load_entry(path: Path, keys: tuple[str, ...]):
     it is encoded again and rewritten)."""
     if not path.is_file():
         return None
-    try:
-        entry = load_file(path)
+    try:  # read into memory: load_file keeps a file mapping per entry, and past ~65k (vm.max_map_count) the
+        entry = load(path.read_bytes())  # process can start no thread (a 60k-image folder hung on resume)
         tensors = tuple(entry[k] for k in keys)
     except Exception:  # noqa: BLE001 (a cut-short or corrupt file: any safetensors/OS error)
         return None
