@@ -63,7 +63,7 @@ def test_img2img_with_embedded_model_changes_the_background(ldm, tmp_path, score
                 "--json")
     assert first.returncode == 0, first.stderr
     src = json.loads(first.stdout)[0]["path"]
-    r = ldm("img2img", src, "cat face, flat style, on a blue background", "--strength", "0.8", "--seed", "4",
+    r = ldm("img2img", src, "cat face, flat style, on a blue background", "--strength", "0.9", "--seed", "4",
             "--out", tmp_path / "b", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)[0]["path"]
