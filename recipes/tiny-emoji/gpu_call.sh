@@ -16,6 +16,9 @@
 #   bash recipes/tiny-emoji/gpu_call.sh finish 300     the U-Net for 300 s more, then SIGTERM (ldm checkpoints
 #       and stops), the fp16 model folder, the judge's scores
 # Returns under $OUT: the model folder as tar parts, the logs, metrics and the last validation grid.
+# Measured on one H100 (FROM=, SINGLE_BACKGROUNDS=6, 100,000 scenes): data 50 s, latent cache (198,600 entries)
+# 258 s, first step 400 s after the U-Net's start (compile: full), then ~3,300 images/s at batch 256; `start 585`
+# then `finish 430` trained 6,920 steps (the shipped second edition's GPU leg), 21 minutes of the machine.
 set -uo pipefail
 START=$(date +%s)
 SITE=${SITE:-/tmp/site}  # installed once: the running U-Net imports from there
