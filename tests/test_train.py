@@ -158,6 +158,47 @@ def test_cache_entries_are_read_into_memory_not_mapped(tmp_path):
     assert [float(t[0, 0, 0]) for t in held] == [float(i) for i in range(200)]
 
 
+def test_cache_threads_give_the_same_entries_in_order(tmp_path, monkeypatch):
+    """Large images go to the pool's threads in runs of neighbours, small ones to one thread: the same entries,
+    in the same order, either way (and an unreadable image skipped in both)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ldm_cli.train import cache
+    from ldm_cli.train.data import Example
+
+    with ThreadPoolExecutor(3) as pool:
+        for parts in (1, 2, 3, 7, 50):
+            assert cache._map_in_parts(pool, lambda x: x * x, list(range(7)), parts) == [x * x for x in range(7)]
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).resize((96, 96)).save(path)
+        examples.append(Example(path, f"photo {i}"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    examples.insert(2, Example(tmp_path / "bad.png", "broken"))
+    runs, threads, load_pixels = [], set(), cache.load_pixels
+
+    def recorded(*a):
+        threads.add(threading.get_ident())
+        return load_pixels(*a)
+
+    monkeypatch.setattr(cache, "load_pixels", recorded)
+    for threshold in (0, 10 ** 12):  # every image threaded / every image in one thread
+        monkeypatch.setattr(cache, "THREADED_FROM_PIXELS", threshold)
+        threads.clear()
+        got = cache.encode_dataset(examples, tmp_path / f"cache{threshold}", 64,
+                                   lambda x: x[:, :2, ::8, ::8].clone(), lambda c: torch.zeros(len(c), 4, 8),
+                                   batch_size=8)
+        assert len(got.moments) == 5 and len(got.skipped) == 1 and "bad.png" in got.skipped[0]
+        runs.append([got.moments[e.path] for e in examples if e.path in got.moments])
+    assert len(threads) == 1  # the last: one batch of small images, decoded in one task (one thread)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], runs[0][1])  # each image its own entry
+
+
 def test_accelerate_launch_one_process_equals_plain_run(shapes, tiny_model, tmp_path, ldm):
     import subprocess
     import sys
