@@ -15,6 +15,7 @@ batches.
 
 import hashlib
 import json
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -157,7 +158,8 @@ def encode_dataset(examples: list[Example], folder: Path, resolution: int, encod
     """Load what `folder` has, encode (in batches) and store what it lacks, return it all (the captions
     too unless not `texts`). Images that cannot be read are left out and listed in `skipped`."""
     t0 = time.perf_counter()
-    with ThreadPoolExecutor() as pool:
+    workers = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's own default
+    with ThreadPoolExecutor(workers) as pool:
         groups: dict = {}  # one shape per encoder batch: examples grouped by bucket
         skipped = []
         for ex, digest in zip(examples, map(_sha256_or_error, (ex.path for ex in examples))):
@@ -169,7 +171,7 @@ def encode_dataset(examples: list[Example], folder: Path, resolution: int, encod
         moments, n_img, bad = {}, 0, []
         for bucket, images in sorted(groups.items(), key=lambda kv: kv[0] or (0, 0)):
             w, h = bucket or (resolution, resolution)
-            parts = pool._max_workers if w * h >= THREADED_FROM_PIXELS else 1
+            parts = workers if w * h >= THREADED_FROM_PIXELS else 1
             got, n, failed = _load_or_encode(images, ("moments",),
                                              lambda ex: load_pixels(ex, resolution, random.Random(0)),
                                              lambda pixels: encode_pixels(torch.stack(pixels)), batch_size, pool,
