@@ -10,7 +10,7 @@ many phrasings, 80 "A next to B" / "A on the left and B on the right"). Scores, 
     the stated order); the same for the real composed image of each prompt is the ceiling;
   - seed diversity: mean absolute pixel difference (0-255) between 4 seeds of one prompt, over the first 20
     prompts, against 4 real pictures of the same content (style, place, size, background vary as in the data).
-Prints JSON lines and a table (64 px, 50 DDIM steps; CPU: minutes).
+Prints JSON lines and a table (64 px, 50 DDIM steps unless --sampler/--steps say; CPU: minutes).
 """
 
 import argparse
@@ -36,12 +36,13 @@ from ldm_cli.sample import pipeline  # noqa: E402
 from ldm_cli.sample.run import load as load_model  # noqa: E402
 
 
-def generate(c, prompts: list[str], seeds: list[int], cfg: float, steps: int, batch: int) -> np.ndarray:
+def generate(c, prompts: list[str], seeds: list[int], cfg: float, steps: int, batch: int,
+             sampler: str = "ddim") -> np.ndarray:
     """uint8 [N, 64, 64, 3] images, one per (prompt, seed)."""
     out = []
     for s in range(0, len(prompts), batch):
         pics = pipeline.txt2img(c, prompts[s:s + batch], [""] * len(prompts[s:s + batch]), seeds[s:s + batch],
-                                Settings(steps=steps, cfg=cfg, width=64, height=64))
+                                Settings(steps=steps, cfg=cfg, width=64, height=64, sampler=sampler))
         out.append((pics * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
@@ -66,6 +67,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--cfgs", default="1,7.5")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--sampler", default="ddim", help="any of ldm sample's --sampler names")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=4, help="seeds per prompt for the diversity figure")
     ap.add_argument("--model", default=str(EMBEDDED_MODEL), help="model folder (default: the embedded model)")
@@ -89,12 +91,13 @@ def main():
     report.emit({"images": "real", "seed_spread": round(spread(real_groups), 2), "prompts": len(few)})
     for cfg in map(float, args.cfgs.split(",")):
         t0 = time.perf_counter()
-        gen = generate(c, prompts, list(range(len(prompts))), cfg, args.steps, args.batch)
+        gen = generate(c, prompts, list(range(len(prompts))), cfg, args.steps, args.batch, args.sampler)
         ok = judges.passes(judge, scenes, gen)
         many = generate(c, [s.caption for s in few for _ in range(args.seeds)], list(range(len(few) * args.seeds)),
-                        cfg, args.steps, args.batch)
+                        cfg, args.steps, args.batch, args.sampler)
         groups = [many[i * args.seeds:(i + 1) * args.seeds] for i in range(len(few))]
-        report.emit({"images": f"cfg {cfg:g}", "prompts": len(scenes), "pass": rates(ok, kinds),
+        report.emit({"images": f"cfg {cfg:g}", "sampler": f"{args.sampler} {args.steps}", "prompts": len(scenes),
+                     "pass": rates(ok, kinds),
                      "seed_spread": round(spread(groups), 2), "seconds": round(time.perf_counter() - t0, 1)})
         if cfg == max(map(float, args.cfgs.split(","))):
             grid = np.concatenate([np.concatenate([real[i], gen[i]], 1) for i in range(min(16, len(real)))], 0)
