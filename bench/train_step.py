@@ -6,7 +6,7 @@
     python bench/train_step.py --part memory --batch 32 --checkpointing   # one peak-memory row (own process)
     python bench/train_step.py --part memory --batch 32 --optimizer adamw8bit   # with bitsandbytes installed
     python bench/train_step.py --part kernels      # batch 32: GPU time by kernel kind, ldm vs plain compiled
-    python bench/train_step.py --part small        # the embedded model's U-Net at batch 256: none, full, graphs
+    python bench/train_step.py --part small        # the embedded model's U-Net at batch 256 (none, full, graphs), 1024
 
 SD-1.5-shaped random U-Net (speed does not depend on values), 512px images = 64x64 latents, bf16.
 - `plain`: a reference loop written here, nothing from ldm: data already on the GPU, autocast bf16,
@@ -19,7 +19,8 @@ time to the end of the first step). MFU = images/s x 2.40 TFLOP / 989 TFLOP/s (S
 64x64 latents ~0.80 TFLOP, training = 3x forward; the convention of bench/train_speed.py).
 `--part small`: the embedded model's U-Net (recipes/tiny-emoji/unet.json, 64px images = 16x16 latents, 32
 tokens of 256) at batch 256, the shape of the embedded recipe's run, whose step the host cannot keep fed:
-ldm's step with --compile none, full and graphs (CUDA graphs) beside the plain loop compiled by default and
+ldm's step with --compile none, full and graphs (CUDA graphs), and full at batch 1024 (a host-bound step trains
+~4x the images in the same time: the recipe's BATCH), beside the plain loop compiled by default and
 with reduce-overhead (CUDA graphs); TFLOP per image counted by torch's FlopCounterMode (3x the forward).
 """
 
@@ -335,6 +336,7 @@ def run_part(args, report) -> None:
         steps = max(args.steps, 60)  # ~0.1 s a step: more of them for a steady figure
         for mode in ("none", "full", "graphs"):  # ldm's first: the embedded recipe picks its --compile from them
             emit(ldm_run(256, mode, steps, args.warmup))
+        emit(ldm_run(1024, "full", steps // 2, args.warmup))  # host-bound: ~4x the images for the step's time
         emit(losses_agree(256, "graphs"))
         for row in kernels(256, "full"):  # GPU time a step against the step's time: GPU- or host-bound?
             emit(row)

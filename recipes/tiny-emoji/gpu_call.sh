@@ -4,9 +4,10 @@
 # each other). Each call carries .whl (diffusers, typer and pydantic, ... for Python 3.12); the first also
 # .data/emoji.npz (from make_dataset.py) and, when there is one, .data/judge.pt (judge.py, trained on a CPU
 # beforehand; else the recipe trains it).
-#   bash recipes/tiny-emoji/gpu_call.sh probe          (optional, ~6 min) ldm train's step for this U-Net with
-#       --compile none, full and graphs (bench/train_step.py --part small), CUDA-graphed training against eager
-#       (tests/test_gpu.py); it fills inductor's cache, so the run's own compile is quick; pick COMPILE from it
+#   bash recipes/tiny-emoji/gpu_call.sh probe          (optional, ~8 min) ldm train's step for this U-Net with
+#       --compile none, full and graphs, and full at batch 1024 (bench/train_step.py --part small), CUDA-graphed
+#       training against eager (tests/test_gpu.py); it fills inductor's cache, so the run's own compile is quick;
+#       pick COMPILE and BATCH from it
 #   [COMPILE=graphs] VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh start 560
 #       data, tokenizer, VAE, CLIP, base model; then the U-Net in its own process session (it outlives the
 #       call), this call watching it until 560 s have passed
@@ -16,6 +17,8 @@
 #   bash recipes/tiny-emoji/gpu_call.sh finish 300     the U-Net for 300 s more, then SIGTERM (ldm checkpoints
 #       and stops), the fp16 model folder, the judge's scores
 # Returns under $OUT: the model folder as tar parts, the logs, metrics and the last validation grid.
+# With one call's time only: `bash gpu_call.sh start 400; bash gpu_call.sh finish 40` in one 590-s call (the U-Net
+# stops ~440 s in; the final stage and the tar take the rest); at ~300 s to the first step that trains ~2 minutes.
 # Measured on one H100 (FROM=, SINGLE_BACKGROUNDS=6, 100,000 scenes): data 50 s, latent cache (198,600 entries)
 # 258 s, first step 400 s after the U-Net's start (compile: full), then ~3,300 images/s at batch 256; `start 585`
 # then `finish 430` trained 6,920 steps (the shipped second edition's GPU leg), 21 minutes of the machine.
@@ -36,7 +39,7 @@ until_s() { while [ $(( $(date +%s) - START )) -lt "$1" ] && pgrep -f "$TRAIN" >
 unet_log() { grep -v -i "warn\|Writing model\|Loading weights\|Loading pipeline\|float32" $W/unet.log | tail -"${1:-12}"; }
 case "${1:-}" in
   probe)
-    timeout 420 python3 bench/train_step.py --part small --out $OUT 2>&1 | grep -v -i "warn\|float32" | tail -24
+    timeout 480 python3 bench/train_step.py --part small --out $OUT 2>&1 | grep -v -i "warn\|float32" | tail -24
     timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py -k training -p no:cacheprovider 2>&1 | tail -4 ;;
   start)
     mkdir -p $W && cp .data/emoji.npz $W/ && { cp .data/judge.pt $W/ 2>/dev/null || true; }
