@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic that runs without a GPU: the kernel-kind table of the GPU-time breakdown,
-and how train_speed.py reads images/s from a log whose times are taken per flush (also after a failed end)."""
+how train_speed.py reads images/s from a log whose times are taken per flush (also after a failed end), and the
+embedded judge's part-by-part scores, interval and emphasis."""
 
 import json
 import sys
@@ -78,3 +79,27 @@ def test_small_training_bench_times_the_shipped_models_unet():
     assert 2 ** (len(vae.config.block_out_channels) - 1) == 4  # 64 px images, 16x16 latents
     tflop = train_step.training_tflop(unet, 16, (32, 256))
     assert 0.002 < tflop < 0.005, tflop  # counted: 0.00327 (0.84 TFLOP a step of 256)
+
+
+def test_embedded_judge_parts_interval_and_emphasis(monkeypatch):
+    judge_bench = pytest.importorskip("embedded_judge")
+    import judge as judges
+    import numpy as np
+    from scenes import Scene
+
+    a, b, hat = judges.THINGS[0], judges.THINGS[1], judges.ACCS[0]
+    scenes = [Scene("wearing", f"a {a} wearing a {hat}", [a], accessory=hat),
+              Scene("pair", f"a {a} on the left and a {b} on the right", [a, b], ordered=True),
+              Scene("pair", f"a {a} next to a {b}", [a, b])]
+    # the wearer found, not its accessory; the ordered pair swapped (both miss); the unordered one swapped (both count)
+    got = {"left": np.array([0, 1, 1]), "right": np.array([len(judges.THINGS), 0, 0]),
+           "accessory": np.array([1, len(judges.ACCS), len(judges.ACCS)]), "count": np.zeros(3, int),
+           "place": np.zeros(3, int)}
+    monkeypatch.setattr(judges, "predict", lambda judge, images: got)
+    assert judge_bench.parts(None, scenes, np.zeros((3, 64, 64, 3), np.uint8)) == {
+        "wearer": 1.0, "accessory": 0.0, "first thing": 0.5, "second thing": 0.5}
+    assert judge_bench.wilson(56, 200) == [0.222, 0.346]  # 28% of 200: +-6 points
+    assert judge_bench.wilson(0, 200)[0] == 0.0 and judge_bench.wilson(200, 200)[1] == 1.0
+    assert judge_bench.emphasised("a cat wearing a top hat, 3d style", 1.3) == "a cat wearing (a top hat:1.3), 3d style"
+    assert judge_bench.emphasised("kitten with shades", 1.6) == "kitten with (shades:1.6)"
+    assert judge_bench.emphasised("a cat next to an apple", 1.3) == "a cat next to an apple"
