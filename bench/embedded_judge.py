@@ -8,7 +8,7 @@ the training data (recipes/tiny-emoji/scenes.py `held_out_prompts`: 120 "a WEARE
 many phrasings, 80 "A next to B" / "A on the left and B on the right"). Scores, per cfg:
   - pass rate: the share of images where the judge finds the thing and the accessory (or both things, in
     the stated order), with its 95% interval; the same for the real composed image of each prompt is the
-    ceiling; and each part on its own (wearer, accessory; left thing, right thing): where the misses are;
+    ceiling; and each part on its own (wearer, accessory; a pair's first and second thing): where the misses are;
   - seed diversity: mean absolute pixel difference (0-255) between 4 seeds of one prompt, over the first 20
     prompts, against 4 real pictures of the same content (style, place, size, background vary as in the data).
 Prints JSON lines and a table (64 px, 50 DDIM steps unless --sampler/--steps say; CPU: minutes).
