@@ -8,7 +8,10 @@ the training data (recipes/tiny-emoji/scenes.py `held_out_prompts`: 120 "a WEARE
 many phrasings, 80 "A next to B" / "A on the left and B on the right"). Scores, per cfg:
   - pass rate: the share of images where the judge finds the thing and the accessory (or both things, in
     the stated order), with its 95% interval; the same for the real composed image of each prompt is the
-    ceiling; and each part on its own (wearer, accessory; a pair's first and second thing): where the misses are;
+    ceiling, and the real image encoded and decoded by the model's VAE the ceiling its U-Net can reach (a
+    small accessory the VAE loses is lost to every sample); and each part on its own (wearer, accessory; a
+    pair's first and second thing): where the misses are;
+  - --trained: combinations the training data has instead (same phrasings): what is memory, what composition;
   - seed diversity: mean absolute pixel difference (0-255) between 4 seeds of one prompt, over the first 20
     prompts, against 4 real pictures of the same content (style, place, size, background vary as in the data).
 Prints JSON lines and a table (64 px, 50 DDIM steps unless --sampler/--steps say; CPU: minutes).
@@ -32,6 +35,7 @@ from common import Report, add_out_option, out_folder  # noqa: E402
 from scenes import Composer, Emoji, held_out_prompts  # noqa: E402
 
 from ldm_cli.jobs import Settings  # noqa: E402
+from ldm_cli.models.codecs import decode_latents, encode_image  # noqa: E402
 from ldm_cli.models.components import LoadOptions  # noqa: E402
 from ldm_cli.models.load import EMBEDDED_MODEL  # noqa: E402
 from ldm_cli.sample import pipeline  # noqa: E402
@@ -45,6 +49,18 @@ def generate(c, prompts: list[str], seeds: list[int], cfg: float, steps: int, ba
     for s in range(0, len(prompts), batch):
         pics = pipeline.txt2img(c, prompts[s:s + batch], [""] * len(prompts[s:s + batch]), seeds[s:s + batch],
                                 Settings(steps=steps, cfg=cfg, width=64, height=64, sampler=sampler))
+        out.append((pics * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def through_vae(c, images: np.ndarray, batch: int = 100) -> np.ndarray:
+    """The real images encoded and decoded by the model's VAE (uint8, same shape): the ceiling the U-Net can
+    reach at best, since everything it draws is decoded by that VAE (a small accessory lost here is lost)."""
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        lat = torch.cat([encode_image(c, p[None], torch.Generator().manual_seed(0)) for p in x])
+        pics = decode_latents(c, lat)
         out.append((pics * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
@@ -107,6 +123,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=4, help="seeds per prompt for the diversity figure")
     ap.add_argument("--emphasis", type=float, default=1.0,
                     help="weight the accessory of \"wearing\" prompts, as a user would write (a hat:1.3); 1: as they are")
+    ap.add_argument("--trained", action="store_true",
+                    help="prompts of combinations the training data has (memory), not held-out ones (composition)")
     ap.add_argument("--model", default=str(EMBEDDED_MODEL), help="model folder (default: the embedded model)")
     add_out_option(ap)
     args = ap.parse_args()
@@ -117,13 +135,17 @@ def main():
     judge = judges.load(args.judge)
     c = load_model(LoadOptions(model=args.model, device=device, dtype="fp32", accel="none")).components
     report = Report(out_folder(args.out), "embedded_judge")
-    scenes = held_out_prompts(emoji, args.prompts)
+    scenes = held_out_prompts(emoji, args.prompts, trained=args.trained)
     kinds = [s.kind for s in scenes]
     prompts = [emphasised(s.caption, args.emphasis) if s.kind == "wearing" and args.emphasis != 1 else s.caption
                for s in scenes]
     real = np.stack([s.image for s in scenes])
-    report.emit({"model": args.model, "images": "real (ceiling)", "prompts": len(scenes),
+    which = "trained" if args.trained else "held-out"
+    report.emit({"model": args.model, "combinations": which, "images": "real (ceiling)", "prompts": len(scenes),
                  "pass": rates(judges.passes(judge, scenes, real), kinds)})
+    decoded = through_vae(c, real)
+    report.emit({"images": "real through the VAE", "prompts": len(scenes),
+                 "pass": rates(judges.passes(judge, scenes, decoded), kinds), "parts": parts(judge, scenes, decoded)})
     composer = Composer(emoji, seed=7, train=False)
     few = scenes[:20]
     real_groups = [np.stack([composer.again(s).image for _ in range(args.seeds)]) for s in few]
@@ -135,7 +157,7 @@ def main():
         many = generate(c, [s.caption for s in few for _ in range(args.seeds)], list(range(len(few) * args.seeds)),
                         cfg, args.steps, args.batch, args.sampler)
         groups = [many[i * args.seeds:(i + 1) * args.seeds] for i in range(len(few))]
-        report.emit({"images": f"cfg {cfg:g}", "sampler": f"{args.sampler} {args.steps}",
+        report.emit({"images": f"cfg {cfg:g}", "combinations": which, "sampler": f"{args.sampler} {args.steps}",
                      "emphasis": args.emphasis, "prompts": len(scenes),
                      "pass": rates(ok, kinds), "parts": parts(judge, scenes, gen),
                      "seed_spread": round(spread(groups), 2), "seconds": round(time.perf_counter() - t0, 1)})

@@ -103,3 +103,31 @@ def test_embedded_judge_parts_interval_and_emphasis(monkeypatch):
     assert judge_bench.emphasised("a cat wearing a top hat, 3d style", 1.3) == "a cat wearing (a top hat:1.3), 3d style"
     assert judge_bench.emphasised("kitten with shades", 1.6) == "kitten with (shades:1.6)"
     assert judge_bench.emphasised("a cat next to an apple", 1.3) == "a cat next to an apple"
+
+
+def test_embedded_judge_through_vae_gives_the_decoded_pictures():
+    judge_bench = pytest.importorskip("embedded_judge")
+    import numpy as np
+    import torch
+
+    class Vae(torch.nn.Module):  # halves the picture on the way through: what comes back must show it
+        config = type("C", (), {"scaling_factor": 1.0})()
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def encode(self, x):
+            return type("O", (), {"latents": x * 0.5})()
+
+        def decode(self, z, return_dict=False):
+            return (z * self.w,)
+
+    c = type("C", (), {"vae": Vae(), "device": "cpu", "dtype": torch.float32, "vae_tiling": "off", "vae_scale": 1,
+                       "batch_invariant": False})()
+    real = np.full((3, 8, 8, 3), 255, np.uint8)
+    real[1] = 0
+    out = judge_bench.through_vae(c, real, batch=2)
+    assert out.shape == real.shape and out.dtype == np.uint8
+    # 255 -> [-1, 1] 1.0 -> halved 0.5 -> [0, 1] 0.75 -> 191; 0 -> -1 -> -0.5 -> 0.25 -> 64
+    assert (out[0] == 191).all() and (out[1] == 64).all() and (out[2] == 191).all()

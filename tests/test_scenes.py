@@ -76,6 +76,10 @@ def test_held_out_combinations_never_reach_training(emoji):
     assert all(scenes.held_out(p.things[0], p.accessory) if p.kind == "wearing" else scenes.held_out(*p.things)
                for p in prompts)
     assert len({p.caption for p in prompts}) > 40  # varied, not one template
+    seen = scenes.held_out_prompts(emoji, 50, trained=True)  # the same phrasings over trained combinations
+    assert len(seen) == 50 and {p.kind for p in seen} == {"wearing", "pair"}
+    assert not any(scenes.held_out(p.things[0], p.accessory) if p.kind == "wearing" else scenes.held_out(*p.things)
+                   for p in seen)
 
 
 def test_captions_read_as_english(emoji):

@@ -358,16 +358,18 @@ class Composer:
 KINDS = ("single", "wearing", "pair", "count", "place")
 
 
-def held_out_prompts(emoji: Emoji, n: int = 200, seed: int = 1) -> list[Scene]:
+def held_out_prompts(emoji: Emoji, n: int = 200, seed: int = 1, trained: bool = False) -> list[Scene]:
     """`n` prompts of combinations never trained on (60% wearing, 40% pairs), with a real composed image
-    each (the judge's ceiling): (wearer, accessory) and (thing, thing) pairs that `held_out` keeps back."""
+    each (the judge's ceiling): (wearer, accessory) and (thing, thing) pairs that `held_out` keeps back.
+    trained=True: combinations the training data has instead, in the same phrasings (memory against
+    composition: what the model gets right on pairs it has seen)."""
     c = Composer(emoji, seed, train=False)
     out = []
     while len(out) < n:
         kind = "wearing" if len(out) < 0.6 * n else "pair"
         s = c.scene(kind)
         key = (s.things[0], s.accessory) if kind == "wearing" else tuple(s.things)
-        if held_out(*key):
+        if held_out(*key) != trained:
             out.append(s)
     return out
 
