@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "recipes" / "tiny-emoji"))
 
 import judge as judges  # noqa: E402
 from common import Report, add_out_option, out_folder  # noqa: E402
-from scenes import Composer, Emoji, held_out_prompts  # noqa: E402
+from scenes import Composer, Emoji, held_out, held_out_prompts  # noqa: E402
 
 from ldm_cli.jobs import Settings  # noqa: E402
 from ldm_cli.models.codecs import decode_latents, encode_image  # noqa: E402
@@ -89,13 +89,18 @@ def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
 def parts(judge, scenes, images: np.ndarray) -> dict:
     """Which part of a prompt the images get right, each on its own: the wearer and the accessory of "wearing"
     prompts; a pair's first and second thing named (in its stated place, or either place when the prompt
-    states no order): where the misses are."""
+    states no order): where the misses are; and of the accessories missed, the share where none is drawn and
+    where another is, one that wearer was trained with (memory rather than composition)."""
     p = judges.predict(judge, images)
     hit: dict[str, list[bool]] = {}
     for i, s in enumerate(scenes):
         t = judges.labels(s)
         if s.kind == "wearing":
-            found = {"wearer": p["left"][i] == t["left"], "accessory": p["accessory"][i] == t["accessory"]}
+            found = {"wearer": p["left"][i] == t["left"], "accessory": judges.accessory_ok(s, p["accessory"][i])}
+            if not found["accessory"]:  # what is drawn instead: nothing, or an accessory that wearer was trained with
+                found["accessory missed: none drawn"] = p["accessory"][i] == len(judges.ACCS)
+                found["accessory missed: one trained with that wearer"] = (
+                    p["accessory"][i] < len(judges.ACCS) and not held_out(s.things[0], judges.ACCS[p["accessory"][i]]))
         else:
             seen = {p["left"][i], p["right"][i]}
             found = {"first thing": p["left"][i] == t["left"] if s.ordered else t["left"] in seen,

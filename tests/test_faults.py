@@ -272,6 +272,9 @@ def test_training_never_replaces_what_it_did_not_create(shapes, tiny_model, tmp_
     shutil.rmtree(run / "model")  # as a run stopped by a signal right at its last step leaves it
     r = ldm(data, "--out", run, "--resume", "latest")  # writes the model folder from the checkpoint
     assert r.returncode == 0 and "nothing to train" in r.stderr, r.stderr
+    assert "latent cache" not in r.stderr  # ... reading no image: the cache is neither built nor checked
+    assert checkpoints.named_step(run / "checkpoints" / "step-0000002") == 2
+    assert checkpoints.named_step(tmp_path / "my-checkpoint") is None
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == model
     # a model folder older than the checkpoint (an earlier sitting's, the run trained on since) is rewritten
     (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"an earlier step's weights")

@@ -123,3 +123,19 @@ def test_the_judge_passes_only_what_the_caption_names(monkeypatch, emoji):
     assert run(swapped) == [True, False]  # the caption said which is on the left
     pair.ordered = False
     assert run(swapped) == [True, True]
+
+
+@pytest.mark.parametrize("caption, accessory, drawn, ok", [
+    ("a cat wearing a hat", "crown", "top hat", True),          # "a hat": any hat
+    ("a cat wearing a hat", "crown", "sunglasses", False),
+    ("a cat wearing a crown", "crown", "top hat", False),       # named: that one only
+    ("a cat wearing a top hat", "top hat", "crown", False),     # "hat" in "top hat" is not the generic word
+    ("kitten with glasses", "sunglasses", "goggles", True),     # "glasses": any eyewear
+    ("kitten with sunglasses", "sunglasses", "eyeglasses", False),
+    ("kitten with a scarf", "scarf", "ribbon", False),
+])
+def test_a_generic_accessory_word_allows_any_of_its_kind(caption, accessory, drawn, ok):
+    judge = pytest.importorskip("judge")
+    s = scenes.Scene("wearing", caption, ["cat face"], accessory=accessory)
+    assert judge.accessory_ok(s, judge.ACCS.index(drawn)) is ok
+    assert judge.accessory_ok(s, len(judge.ACCS)) is False  # none drawn

@@ -159,6 +159,13 @@ def find_resume(root: Path, resume: str | None) -> Path | None:
     return Path(resume)
 
 
+def named_step(ckpt: Path) -> int | None:
+    """The step a checkpoint folder's name says it holds (`save_checkpoint` names it step-NNNNNNN), or None
+    for a folder named otherwise; its state.pt, read on restore, is what counts."""
+    name = ckpt.name.removeprefix("step-")
+    return int(name) if name != ckpt.name and name.isdigit() else None
+
+
 def saved_config(ckpt: Path) -> dict:
     """The TrainConfig a checkpoint was saved with (as a dict), or {} if it has none."""
     try:

@@ -68,8 +68,10 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         make_out_folder(cfg)
 
     encoders = Encoders(c, accelerator)  # encoded before a new token changes the text encoder
-    cached, readable = cached_encodings(cfg, sets.train + sets.held_out + sets.classes, skipped, c, encoders,
-                                        accelerator, say)
+    finished = resume_from is not None and (checkpoints.named_step(resume_from) or 0) >= max_steps
+    # a finished run only writes its folders: no image is read (a run that does train goes on uncached)
+    cached, readable = (None, sets.train) if finished else cached_encodings(
+        cfg, sets.train + sets.held_out + sets.classes, skipped, c, encoders, accelerator, say)
     readable = {e.path for e in readable}
     examples = [e for e in sets.train if e.path in readable]
     check(examples != [], f"{cfg.data_dir}: no readable images")

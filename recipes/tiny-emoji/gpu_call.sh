@@ -15,13 +15,18 @@
 #       one: the data stage only composes the scenes (run.sh says more)
 #   bash recipes/tiny-emoji/gpu_call.sh watch 580      the U-Net goes on; the call shows its log
 #   bash recipes/tiny-emoji/gpu_call.sh finish 300     the U-Net for 300 s more, then SIGTERM (ldm checkpoints
-#       and stops), the fp16 model folder, the judge's scores
+#       and stops), the fp16 model folder, the judge's scores. Give the call at least 300 + 250 s: after the
+#       stop, the final stage took ~130 s to reach assembling for 160,000 pictures (the resume that writes the
+#       folders; it no longer reads the latent cache), then the fp16 folder and the tar; a call cut in them
+#       returns no model (one was lost so)
 # Returns under $OUT: the model folder as tar parts, the logs, metrics and the last validation grid.
 # With one call's time only: `bash gpu_call.sh start 400; bash gpu_call.sh finish 40` in one 590-s call (the U-Net
 # stops ~440 s in; the final stage and the tar take the rest); at ~300 s to the first step that trains ~2 minutes.
 # Measured on one H100 (FROM=, SINGLE_BACKGROUNDS=6, 100,000 scenes): data 50 s, latent cache (198,600 entries)
 # 258 s, first step 400 s after the U-Net's start (compile: full), then ~3,300 images/s at batch 256; `start 585`
 # then `finish 430` trained 6,920 steps (the shipped second edition's GPU leg), 21 minutes of the machine.
+# At BATCH=1024 (LR=3e-4, 150,000 scenes + SINGLE_BACKGROUNDS=2): latent cache 241,454 entries in 199 s, first step
+# 373 s after the start, then 8,450-10,850 images/s (the step at 256 was host-bound): 3,849 steps in ~7 minutes.
 set -uo pipefail
 START=$(date +%s)
 SITE=${SITE:-/tmp/site}  # installed once: the running U-Net imports from there

@@ -5,7 +5,8 @@ accessory is worn, how many things there are, and in which place.
     python judge.py emoji.npz judge.pt [--images 30000 --epochs 8]    # train (2-core CPU: 12 minutes)
 
 `passes(judge, scenes, images)` scores images against the scenes they were meant to show: a wearing scene
-passes when the wearer and the accessory are both right; a pair when both things are right (and their
+passes when the wearer and the accessory are both right (any hat where the caption says only "a hat", any
+eyewear for "glasses": `accessories_named`); a pair when both things are right (and their
 order, when the caption names left and right); a count when the thing and the number are; a place when
 the thing and the place are.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scenes import ACCESSORIES, KINDS, OBJECTS, PLACES, WEARERS, Composer, Emoji, Scene
+from scenes import ACCESSORIES, KINDS, OBJECTS, PLACES, WEARERS, Composer, Emoji, Scene, accessories_named
 from torch import nn
 
 THINGS = sorted(set(WEARERS) | set(OBJECTS))
@@ -110,12 +111,17 @@ def passes(judge: Judge, scenes: list[Scene], images: np.ndarray) -> np.ndarray:
             got, want = (p["left"][i], p["right"][i]), (t["left"], t["right"])
             ok.append(got == want or (not s.ordered and got == want[::-1]))
         elif s.kind == "wearing":
-            ok.append(p["left"][i] == t["left"] and p["accessory"][i] == t["accessory"])
+            ok.append(p["left"][i] == t["left"] and accessory_ok(s, p["accessory"][i]))
         elif s.kind == "count":
             ok.append(p["left"][i] == t["left"] and p["count"][i] == t["count"])
         else:
             ok.append(p["left"][i] == t["left"] and p["place"][i] == t["place"])
     return np.array(ok)
+
+
+def accessory_ok(s: Scene, predicted: int) -> bool:
+    """Is the judge's accessory class one the wearing scene's caption allows?"""
+    return predicted < len(ACCS) and ACCS[predicted] in accessories_named(s)
 
 
 def load(path: Path) -> Judge:

@@ -21,6 +21,7 @@ The labels of each scene (things, accessory, count, place) train the independent
 import argparse
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,17 @@ def words(name: str, rng: random.Random) -> str:
 
 def style_suffix(rng: random.Random, style: str) -> str:
     return f", {rng.choice(STYLES[style])}" if rng.random() < 0.3 else ""
+
+
+def accessories_named(s: Scene) -> set[str]:
+    """The accessories a wearing scene's caption allows: its own when the caption names it ("a top hat",
+    "shades"), every one worn in the same place when it says only the generic word ("a cat wearing a hat":
+    any hat; "with glasses": any eyewear)."""
+    where, names = ACCESSORIES[s.accessory]
+    said = lambda w: re.search(rf"\b{re.escape(w)}\b", s.caption) is not None  # noqa: E731
+    if where in GENERIC and not any(said(n) for n in names if n != GENERIC[where]) and said(GENERIC[where]):
+        return {a for a, (w, _) in ACCESSORIES.items() if w == where}
+    return {s.accessory}
 
 
 def wearing_caption(rng: random.Random, wearer: str, accessory: str, style: str) -> str:
