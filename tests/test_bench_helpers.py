@@ -1,6 +1,6 @@
 """The benchmark scripts' own logic that runs without a GPU: the kernel-kind table of the GPU-time breakdown,
 how train_speed.py reads images/s from a log whose times are taken per flush (also after a failed end), and the
-embedded judge's part-by-part scores, interval and emphasis."""
+embedded judge's part-by-part scores, interval and emphasis, and the text probe's read of token states."""
 
 import json
 import sys
@@ -133,3 +133,23 @@ def test_embedded_judge_through_vae_gives_the_decoded_pictures():
     assert out.shape == real.shape and out.dtype == np.uint8
     # 255 -> [-1, 1] 1.0 -> halved 0.5 -> [0, 1] 0.75 -> 191; 0 -> -1 -> -0.5 -> 0.25 -> 64
     assert (out[0] == 191).all() and (out[1] == 64).all() and (out[2] == 191).all()
+
+
+def test_text_probe_reads_a_token_wherever_it_stands_and_not_noise():
+    probe = pytest.importorskip("embedded_text_probe")
+    import torch
+
+    def states(n, seed, random_labels=False):  # the class is the one token of 5 that carries a class vector
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+        x, y = torch.randn(n, 8, 16, generator=g) * 0.3, torch.randint(0, 6, (n,), generator=g)
+        where = torch.randint(0, 5, (n,), generator=g)
+        x[torch.arange(n), where] += table[y]
+        mask = torch.ones(n, 8, dtype=torch.long)
+        mask[:, 6:] = 0  # padding: the probe must not read it
+        x[:, 6:] = 9.0
+        return x, mask, torch.randint(0, 6, (n,), generator=g) if random_labels else y
+
+    right, = probe.fit_and_score(states(2000, 1), [states(500, 2)], classes=6, steps=300)
+    noise, = probe.fit_and_score(states(2000, 1, True), [states(500, 2, True)], classes=6, steps=300)
+    assert right > 0.9 and noise < 0.35, (right, noise)
