@@ -2,6 +2,9 @@
 
     python assemble.py base VAE_DIR CLIP_DIR TOKENIZER_DIR OUT      # U-Net placeholder, for `ldm train --model`
     python assemble.py final TRAINED_MODEL_DIR CLIP_DIR OUT         # fp16 copy to ship, with the image tower
+    python assemble.py half EMA.safetensors OUT.safetensors         # a checkpoint's U-Net EMA in fp16 (half the bytes)
+    python assemble.py from-ema EMA.safetensors MODEL_DIR OUT        # MODEL_DIR with its U-Net's weights from a
+                                                                    # checkpoint's EMA (a run cut before `final`)
 
 The scheduler is SD's DDIM setting (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon).
 """
@@ -46,6 +49,29 @@ def final(trained: Path, clip_dir: Path, out: Path) -> None:
     print(f"{out}: {size / 1e6:.1f} MB")
 
 
+def half(ema: Path, out: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.half() for k, v in load_file(ema).items()}, out)
+
+
+def from_ema(ema: Path, model: Path, out: Path) -> None:
+    """The fp16 model folder `final` would have made, from the last checkpoint's EMA weights (ldm's
+    checkpoints name them as the U-Net's parameters) put into the model the run went on from."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    weights = load_file(ema)
+    params = dict(pipe.unet.named_parameters())
+    if set(weights) != set(params):
+        sys.exit(f"{ema}: not the EMA of {model}/unet's parameters ({len(weights)} tensors, {len(params)} parameters)")
+    pipe.unet.load_state_dict(weights, strict=False)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    if (model / "clip_image_tower").is_dir():
+        shutil.copytree(model / "clip_image_tower", out / "clip_image_tower", dirs_exist_ok=True)
+
+
 if __name__ == "__main__":
     what, *paths = sys.argv[1:]
-    {"base": base, "final": final}[what](*map(Path, paths))
+    {"base": base, "final": final, "half": half, "from-ema": from_ema}[what](*map(Path, paths))

@@ -17,8 +17,9 @@
 #   bash recipes/tiny-emoji/gpu_call.sh finish 300     the U-Net for 300 s more, then SIGTERM (ldm checkpoints
 #       and stops), the fp16 model folder, the judge's scores. Give the call at least 300 + 250 s: after the
 #       stop, the final stage took ~130 s to reach assembling for 160,000 pictures (the resume that writes the
-#       folders; it no longer reads the latent cache), then the fp16 folder and the tar; a call cut in them
-#       returns no model (one was lost so)
+#       folders; it no longer reads the latent cache), then the fp16 folder and the tar. Before that stage the
+#       last checkpoint's EMA comes back in fp16 (ema16.part-*, dropped once the folder is made): a call cut in
+#       the final stage still returns the training (assemble.py from-ema rebuilds the folder on any machine)
 # Returns under $OUT: the model folder as tar parts, the logs, metrics and the last validation grid.
 # With one call's time only: `bash gpu_call.sh start 400; bash gpu_call.sh finish 40` in one 590-s call (the U-Net
 # stops ~440 s in; the final stage and the tar take the rest); at ~300 s to the first step that trains ~2 minutes.
@@ -57,7 +58,13 @@ case "${1:-}" in
   finish)
     until_s "${2:-300}"
     pkill -TERM -f "$TRAIN"; while pgrep -f "$TRAIN" >/dev/null; do sleep 2; done; unet_log 6
+    # first the last checkpoint's EMA in fp16 (2 files): should the call be cut in the final stage, the model
+    # is rebuilt from it here: cat ema16.part-* > e.safetensors; python assemble.py from-ema e.safetensors FROM OUT
+    LAST=$(ls -d $W/unet-run/checkpoints/step-* | sort | tail -1)
+    python3 recipes/tiny-emoji/assemble.py half $LAST/ema.safetensors $W/ema16.safetensors &&
+      split -b 15M $W/ema16.safetensors $OUT/ema16.part- && echo "$(basename $LAST)'s EMA returned (fp16)"
     STAGES=final $RUN > $OUT/final.log 2>&1; grep -v -i "warn\|Writing model\|Loading weights\|float32" $OUT/final.log | tail -16
+    [ -f $W/embedded/model_index.json ] && rm -f $OUT/ema16.part-*  # at most 8 files come back
     tar cf - -C $W embedded | split -b 15M - $OUT/embedded.tar.part-
     # at most 8 files come back: the tar parts (3), the logs, one metrics file, the last validation grid
     cp $W/unet.log $OUT/

@@ -1,0 +1,46 @@
+"""The embedded model's recipe can rebuild its model folder from a checkpoint's EMA weights alone, as a
+device call cut before the recipe's final stage returns them (recipes/tiny-emoji/assemble.py half, from-ema)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import LDM
+
+ASSEMBLE = Path(__file__).parent.parent / "recipes" / "tiny-emoji" / "assemble.py"
+
+
+def test_the_model_folder_is_rebuilt_from_a_checkpoints_ema(shapes, tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = tmp_path / "run"
+    r = subprocess.run([LDM, "train", str(shapes), "--model", str(tiny_model), "--out", str(run), "--max-steps", "3",
+                        "--batch-size", "2", "--lr", "1e-2", "--ema", "--ema-decay", "0.5", "--device", "cpu",
+                        "--cache-dir", str(tmp_path / "c")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    ema = run / "checkpoints" / "step-0000003" / "ema.safetensors"
+    py = [sys.executable, str(ASSEMBLE)]
+    assert subprocess.run([*py, "half", ema, tmp_path / "ema16.safetensors"], env=env).returncode == 0
+    assert all(v.dtype == torch.float16 for v in load_file(tmp_path / "ema16.safetensors").values())
+    out = tmp_path / "rebuilt"
+    r = subprocess.run([*py, "from-ema", tmp_path / "ema16.safetensors", tiny_model, out], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    want = UNet2DConditionModel.from_pretrained(run / "model-ema" / "unet").half().state_dict()
+    got = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    start = UNet2DConditionModel.from_pretrained(tiny_model / "unet").half().state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)  # the run's EMA model, in fp16
+    assert any(not torch.equal(got[k], start[k]) for k in want)  # ... which training moved
+    assert (out / "vae").is_dir() and (out / "text_encoder").is_dir() and (out / "model_index.json").is_file()
+    # weights of another model are refused, not half-loaded
+    from safetensors.torch import save_file
+
+    weights = load_file(tmp_path / "ema16.safetensors")
+    save_file(dict(list(weights.items())[1:]), tmp_path / "short.safetensors")
+    r = subprocess.run([*py, "from-ema", tmp_path / "short.safetensors", tiny_model, tmp_path / "x"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "not the EMA of" in r.stderr and not (tmp_path / "x").exists(), r.stderr
