@@ -90,7 +90,8 @@ def parts(judge, scenes, images: np.ndarray) -> dict:
     """Which part of a prompt the images get right, each on its own: the wearer and the accessory of "wearing"
     prompts; a pair's first and second thing named (in its stated place, or either place when the prompt
     states no order): where the misses are; and of the accessories missed, the share where none is drawn and
-    where another is, one that wearer was trained with (memory rather than composition)."""
+    where another is, one that wearer was trained with (memory rather than composition); of the second things
+    missed, the share where one thing alone is drawn and where the first is drawn twice."""
     p = judges.predict(judge, images)
     hit: dict[str, list[bool]] = {}
     for i, s in enumerate(scenes):
@@ -105,6 +106,9 @@ def parts(judge, scenes, images: np.ndarray) -> dict:
             seen = {p["left"][i], p["right"][i]}
             found = {"first thing": p["left"][i] == t["left"] if s.ordered else t["left"] in seen,
                      "second thing": p["right"][i] == t["right"] if s.ordered else t["right"] in seen}
+            if not found["second thing"]:  # what is drawn instead: one thing alone, or the first thing twice
+                found["second missed: one thing drawn"] = p["right"][i] == len(judges.THINGS)
+                found["second missed: the first twice"] = p["left"][i] == p["right"][i] == t["left"]
         for name, ok in found.items():
             hit.setdefault(name, []).append(bool(ok))
     return {k: round(float(np.mean(v)), 3) for k, v in hit.items()}

@@ -99,7 +99,12 @@ def test_embedded_judge_parts_interval_and_emphasis(monkeypatch):
     assert judge_bench.parts(None, scenes, np.zeros((3, 64, 64, 3), np.uint8)) == {
         "wearer": 1.0, "accessory": 0.0, "first thing": 0.5, "second thing": 0.5,
         "accessory missed: none drawn": 0.0,  # another accessory was drawn, ...
-        "accessory missed: one trained with that wearer": float(not judge_bench.held_out(a, judges.ACCS[1]))}
+        "accessory missed: one trained with that wearer": float(not judge_bench.held_out(a, judges.ACCS[1])),
+        "second missed: one thing drawn": 0.0, "second missed: the first twice": 0.0}  # the ordered pair: swapped
+    got["right"][1] = got["left"][1] = 0  # ... now the first thing twice
+    assert judge_bench.parts(None, scenes, np.zeros((3, 64, 64, 3), np.uint8))["second missed: the first twice"] == 1
+    got["right"][1] = len(judges.THINGS)  # ... now the first thing alone
+    assert judge_bench.parts(None, scenes, np.zeros((3, 64, 64, 3), np.uint8))["second missed: one thing drawn"] == 1
     assert judge_bench.wilson(56, 200) == [0.222, 0.346]  # 28% of 200: +-6 points
     assert judge_bench.wilson(0, 200)[0] == 0.0 and judge_bench.wilson(200, 200)[1] == 1.0
     assert judge_bench.emphasised("a cat wearing a top hat, 3d style", 1.3) == "a cat wearing (a top hat:1.3), 3d style"
