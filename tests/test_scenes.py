@@ -23,11 +23,11 @@ def blob(colour, box):
 
 @pytest.fixture(scope="module")
 def emoji(tmp_path_factory):
-    names = list(scenes.WEARERS) + list(scenes.OBJECTS) + list(scenes.ACCESSORIES)
+    names = list(scenes.WEARERS) + list(scenes.OBJECTS) + list(scenes.ACCESSORIES) + list(scenes.MORE_WEARERS)
     rgba, name, style = [], [], []
     for i, n in enumerate(names):
         # wearers: a red square face; accessories: a flat blue bar; other things: green, varied sizes
-        box = (8, 8, 40, 40) if n in scenes.WEARERS else (4, 18, 44, 30) if n in scenes.ACCESSORIES else (
+        box = (8, 8, 40, 40) if n in scenes.WEARERS or n in scenes.MORE_WEARERS else (4, 18, 44, 30) if n in scenes.ACCESSORIES else (
             10 + i % 5, 10, 38, 38)
         colour = (255, 0, 0) if n in scenes.WEARERS else (0, 0, 255) if n in scenes.ACCESSORIES else (0, 200, i % 200)
         for s in scenes.STYLES:
@@ -140,3 +140,18 @@ def test_a_generic_accessory_word_allows_any_of_its_kind(caption, accessory, dra
     s = scenes.Scene("wearing", caption, ["cat face"], accessory=accessory)
     assert judge.accessory_ok(s, judge.ACCS.index(drawn)) is ok
     assert judge.accessory_ok(s, len(judge.ACCS)) is False  # none drawn
+
+
+def test_more_wearers_wear_in_training_scenes_only(emoji):
+    more = set(captions.MORE_WEARERS) & set(emoji.names)
+    assert len(more) == 24
+    c = scenes.Composer(emoji, seed=4, more_wearers=True)
+    worn = [c.wearing() for _ in range(400)]
+    extra = [s for s in worn if s.things[0] in more]
+    assert 0.3 < len(extra) / len(worn) < 0.7  # about half: 24 smileys beside the 21 wearers
+    assert all(s.caption.split(" wearing")[0].split(" with")[0].split(" in ")[0].removeprefix("a picture of ")
+               .removeprefix("an ").removeprefix("a ") in captions.MORE_WEARERS[s.things[0]] for s in extra)
+    assert not any(t in more for _ in range(200) for t in c.pair().things)  # pairs keep their things
+    plain = scenes.Composer(emoji, seed=4)
+    assert not any(plain.wearing().things[0] in more for _ in range(200))  # and by default none at all
+    assert not any(s.things[0] in more for s in scenes.held_out_prompts(emoji, 100))

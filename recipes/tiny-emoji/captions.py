@@ -17,6 +17,13 @@ WEARERS = {
     "unicorn face": ["unicorn"], "penguin": ["penguin"], "owl": ["owl"], "chicken": ["chicken", "hen"],
     "grinning face": ["smiley", "smiling face", "happy face"], "robot face": ["robot"],
     "extraterrestrial alien": ["alien"]}
+# round smiley faces that wear hats and glasses where "grinning face" does: more wearers per accessory for
+# training only (scenes.py --more-wearers; never in the judge's prompts), "an angry face" or "an angry smiley"
+MORE_WEARERS = {n: [n, n.replace(" face", " smiley")] for n in (
+    "angry face", "anguished face", "astonished face", "confounded face", "confused face", "crying face",
+    "disappointed face", "dizzy face", "expressionless face", "fearful face", "flushed face", "grimacing face",
+    "hushed face", "kissing face", "neutral face", "pensive face", "relieved face", "slightly smiling face",
+    "smirking face", "winking face", "worried face", "pouting face", "persevering face", "unamused face")}
 OBJECTS = {
     "red apple": ["apple", "red apple"], "banana": ["banana"], "pear": ["pear"], "strawberry": ["strawberry"],
     "lemon": ["lemon"], "tangerine": ["orange", "tangerine"], "carrot": ["carrot"], "watermelon": ["watermelon"],
@@ -60,7 +67,7 @@ def article(word: str) -> str:
 
 
 def words(name: str, rng: random.Random) -> str:
-    table = WEARERS.get(name) or OBJECTS.get(name) or [name]
+    table = WEARERS.get(name) or OBJECTS.get(name) or MORE_WEARERS.get(name) or [name]
     return rng.choice(table)
 
 

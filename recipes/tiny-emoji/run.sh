@@ -8,6 +8,8 @@
 # places). SCENES_PER_KIND=0 gives the first edition's data (single emoji on plain colours, export_folder.py;
 # its short-caption second stage was finetune.sh). SINGLE_BACKGROUNDS=K adds the first edition's data to the scenes:
 # every training emoji on K plain colours, half of them in the full caption form (export_folder.py).
+# MORE_WEARERS=1: wearing scenes also of 24 smiley faces (scenes.py --more-wearers): every accessory on twice the
+# wearers, a lever against memorising each (wearer, accessory) pair; the judge's prompts stay the same.
 # COMPILE=none|regional|full|graphs: ldm train's --compile for the U-Net (default auto: full on CUDA for long runs).
 # BATCH, LR, WARMUP, EMA_DECAY, PRECISION (no on a CPU: bf16 is no faster there), CHECKPOINT_EVERY, LOG_EVERY: ldm
 # train's settings for the U-Net (defaults: the GPU run's).
@@ -32,7 +34,8 @@ SCENES=(); [ "$N" -gt 0 ] && SCENES=(--scenes "$W/data")
 cd "$R"
 if has data; then
 if [ "$N" -gt 0 ]; then
-  stamp "scenes.py"; python3 scenes.py "$W/emoji.npz" "$W/data" --per-kind "$N"
+  MORE=(); [ "${MORE_WEARERS:-0}" = 1 ] && MORE=(--more-wearers)
+  stamp "scenes.py"; python3 scenes.py "$W/emoji.npz" "$W/data" --per-kind "$N" "${MORE[@]}"
   if [ "${SINGLE_BACKGROUNDS:-0}" -gt 0 ]; then  # the first edition's data beside the scenes (its caption form kept)
     stamp "export_folder.py"; python3 export_folder.py "$W/emoji.npz" "$W/data" --backgrounds "$SINGLE_BACKGROUNDS"
   fi

@@ -28,6 +28,7 @@ import numpy as np
 from captions import (  # noqa: F401
     ACCESSORIES,
     GENERIC,
+    MORE_WEARERS,
     OBJECTS,
     STYLES,
     WEARERS,
@@ -173,15 +174,18 @@ def fit(im: Image.Image, size: int) -> Image.Image:
 # ---- scenes ----------------------------------------------------------------------------------------------
 
 class Composer:
-    """Random scenes of each kind; `train=True` leaves out the held-out combinations."""
+    """Random scenes of each kind; `train=True` leaves out the held-out combinations. more_wearers: wearing
+    scenes also of the MORE_WEARERS smileys (a data lever against memorising each (wearer, accessory) pair:
+    every accessory seen on twice the wearers)."""
 
-    def __init__(self, emoji: Emoji, seed: int = 0, train: bool = True):
+    def __init__(self, emoji: Emoji, seed: int = 0, train: bool = True, more_wearers: bool = False):
         self.e, self.rng, self.train = emoji, random.Random(seed), train
         present = set(emoji.names)
         self.wearers = [n for n in WEARERS if n in present]
         self.objects = [n for n in OBJECTS if n in present]
         self.accessories = [n for n in ACCESSORIES if n in present]
         self.things = self.wearers + self.objects
+        self.wearers += [n for n in MORE_WEARERS if more_wearers and n in present]
 
     def allowed(self, *names: str) -> bool:
         return not (self.train and held_out(*names))
@@ -306,8 +310,8 @@ def held_out_prompts(emoji: Emoji, n: int = 200, seed: int = 1, trained: bool = 
 
 
 def _write_part(job: tuple) -> int:
-    npz, out, kind, start, stop, seed = job
-    c = Composer(Emoji(npz), seed * 7919 + KINDS.index(kind) * 1_000_003 + start)
+    npz, out, kind, start, stop, seed, more_wearers = job
+    c = Composer(Emoji(npz), seed * 7919 + KINDS.index(kind) * 1_000_003 + start, more_wearers=more_wearers)
     for i in range(start, stop):
         s = c.scene(kind)
         stem = out / f"{kind}-{i:06d}"
@@ -316,14 +320,16 @@ def _write_part(job: tuple) -> int:
     return stop - start
 
 
-def write_folder(npz: Path, out: Path, per_kind: int, seed: int = 0, workers: int | None = None) -> int:
+def write_folder(npz: Path, out: Path, per_kind: int, seed: int = 0, workers: int | None = None,
+                 more_wearers: bool = False) -> int:
     """`per_kind` training scenes of every kind as PNG + .txt caption pairs, in parallel processes."""
     import os
     from multiprocessing import Pool
 
     out.mkdir(parents=True, exist_ok=True)
     chunk = max(1, min(2000, per_kind))
-    jobs = [(npz, out, kind, a, min(a + chunk, per_kind), seed) for kind in KINDS for a in range(0, per_kind, chunk)]
+    jobs = [(npz, out, kind, a, min(a + chunk, per_kind), seed, more_wearers)
+            for kind in KINDS for a in range(0, per_kind, chunk)]
     with Pool(workers or os.cpu_count()) as pool:
         return sum(pool.imap_unordered(_write_part, jobs))
 
@@ -343,13 +349,16 @@ if __name__ == "__main__":
     ap.add_argument("out", type=Path, nargs="?")
     ap.add_argument("--per-kind", type=int, default=20000)
     ap.add_argument("--preview", type=Path, help="write an 8x8 grid of random scenes with their captions printed")
+    ap.add_argument("--more-wearers", action="store_true",
+                    help="wearing scenes also of 24 smiley faces (training only; the judge's prompts are unchanged)")
     args = ap.parse_args()
     emoji = Emoji(args.npz)
     if args.preview:
-        c = Composer(emoji, 0)
+        c = Composer(emoji, 0, more_wearers=args.more_wearers)
         scenes = [c.scene(KINDS[i % len(KINDS)]) for i in range(64)]
         grid = np.concatenate([np.concatenate([s.image for s in scenes[r * 8:r * 8 + 8]], 1) for r in range(8)], 0)
         Image.fromarray(grid).save(args.preview)
         print("\n".join(s.caption for s in scenes))
     if args.out:
-        print(f"wrote {write_folder(args.npz, args.out, args.per_kind)} scenes to {args.out}")
+        print(f"wrote {write_folder(args.npz, args.out, args.per_kind, more_wearers=args.more_wearers)} scenes "
+              f"to {args.out}")
