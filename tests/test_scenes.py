@@ -27,8 +27,8 @@ def emoji(tmp_path_factory):
     rgba, name, style = [], [], []
     for i, n in enumerate(names):
         # wearers: a red square face; accessories: a flat blue bar; other things: green, varied sizes
-        box = (8, 8, 40, 40) if n in scenes.WEARERS or n in scenes.MORE_WEARERS else (4, 18, 44, 30) if n in scenes.ACCESSORIES else (
-            10 + i % 5, 10, 38, 38)
+        face = n in scenes.WEARERS or n in scenes.MORE_WEARERS
+        box = (8, 8, 40, 40) if face else (4, 18, 44, 30) if n in scenes.ACCESSORIES else (10 + i % 5, 10, 38, 38)
         colour = (255, 0, 0) if n in scenes.WEARERS else (0, 0, 255) if n in scenes.ACCESSORIES else (0, 200, i % 200)
         for s in scenes.STYLES:
             rgba.append(blob(colour, box))
