@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "recipes" / "tiny-emoji"))
 
 import judge as judges  # noqa: E402
 from common import Report, add_out_option, out_folder  # noqa: E402
-from scenes import Composer, Emoji, held_out, held_out_prompts  # noqa: E402
+from scenes import ACCESSORIES, Composer, Emoji, held_out, held_out_prompts  # noqa: E402
 
 from ldm_cli.jobs import Settings  # noqa: E402
 from ldm_cli.models.codecs import decode_latents, encode_image  # noqa: E402
@@ -90,7 +90,8 @@ def parts(judge, scenes, images: np.ndarray) -> dict:
     """Which part of a prompt the images get right, each on its own: the wearer and the accessory of "wearing"
     prompts; a pair's first and second thing named (in its stated place, or either place when the prompt
     states no order): where the misses are; and of the accessories missed, the share where none is drawn and
-    where another is, one that wearer was trained with (memory rather than composition); of the second things
+    where another is, one that wearer was trained with (memory rather than composition) and one worn in the
+    same place (head, eyes, neck, bow: the kind right, the item wrong); of the second things
     missed, the share where one thing alone is drawn and where the first is drawn twice."""
     p = judges.predict(judge, images)
     hit: dict[str, list[bool]] = {}
@@ -100,8 +101,11 @@ def parts(judge, scenes, images: np.ndarray) -> dict:
             found = {"wearer": p["left"][i] == t["left"], "accessory": judges.accessory_ok(s, p["accessory"][i])}
             if not found["accessory"]:  # what is drawn instead: nothing, or an accessory that wearer was trained with
                 found["accessory missed: none drawn"] = p["accessory"][i] == len(judges.ACCS)
-                found["accessory missed: one trained with that wearer"] = (
-                    p["accessory"][i] < len(judges.ACCS) and not held_out(s.things[0], judges.ACCS[p["accessory"][i]]))
+                drawn = judges.ACCS[p["accessory"][i]] if p["accessory"][i] < len(judges.ACCS) else None
+                found["accessory missed: one trained with that wearer"] = drawn is not None and not held_out(
+                    s.things[0], drawn)
+                found["accessory missed: one worn in the same place"] = drawn is not None and (
+                    ACCESSORIES[drawn][0] == ACCESSORIES[s.accessory][0])  # sunglasses for goggles, a cap for a crown
         else:
             seen = {p["left"][i], p["right"][i]}
             found = {"first thing": p["left"][i] == t["left"] if s.ordered else t["left"] in seen,

@@ -100,6 +100,7 @@ def test_embedded_judge_parts_interval_and_emphasis(monkeypatch):
         "wearer": 1.0, "accessory": 0.0, "first thing": 0.5, "second thing": 0.5,
         "accessory missed: none drawn": 0.0,  # another accessory was drawn, ...
         "accessory missed: one trained with that wearer": float(not judge_bench.held_out(a, judges.ACCS[1])),
+        "accessory missed: one worn in the same place": 1.0,  # a crown for a billed cap: both on the head
         "second missed: one thing drawn": 0.0, "second missed: the first twice": 0.0}  # the ordered pair: swapped
     got["right"][1] = got["left"][1] = 0  # ... now the first thing twice
     assert judge_bench.parts(None, scenes, np.zeros((3, 64, 64, 3), np.uint8))["second missed: the first twice"] == 1
