@@ -100,8 +100,8 @@ def parts(judge, scenes, images: np.ndarray) -> dict:
         if s.kind == "wearing":
             found = {"wearer": p["left"][i] == t["left"], "accessory": judges.accessory_ok(s, p["accessory"][i])}
             if not found["accessory"]:  # what is drawn instead: nothing, or an accessory that wearer was trained with
-                found["accessory missed: none drawn"] = p["accessory"][i] == len(judges.ACCS)
                 drawn = judges.ACCS[p["accessory"][i]] if p["accessory"][i] < len(judges.ACCS) else None
+                found["accessory missed: none drawn"] = drawn is None
                 found["accessory missed: one trained with that wearer"] = drawn is not None and not held_out(
                     s.things[0], drawn)
                 found["accessory missed: one worn in the same place"] = drawn is not None and (
