@@ -50,12 +50,13 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
                                            cfg.instance_prompt or cfg.textual_inversion)
     folders.check_folders(cfg)
     resume_from = checkpoints.find_resume(out / "checkpoints", resume)
-    t_start = time.perf_counter()
+    marks = {"start": time.perf_counter()}  # where the time to the first step goes (first_step_note)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     prepare_out_folder(cfg, resuming=resume_from is not None, clear=main)
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # gloo processes say cpu:0
     c = load_components(cfg.model or default_model(), device=device, dtype="fp32")
+    marks["models"] = time.perf_counter()
     if cfg.zero_terminal_snr:
         c = zero_terminal_snr(c, say)
     cfg = resolved_for(cfg, c)
@@ -72,6 +73,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     # a finished run only writes its folders: no image is read (a run that does train goes on uncached)
     cached, readable = (None, sets.train) if finished else cached_encodings(
         cfg, sets.train + sets.held_out + sets.classes, skipped, c, encoders, accelerator, say)
+    marks["data"] = time.perf_counter()
     readable = {e.path for e in readable}
     examples = [e for e in sets.train if e.path in readable]
     check(examples != [], f"{cfg.data_dir}: no readable images")
@@ -107,6 +109,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     save = saver(accelerator, optimizer, lr_sched, named, ema, cfg, dict(accelerator.unwrap_model(unet).config))
     losses = LossLog(out / "log.jsonl", main, max_steps, on_log)
     done = start  # steps finished: what a checkpoint written now holds
+    marks["set-up"] = time.perf_counter()
     try:
         for step in range(start, max_steps):
             with fast.compile_limits() if compiled != "none" else nullcontext():  # importing dynamo costs ~2 s
@@ -114,7 +117,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
                 loss = train_step(cfg, model, unet, c.schedule, (batches, classes), optimizer, lr_sched, accelerator,
                                   step)
             if step == start and main:
-                say(first_step_note(t_start, compiled, accelerator.device))
+                say(first_step_note(marks, compiled, accelerator.device))
             if ema is not None:
                 ema_update(ema, params, ema_decay_at(step, cfg.ema_decay))
             done = step + 1
@@ -201,10 +204,20 @@ def zero_terminal_snr(c, say):
     return replace(c, scheduler_config=config, schedule=schedule_from_config(config))
 
 
-def first_step_note(t_start: float, compiled: str, device) -> str:
+def first_step_note(marks: dict[str, float], compiled: str, device) -> str:
+    """The time to the first step from train()'s start and from the process's (what a user of the command
+    waits: the imports count), and each phase's share: marks are the phases' ends, in order; the step
+    (with its compilation) ends now."""
+    import psutil  # accelerate's dependency
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return f"first step done {time.perf_counter() - t_start:.1f} s after the start (compile: {compiled})"
+    ends = [*marks.values(), time.perf_counter()]
+    names = [*list(marks)[1:], "the step"]
+    phases = ", ".join(f"{n} {b - a:.1f} s" for n, a, b in zip(names, ends, ends[1:]))
+    process = time.time() - psutil.Process().create_time()
+    return (f"first step done {ends[-1] - ends[0]:.1f} s after the start, {process:.1f} s after the command "
+            f"(compile: {compiled}; {phases})")
 
 
 def trained_components(accelerator, c, unet, cfg: TrainConfig):
