@@ -1,0 +1,120 @@
+"""Where a compiled training step's start-up goes, cold and warm, each start a fresh process (as a user's
+second `ldm train` is): inductor's cache empty, then filled, then the same with dynamo's own cache of its
+traced frames (TORCH_CACHING_PRECOMPILE=1, experimental in torch), so that a warm start skips tracing.
+
+    python bench/compile_start.py                        # on a GPU: SD-1.5's U-Net, batch 32, bf16
+    python bench/compile_start.py --device cpu --width 0.1 --batch 1    # SD-1.5's blocks, a tenth of the channels
+
+The U-Net is SD-1.5's layout (blocks, layers, attention) with --width of its channels: tracing and
+lowering cost follows the number of operations, not their size, so a narrow U-Net shows the start-up's
+host-side phases on any machine. Each row: seconds from the process's start to the end of its first
+training step (forward, MSE loss, backward, AdamW; `unet.compile()` as `ldm train --compile full` does),
+split into imports and model, dynamo (tracing frames into graphs), the backend (AOTAutograd and inductor,
+or their cache), and the rest (running the step); the second step's time for scale.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import Report, add_out_option, out_folder
+
+T0 = time.perf_counter()  # the child's start, near enough (the interpreter's own start-up is ~50 ms)
+
+
+def unet_of_width(width: float):
+    from diffusers import UNet2DConditionModel
+
+    ch = [max(32, round(c * width / 32) * 32) for c in (320, 640, 1280, 1280)]
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=ch, layers_per_block=2,
+        cross_attention_dim=max(64, round(768 * width / 8) * 8), attention_head_dim=8)
+
+
+def child(args) -> None:
+    """One start: build, compile, two training steps; prints one JSON line."""
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+    import torch.nn.functional as F
+
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    unet = unet_of_width(args.width).to(dev).train()
+    unet.compile()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=dev.type == "cuda")
+    n, side = args.batch, args.latent
+    latents, noise = torch.randn(2, n, 4, side, side, device=dev)
+    t = torch.randint(0, 1000, (n,), device=dev)
+    ctx = torch.randn(n, 77, unet.config.cross_attention_dim, device=dev)
+    t_model = time.perf_counter()
+    times = []
+    for _ in range(2):
+        t_step = time.perf_counter()
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            pred = unet(latents + noise, t, ctx).sample
+        F.mse_loss(pred.float(), noise).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t_step)
+    metrics = dynamo_utils.compilation_time_metrics
+    dynamo_all = sum(metrics.get("_compile.compile_inner", []))  # dynamo's frames, its backend calls inside
+    backend = sum(metrics.get("OutputGraph.call_user_compiler", [])) + sum(
+        v for k, vs in metrics.items() if "bw_compiler" in k or "compile_fx_backward" in k for v in vs)
+    print(json.dumps({"model_s": round(t_model - T0, 2), "first_step_s": round(times[0], 2),
+                      "dynamo_s": round(dynamo_all - sum(metrics.get("OutputGraph.call_user_compiler", [])), 2),
+                      "backend_s": round(backend, 2), "second_step_s": round(times[1], 3),
+                      "keys": sorted(metrics)}))
+
+
+def start(args, cache: Path, precompile: bool) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCH_CACHING_PRECOMPILE": "1" if precompile else "0"}
+    cmd = [sys.executable, __file__, "--child", "--device", args.device, "--width", str(args.width),
+           "--batch", str(args.batch), "--latent", str(args.latent)]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1], "wall_s": round(wall, 1)}
+    row = json.loads(lines[-1])
+    row["command_to_first_step_s"] = round(row["model_s"] + row["first_step_s"], 1)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--width", type=float, default=1.0, help="share of SD-1.5's channels (1: SD-1.5 itself)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--latent", type=int, default=64, help="latent side (64: 512-px images)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_out_option(ap)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    report = Report(out_folder(args.out), "compile_start")
+    for precompile in (False, True):
+        with tempfile.TemporaryDirectory() as d:
+            for state in ("cold", "warm"):
+                row = {"start": state, "dynamo cache": precompile, "width": args.width,
+                       "batch": args.batch, **start(args, Path(d), precompile)}
+                if state == "warm" or precompile:
+                    row.pop("keys", None)  # the timers' names, once
+                report.emit(row)
+    report.table(["start", "dynamo cache", "to first step s", "imports+model s", "dynamo s", "backend s", "step 2 s"],
+                 lambda r: None if "start" not in r else [
+                     r["start"], r["dynamo cache"], r.get("command_to_first_step_s"), r.get("model_s"), r.get("dynamo_s"),
+                     r.get("backend_s"), r.get("second_step_s", r.get("error"))])
+    report.save()
+
+
+if __name__ == "__main__":
+    main()
