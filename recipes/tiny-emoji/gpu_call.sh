@@ -28,6 +28,10 @@
 # then `finish 430` trained 6,920 steps (the shipped second edition's GPU leg), 21 minutes of the machine.
 # At BATCH=1024 (LR=3e-4, 150,000 scenes + SINGLE_BACKGROUNDS=2): latent cache 241,454 entries in 199 s, first step
 # 373 s after the start, then 8,450-10,850 images/s (the step at 256 was host-bound): 3,849 steps in ~7 minutes.
+# With MORE_WEARERS=1 (same settings): scenes 45 s, latent cache 245,617 entries in 224 s, first step 401 s, then
+# ~9,000 images/s; `start 585` then `finish 330` (a 600-s call, which ended 480 s in) trained 3,491 steps and
+# returned the model. Keep SINGLE_BACKGROUNDS=6: at 2 the old caption form (NAME, STYLE style, on a COLOUR
+# background) got a sixteenth of the images and drew worse (tests/test_embedded.py failed until a CPU sitting).
 set -uo pipefail
 START=$(date +%s)
 SITE=${SITE:-/tmp/site}  # installed once: the running U-Net imports from there
