@@ -3,14 +3,15 @@ second `ldm train` is): inductor's cache empty, then filled, then the same with 
 traced frames (TORCH_CACHING_PRECOMPILE=1, experimental in torch), so that a warm start skips tracing.
 
     python bench/compile_start.py                        # on a GPU: SD-1.5's U-Net, batch 32, bf16
-    python bench/compile_start.py --device cpu --width 0.1 --batch 1    # SD-1.5's blocks, a tenth of the channels
+    python bench/compile_start.py --device cpu --width 0.1 --batch 1 --latent 16   # SD-1.5's blocks, a tenth
+        of the channels (~5 minutes on 2 cores; bench/results/cpu/compile_start.jsonl)
 
 The U-Net is SD-1.5's layout (blocks, layers, attention) with --width of its channels: tracing and
 lowering cost follows the number of operations, not their size, so a narrow U-Net shows the start-up's
 host-side phases on any machine. Each row: seconds from the process's start to the end of its first
 training step (forward, MSE loss, backward, AdamW; `unet.compile()` as `ldm train --compile full` does),
 split into imports and model, dynamo (tracing frames into graphs), the backend (AOTAutograd and inductor,
-or their cache), and the rest (running the step); the second step's time for scale.
+or their cache; the first step's time less these two is running it); the second step's time for scale.
 """
 
 import argparse
