@@ -128,18 +128,28 @@ def kernel_breakdown(fn, calls: int = 1) -> dict:
             **{f"{k}_pct": round(100 * v / busy, 1) for k, v in by_kind.items()}}
 
 
-def sd15_shaped(dev, dtype):
-    """(unet, vae, text_encoder) shaped like Stable Diffusion 1.5's, random weights, eval, no grad."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def sd15_unet(width: float = 1.0):
+    """A random U-Net of Stable Diffusion 1.5's layout (blocks, layers, attention); `width` scales its channels
+    and context (1: SD-1.5 itself; channels kept multiples of 32, GroupNorm's groups)."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    channels = tuple(max(32, round(c * width / 32) * 32) for c in (320, 640, 1280, 1280))
+    return UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
+        block_out_channels=channels, layers_per_block=2, cross_attention_dim=max(64, round(768 * width / 8) * 8),
+        attention_head_dim=8)
+
+
+def sd15_shaped(dev, dtype):
+    """(unet, vae, text_encoder) shaped like Stable Diffusion 1.5's, random weights, eval, no grad."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = sd15_unet()
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
