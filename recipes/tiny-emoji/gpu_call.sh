@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How the embedded model is built on the GPU machine, over back-to-back device calls (no network there; a call
 # is at most 10 minutes; the machine stays warm, /tmp/emoji and the U-Net's process with it, while calls follow
-# each other). Each call carries .whl (diffusers, typer and pydantic, ... for Python 3.12); the first also
+# each other). Each call carries .whl (bench/offline_wheels.sh: diffusers, typer, pydantic, ... for Python 3.12); the first also
 # .data/emoji.npz (from make_dataset.py) and, when there is one, .data/judge.pt (judge.py, trained on a CPU
 # beforehand; else the recipe trains it).
 #   bash recipes/tiny-emoji/gpu_call.sh probe          (optional, ~8 min) ldm train's step for this U-Net with
