@@ -3,7 +3,8 @@
     python bench/embedded_examples.py [--prompts prompts/examples.txt] [--model FOLDER] [--out docs/embedded]
 
 One row per prompt (its text before any '|'; the line's overrides are left out, so every row has the same
-settings): seeds 0-3, 50 DDIM steps, cfg 7.5, the model's native size, each picture scaled up 2x (nearest) so
+settings): seeds 0-3, 50 DDIM steps, the model's own defaults (ldm_defaults.json: cfg 5 for the embedded
+model, else 7.5), the model's native size, each picture scaled up 2x (nearest) so
 64 px can be seen; the prompt is written under its row. Writes OUT/examples.png; CPU: about a minute.
 """
 
@@ -21,6 +22,7 @@ from common import out_folder  # noqa: E402
 from ldm_cli.io.prompts import read_prompt_file  # noqa: E402
 from ldm_cli.jobs import Settings  # noqa: E402
 from ldm_cli.models.components import LoadOptions  # noqa: E402
+from ldm_cli.models.defaults import with_model_defaults  # noqa: E402
 from ldm_cli.models.load import EMBEDDED_MODEL  # noqa: E402
 from ldm_cli.sample import pipeline  # noqa: E402
 from ldm_cli.sample.run import load as load_model  # noqa: E402
@@ -31,10 +33,9 @@ SCALE = 2
 LABEL_H = 18
 
 
-def row(c, prompt: str, size: int) -> np.ndarray:
+def row(c, prompt: str, settings: Settings) -> np.ndarray:
     """uint8 [size, SEEDS * size, 3]: the prompt at seeds 0..SEEDS-1."""
-    pics = pipeline.txt2img(c, [prompt] * SEEDS, [""] * SEEDS, list(range(SEEDS)),
-                            Settings(steps=50, cfg=7.5, width=size, height=size))
+    pics = pipeline.txt2img(c, [prompt] * SEEDS, [""] * SEEDS, list(range(SEEDS)), settings)
     pics = (pics * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return np.concatenate(list(pics), axis=1)
 
@@ -61,9 +62,10 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     c = load_model(LoadOptions(model=args.model, device=device, dtype="fp32", accel="none")).components
     size = c.unet.config.sample_size * c.vae_scale
+    settings = with_model_defaults(Settings(steps=50, width=size, height=size), args.model, set())
     prompts = [p.split("|")[0].strip() for p, _, _ in read_prompt_file(args.prompts)]
     path = out_folder(args.out) / "examples.png"
-    grid([(p, row(c, p, size)) for p in prompts]).save(path)
+    grid([(p, row(c, p, settings)) for p in prompts]).save(path)
     print(f"wrote {path} ({len(prompts)} prompts x {SEEDS} seeds)")
 
 

@@ -138,17 +138,20 @@ MAKE = [*_params(Request), *_params(LoadOptions), *_params(OutputOptions), GPUS,
 
 @command(PROMPTS, FROM_PNG, *_params(Settings, skip=("strength",)), *MAKE)
 def sample(prompt=None, from_png=None, given=frozenset(), **kw):
-    """Generate images from text."""
+    """Generate images from text.
+
+    The defaults shown are overridden by the model folder's ldm_defaults.json where it has one (the embedded
+    model's: cfg 5); options given here win."""
     _make(prompt, from_png, kw, given=given)
 
 
 @command(_arg("image", Path, "Starting image, or a folder of them."), _arg("prompt", Optional[list[str]], "Prompt(s).",
          None), *_params(Settings, defaults={"strength": 0.75}), *MAKE)
-def img2img(image, prompt=None, **kw):
-    """Generate images starting from an image (SDEdit)."""
+def img2img(image, prompt=None, given=frozenset(), **kw):
+    """Generate images starting from an image (SDEdit). Defaults as for `sample` (ldm_defaults.json)."""
     from ldm_cli.io.images import list_images
 
-    _make(prompt, None, kw, list_images(image))
+    _make(prompt, None, kw, list_images(image), given)
 
 
 def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
@@ -159,7 +162,11 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
         if prompt or request.prompt_file:
             raise LdmError("--from-png redoes one image: give no PROMPT or --prompt-file with it")
         jobs, load = _redo(from_png, settings, request, load, given)
-    else:
+    else:  # the model's own defaults (ldm_defaults.json) under what the command line gives
+        from ldm_cli.models.defaults import with_model_defaults
+        from ldm_cli.models.load import default_model
+
+        settings = with_model_defaults(settings, load.model or default_model(), given)
         jobs = _jobs(prompt, settings, request, init_images)
     load = _with_prompt_loras(jobs, load, from_png)
     if gpus > 1 or launch:  # the jobs are valid: the same command again, a process per GPU

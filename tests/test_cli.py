@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -149,3 +151,39 @@ def test_long_prompt_warns_and_stale_temp_files_go(ldm, tiny_model, tmp_path):
     assert not stale.exists()
     r = ldm("sample", "cat " * 100, "--model", tiny_model, "--steps", 1, "--seed", 1, "--out", out, "-q")
     assert r.returncode == 0 and "tokens" not in r.stderr, r.stderr  # a1111 syntax: nothing is cut
+
+
+def test_model_defaults_file(ldm, tiny_model, tmp_path):
+    """A model folder's ldm_defaults.json sets the sampling defaults; a flag or a prompt-file key still wins;
+    the images are those the same values give when typed."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "ldm_defaults.json").write_text(json.dumps({"cfg": 3.0, "steps": 3, "why": "a note"}))
+    f = tmp_path / "p.txt"
+    f.write_text("a red apple | cfg=4\na cat face\n")
+    base = ("sample", "--model", model, "--seed", 5, "--json")
+    r = ldm(*base, "--prompt-file", f, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    written = json.loads(r.stdout)
+    assert [(w["cfg"], w["steps"]) for w in written] == [(4.0, 3), (3.0, 3)]
+    r = ldm(*base, "a cat face", "--cfg", 2, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert [(w["cfg"], w["steps"]) for w in json.loads(r.stdout)] == [(2.0, 3)]
+    typed = ldm("sample", "a cat face", "--model", tiny_model, "--seed", 5, "--cfg", 3, "--steps", 3, "--out",
+                tmp_path / "c", "-q")
+    assert typed.returncode == 0, typed.stderr
+    assert np.array_equal(pixels(written[1]["path"]), pixels(pngs(tmp_path / "c")[0]))
+    assert not np.array_equal(pixels(written[0]["path"]), pixels(written[1]["path"]))
+
+
+@pytest.mark.parametrize("content, says", [('{"cfg": "high"}', "cfg must be a number"),
+                                           ('{"seed": 3}', "'seed' is not a sampling setting"),
+                                           ('{"steps": 0}', "steps must be >= 1"),
+                                           ("[1, 2]", "expected a JSON object")])
+def test_model_defaults_file_refused(ldm, tiny_model, tmp_path, content, says):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "ldm_defaults.json").write_text(content)
+    r = ldm("sample", "x", "--model", model, "--out", tmp_path / "out")
+    assert r.returncode == 2 and says in r.stderr and "ldm_defaults.json" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

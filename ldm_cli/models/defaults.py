@@ -1,0 +1,49 @@
+"""A model's own sampling defaults: `ldm_defaults.json` in its folder, e.g. {"cfg": 5.0}.
+
+Some models draw best away from the usual settings: a distilled one wants guidance near 1, the embedded
+model composes best at cfg 5 (docs/embedded.md measures it). A model folder may say so; `ldm sample` and
+`ldm img2img` then start from its values, and a flag given on the command line (or a prompt file's
+`key=value`) still wins. InvokeAI's per-model "default settings" are the same idea. Keys: the settings a
+prompt file may set, less seed and num_images (jobs.OVERRIDE_TYPES); `"why"` may hold a note.
+"""
+
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+
+from ldm_cli.errors import LdmError, check
+from ldm_cli.jobs import Settings, validate
+
+FILE = "ldm_defaults.json"
+NOT_SETTINGS = ("seed", "num_images")
+
+
+def model_defaults(model: str) -> dict:
+    """The settings `model`'s folder recommends ({} for a single file, a hub id or a folder without the file)."""
+    from ldm_cli.io.prompts import convert
+
+    path = Path(model) / FILE
+    if not path.is_file():
+        return {}
+    where = f"{path}: "
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LdmError(f"{where}not readable as JSON ({e}); fix or delete the file") from None
+    check(isinstance(values, dict), f"{where}expected a JSON object of settings, e.g. {{\"cfg\": 5}}")
+    values.pop("why", None)
+    known = {f.name for f in fields(Settings)}
+    for key in values:
+        check(key in known and key not in NOT_SETTINGS,
+              f"{where}{key!r} is not a sampling setting (known: {', '.join(sorted(known))})")
+    return {k: convert(k, v, where) for k, v in values.items()}
+
+
+def with_model_defaults(settings: Settings, model: str, given: set[str]) -> Settings:
+    """`settings` with the model's recommended values for the options not given on the command line."""
+    chosen = {k: v for k, v in model_defaults(model).items() if k not in given}
+    if not chosen:
+        return settings
+    out = replace(settings, **chosen)
+    validate(out, f"{Path(model) / FILE}: ")
+    return out
