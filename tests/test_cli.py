@@ -100,6 +100,7 @@ def test_info(ldm, tiny_model):
     facts = json.loads(r.stdout)
     assert facts["unet"].startswith("UNet2DConditionModel, 985,444 parameters")
     assert facts["prediction_type"] == "epsilon" and facts["native_size"] == "64px"
+    assert facts["sampling_defaults"] is None  # no ldm_defaults.json
 
 
 def test_phone_photo_orientation_and_file_mode(ldm, tiny_model, tmp_path):
@@ -174,6 +175,9 @@ def test_model_defaults_file(ldm, tiny_model, tmp_path):
     assert typed.returncode == 0, typed.stderr
     assert np.array_equal(pixels(written[1]["path"]), pixels(pngs(tmp_path / "c")[0]))
     assert not np.array_equal(pixels(written[0]["path"]), pixels(written[1]["path"]))
+    info = ldm("info", model, "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["sampling_defaults"] == {"cfg": 3.0, "steps": 3}
 
 
 @pytest.mark.parametrize("content, says", [('{"cfg": "high"}', "cfg must be a number"),

@@ -12,6 +12,7 @@ def describe(c: Components) -> dict:
         return sum(p.numel() for p in m.parameters())
 
     from ldm_cli.io.metadata import EMBEDDED
+    from ldm_cli.models.defaults import model_defaults
     from ldm_cli.models.load import EMBEDDED_MODEL
 
     path = EMBEDDED_MODEL if c.name == EMBEDDED else Path(c.name)
@@ -39,4 +40,5 @@ def describe(c: Components) -> dict:
         "prediction_type": c.schedule.prediction_type,
         "dtype": str(c.unet.dtype).replace("torch.", ""),
         "size_on_disk_bytes": size,
+        "sampling_defaults": model_defaults(str(path)) or None,  # ldm_defaults.json: what sample/img2img start from
     }
