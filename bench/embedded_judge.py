@@ -14,7 +14,8 @@ many phrasings, 80 "A next to B" / "A on the left and B on the right"). Scores, 
   - --trained: combinations the training data has instead (same phrasings): what is memory, what composition;
   - seed diversity: mean absolute pixel difference (0-255) between 4 seeds of one prompt, over the first 20
     prompts, against 4 real pictures of the same content (style, place, size, background vary as in the data).
-Prints JSON lines and a table (64 px, 50 DDIM steps unless --sampler/--steps say; CPU: minutes).
+Prints JSON lines and a table (64 px, 50 DDIM steps unless --sampler/--steps say, guidance at every step unless
+--guidance-interval says; CPU: minutes).
 """
 
 import argparse
@@ -42,13 +43,12 @@ from ldm_cli.sample import pipeline  # noqa: E402
 from ldm_cli.sample.run import load as load_model  # noqa: E402
 
 
-def generate(c, prompts: list[str], seeds: list[int], cfg: float, steps: int, batch: int,
-             sampler: str = "ddim") -> np.ndarray:
+def generate(c, prompts: list[str], seeds: list[int], settings: Settings, batch: int) -> np.ndarray:
     """uint8 [N, 64, 64, 3] images, one per (prompt, seed)."""
     out = []
     for s in range(0, len(prompts), batch):
         pics = pipeline.txt2img(c, prompts[s:s + batch], [""] * len(prompts[s:s + batch]), seeds[s:s + batch],
-                                Settings(steps=steps, cfg=cfg, width=64, height=64, sampler=sampler))
+                                settings)
         out.append((pics * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--sampler", default="ddim", help="any of ldm sample's --sampler names")
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--guidance-interval", metavar="LO,HI", help="ldm sample's --guidance-interval (default: none)")
     ap.add_argument("--seeds", type=int, default=4, help="seeds per prompt for the diversity figure")
     ap.add_argument("--emphasis", type=float, default=1.0,
                     help="weight the accessory of \"wearing\" prompts, as a user would write (a hat:1.3); 1: as they are")
@@ -165,12 +166,15 @@ def main():
     report.emit({"images": "real", "seed_spread": round(spread(real_groups), 2), "prompts": len(few)})
     for cfg in map(float, args.cfgs.split(",")):
         t0 = time.perf_counter()
-        gen = generate(c, prompts, list(range(len(prompts))), cfg, args.steps, args.batch, args.sampler)
+        settings = Settings(steps=args.steps, cfg=cfg, width=64, height=64, sampler=args.sampler,
+                            guidance_interval=args.guidance_interval)
+        gen = generate(c, prompts, list(range(len(prompts))), settings, args.batch)
         ok = judges.passes(judge, scenes, gen)
         many = generate(c, [s.caption for s in few for _ in range(args.seeds)], list(range(len(few) * args.seeds)),
-                        cfg, args.steps, args.batch, args.sampler)
+                        settings, args.batch)
         groups = [many[i * args.seeds:(i + 1) * args.seeds] for i in range(len(few))]
         report.emit({"images": f"cfg {cfg:g}", "combinations": which, "sampler": f"{args.sampler} {args.steps}",
+                     **({"guidance_interval": args.guidance_interval} if args.guidance_interval else {}),
                      "emphasis": args.emphasis, "prompts": len(scenes),
                      "pass": rates(ok, kinds), "parts": parts(judge, scenes, gen),
                      "seed_spread": round(spread(groups), 2), "seconds": round(time.perf_counter() - t0, 1)})

@@ -5,6 +5,7 @@ A `Job` is one image: prompt, seed and settings. Commands turn their arguments i
 job as JSON, so `ldm sample --from-png` can rebuild it exactly.
 """
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -28,6 +29,10 @@ class Settings:
     # share phi of the way; against over-exposure with zero-terminal-SNR models (they suggest 0.7)
     guidance_rescale: float = option(0.0, "Guidance rescale phi, 0..1 (0.7 for zero-terminal-SNR models).",
                                      min=0.0, max=1.0, finite=True)
+    # Kynkaanniemi et al. 2024: guidance only at noise levels sigma in (LO, HI]; None: at every step
+    guidance_interval: str | None = option(None, "Guidance only where the noise level sigma is in (LO, HI], e.g. "
+                                           "0.28,5.42 (Kynkaanniemi et al. 2024); elsewhere the prompt alone.",
+                                           metavar="LO,HI")
     # DDIM eq. 16: 0 is deterministic DDIM, 1 is DDPM-like noise; above 1 the direction term's root goes negative
     eta: float = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like (--sampler ddim).", min=0.0, max=1.0,
                         finite=True)
@@ -80,7 +85,7 @@ class Job:
         known = {f.name for f in fields(Settings)}
         kw = {}
         for k, v in d.items():  # metadata may be hostile: coerce every value to its declared type
-            if k in known and not (v is None and k in ("width", "height", "strength", *MICRO)):
+            if k in known and not (v is None and k in ("width", "height", "strength", "guidance_interval", *MICRO)):
                 if isinstance(v, (bool, dict, list)):
                     raise ValueError(f"{k} has the wrong type")
                 if OVERRIDE_TYPES[k] is int and not isinstance(v, int):  # steps 2.9 must not become 2
@@ -93,7 +98,7 @@ class Job:
 
 OVERRIDE_TYPES = {"seed": int, "steps": int, "cfg": float, "guidance_rescale": float, "eta": float, "width": int,
                   "height": int, "negative": str, "strength": float, "num_images": int, "sampler": str, "schedule": str,
-                  "prompt_syntax": str, "clip_skip": int,
+                  "prompt_syntax": str, "clip_skip": int, "guidance_interval": str,
                   "original_size": str, "crops_coords_top_left": str, "target_size": str}
 
 
@@ -107,6 +112,18 @@ def micro_pair(text: str, what: str) -> tuple[int, int]:
     check(a.strip().isdigit() and b.strip().isdigit() and int(a) <= 100_000 and int(b) <= 100_000,
           f"{what.replace('_', '-')} must be {'TOP,LEFT' if sep == ',' else 'WIDTHxHEIGHT'} in pixels, got {text!r}")
     return (int(a), int(b)) if sep == "," else (int(b), int(a))
+
+
+def interval_pair(text: str, what: str = "--guidance-interval") -> tuple[float, float]:
+    """'0.28,5.42' -> (0.28, 5.42): two finite noise levels, 0 <= LO < HI."""
+    a, _, b = text.partition(",")
+    try:
+        lo, hi = float(a), float(b)
+    except ValueError:
+        lo = hi = float("nan")
+    check(math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi, f"{what} must be LO,HI with 0 <= LO < HI "
+          f"(noise levels sigma, e.g. 0.28,5.42), got {text!r}")
+    return lo, hi
 
 
 def validate(s: Settings, where: str = "") -> None:
@@ -123,6 +140,8 @@ def validate(s: Settings, where: str = "") -> None:
     for name in MICRO:
         if getattr(s, name) is not None:
             micro_pair(getattr(s, name), f"{flag}{name}")
+    if s.guidance_interval is not None:
+        interval_pair(s.guidance_interval, f"{flag}guidance{'_' if where else '-'}interval")
     check(s.schedule == "default" or s.sampler in SIGMA_SAMPLERS, f"{flag}schedule {s.schedule} applies to "
           f"{', '.join(SIGMA_SAMPLERS)}; {s.sampler} keeps the model's spacing (drop it, or pick one of those)")
     check(s.eta == 0 or s.sampler == "ddim", f"{flag}eta applies to --sampler ddim only, got eta {s.eta} with "

@@ -123,3 +123,45 @@ def test_tiled_vae_decode_matches_diffusers(tiny_model):
     assert np.abs(tiled - theirs).max() <= TOL
     assert np.abs(tiled - untiled).max() > 100 * TOL  # tiling really happened
     assert np.abs(tiled - untiled).mean() < 0.05
+
+
+def test_guidance_interval_matches_diffusers_dynamic_cfg(tiny_model):
+    """--guidance-interval LO,HI with LO between two steps' noise levels = diffusers' documented "dynamic
+    classifier-free guidance" callback (guidance switched off after a step): equal, and unlike either end."""
+    from ldm_cli.diffusion.schedule import ddim_timesteps
+
+    c = ours_loaded(tiny_model)
+    steps, cfg, seed, off_after = 10, 30.0, 3, 5  # a strong scale: the tiny model's two halves barely differ
+    t = ddim_timesteps(c.schedule, steps)
+    sigma = ((1 - c.schedule.alpha_bar) / c.schedule.alpha_bar).sqrt()
+    lo = float((sigma[t[off_after - 1]] + sigma[t[off_after]]) / 2)  # the first off_after steps are above it
+
+    def ours(interval):
+        s = Settings(steps=steps, cfg=cfg, width=64, height=64, guidance_interval=interval)
+        return pipeline.txt2img(c, ["a red cat"], [""], [seed], s).permute(0, 2, 3, 1).numpy()
+
+    def stop_guidance(pipe, i, timestep, kwargs):
+        if i == off_after - 1:  # called after step i: the steps after it run unguided
+            pipe._guidance_scale = 0.0
+            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+        return kwargs
+
+    theirs = reference(tiny_model)("a red cat", num_inference_steps=steps, guidance_scale=cfg, output_type="np",
+                                   generator=torch.Generator("cpu").manual_seed(seed), height=64, width=64,
+                                   callback_on_step_end=stop_guidance,
+                                   callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+    limited = ours(f"{lo},1e9")
+    assert np.abs(limited - theirs).max() <= TOL
+    assert np.abs(ours("0,1e9") - ours(None)).max() == 0  # an interval holding every step: plain guidance
+    assert np.abs(limited - ours(None)).max() > 100 * TOL
+    unguided = pipeline.txt2img(c, ["a red cat"], [""], [seed], Settings(steps=steps, cfg=1.0, width=64, height=64))
+    assert np.abs(ours("1e8,1e9") - unguided.permute(0, 2, 3, 1).numpy()).max() == 0  # none: the prompt alone
+
+
+def test_sigma_interval_rounds_to_the_training_step():
+    from ldm_cli.diffusion.guidance import sigma_interval
+
+    alpha_bar = torch.tensor([0.99, 0.5, 0.2, 0.01])  # sigma 0.1005, 1.0, 2.0, 9.95
+    when = sigma_interval(alpha_bar, 0.5, 2.0)
+    assert [when(torch.tensor(t)) for t in (0, 1, 2, 3)] == [False, True, True, False]  # (lo, hi]: 2.0 is in
+    assert when(torch.tensor([1.4, 1.4])) and not when(torch.tensor(2.6)) and not when(torch.tensor(-1.0))

@@ -41,9 +41,6 @@ def model_defaults(model: str) -> dict:
 
 def with_model_defaults(settings: Settings, model: str, given: set[str]) -> Settings:
     """`settings` with the model's recommended values for the options not given on the command line."""
-    chosen = {k: v for k, v in model_defaults(model).items() if k not in given}
-    if not chosen:
-        return settings
-    out = replace(settings, **chosen)
-    validate(out, f"{Path(model) / FILE}: ")
-    return out
+    values = model_defaults(model)
+    validate(replace(Settings(), **values), f"{Path(model) / FILE}: ")  # the file's own values, named as its
+    return replace(settings, **{k: v for k, v in values.items() if k not in given})

@@ -17,11 +17,11 @@ from itertools import groupby
 import torch
 
 from ldm_cli.diffusion.conditioning import AddedCond
-from ldm_cli.diffusion.guidance import guidance_on, guided
+from ldm_cli.diffusion.guidance import guidance_on, guided, sigma_interval
 from ldm_cli.diffusion.plan import Plan, make_plan
 from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.io import images
-from ldm_cli.jobs import MICRO, Job, Settings, micro_pair
+from ldm_cli.jobs import MICRO, Job, Settings, interval_pair, micro_pair
 from ldm_cli.models.codecs import decode_latents, encode_image, encode_text, encode_text_sdxl
 from ldm_cli.models.components import Components
 from ldm_cli.models.unet import plain_runner
@@ -96,7 +96,8 @@ def denoise(c: Components, unet, x: torch.Tensor, cond, uncond, gens, s: Setting
     if getattr(c.unet.config, "time_cond_proj_dim", None) is not None:
         raise LdmError("this U-Net takes a guidance-scale embedding (an LCM-distilled model, time_cond_proj_dim); "
                        "ldm does not feed one yet: use the base model with an LCM LoRA (--lora) and --sampler lcm")
-    model = guided(unet or plain_runner(c), cond, uncond, s.cfg, s.guidance_rescale)
+    when = sigma_interval(c.schedule.alpha_bar, *interval_pair(s.guidance_interval)) if s.guidance_interval else None
+    model = guided(unet or plain_runner(c), cond, uncond, s.cfg, s.guidance_rescale, when)
 
     def callback(info):
         if on_step is not None:
