@@ -23,7 +23,7 @@ def sigma_interval(alpha_bar: torch.Tensor, lo: float, hi: float) -> Callable[[t
     sigma = ((1 - alpha_bar.double()) / alpha_bar.double()).sqrt()
     inside = ((sigma > lo) & (sigma <= hi)).tolist()
 
-    def when(t: torch.Tensor) -> bool:
+    def when(t: torch.Tensor) -> bool:  # one read of t per step: on CUDA a sync, against a U-Net call's work
         step = round(float(torch.as_tensor(t).flatten()[0]))
         return inside[min(max(step, 0), len(inside) - 1)]
 

@@ -1,7 +1,7 @@
 """A model's own sampling defaults: `ldm_defaults.json` in its folder, e.g. {"cfg": 5.0}.
 
 Some models draw best away from the usual settings: a distilled one wants guidance near 1, the embedded
-model composes best at cfg 5 (docs/embedded.md measures it). A model folder may say so; `ldm sample` and
+model composes best at cfg 5 (docs/performance.md, "Guidance", measures it). A model folder may say so; `ldm sample` and
 `ldm img2img` then start from its values, and a flag given on the command line (or a prompt file's
 `key=value`) still wins. InvokeAI's per-model "default settings" are the same idea. Keys: the settings a
 prompt file may set, less seed and num_images (jobs.OVERRIDE_TYPES); `"why"` may hold a note.
