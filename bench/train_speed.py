@@ -10,7 +10,9 @@ without the latent cache, and prints one JSON line per run and a table:
     python bench/train_speed.py --runs cache:1,cache:1 --batch-size 32 --compile full   # cold, then warm compile
 
 images/s is measured between logged steps (after warm-up), so start-up and cache building are apart;
-first step s: from the command to ldm's "first step done" line (TORCHINDUCTOR_CACHE_DIR decides what is warm);
+first step s: from the command to ldm's "first step done" line (TORCHINDUCTOR_CACHE_DIR decides what is warm),
+and where it went: before train() (imports, reading the folder), then ldm's own phases (models, data, set-up,
+the first step with its compilation);
 MFU = images/s x 3 x forward TFLOP / peak: SD-1.5's U-Net forward at 64x64 latents ~0.80 TFLOP; SDXL's
 at 128x128 latents 6.76 TFLOP (counted by torch.utils.flop_counter.FlopCounterMode on the SDXL-shaped
 U-Net of sdxl_speed.py, attention included); training = 3x forward.
@@ -19,6 +21,7 @@ U-Net of sdxl_speed.py, attention included); training = 3x forward.
 import argparse
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +57,15 @@ def make_data(root: Path, n: int, size: int) -> None:
         (root / f"{i:04d}.txt").write_text(f"a {colour} {shape} on a {back} background")
 
 
+def first_step_phases(line: str) -> dict:
+    """ldm train's first-step note split into seconds: before train() (imports, reading the folder), then
+    train()'s own phases (models, data, set-up, the first step with its compilation)."""
+    start, command = (float(x) for x in re.findall(r"([0-9.]+) s after the", line)[:2] or (0, 0))
+    phases = {name.replace("the ", "").replace("-", "_"): float(x)
+              for name, x in re.findall(r"(models|data|set-up|the step) ([0-9.]+) s", line)}
+    return {"before_train": round(command - start, 1), **phases} if command else phases
+
+
 def run(ldm: list[str], data: Path, model: Path, out: Path, cache: bool, gpus: int, args) -> dict:
     cmd = [*ldm, "train", str(data), "--model", str(model), "--out", str(out), "--resolution", str(RESOLUTION[args.family]),
            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--mixed-precision", "bf16",
@@ -63,12 +75,12 @@ def run(ldm: list[str], data: Path, model: Path, out: Path, cache: bool, gpus: i
     if args.compile:
         cmd += ["--compile", args.compile]
     t0 = time.perf_counter()
-    first_step_s, lines = None, []
+    first_step_s, phases, lines = None, {}, []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
         for line in p.stdout:  # the time to the first step as the user sees it: from the command
             lines.append(line)
             if first_step_s is None and "first step done" in line:
-                first_step_s = round(time.perf_counter() - t0, 1)
+                first_step_s, phases = round(time.perf_counter() - t0, 1), first_step_phases(line)
     wall = time.perf_counter() - t0
     (args.results / f"train_speed-{out.name}.log").write_text("".join(lines))
     error = ("".join(lines).strip().splitlines() or ["?"])[-1] if p.returncode != 0 else None
@@ -86,6 +98,7 @@ def run(ldm: list[str], data: Path, model: Path, out: Path, cache: bool, gpus: i
     return {"run": out.name, "gpus": gpus, "cache": cache, "batch_per_gpu": args.batch_size, "images_per_s": round(ips, 2),
             "mfu_pct": round(100 * ips * TRAIN_TFLOP_PER_IMAGE[args.family] / (PEAK_TFLOPS * gpus), 1),
             "wall_s": round(wall, 1), "first_step_s": first_step_s,
+            "first_step_phases_s": phases,
             "final_loss": round(b["loss"], 4), "cache_note": cache_note.split(": ", 1)[-1],
             **({"error_after_timing": error} if error else {})}
 
@@ -120,8 +133,10 @@ def main():
         out = args.work / f"{args.family}-{mode}-{gpus}gpu-{k}"
         shutil.rmtree(out, ignore_errors=True)
         report.emit(run(ldm, data, model, out, mode == "cache", int(gpus), args))
-    report.table(("run", "GPUs", "images/s", "MFU", "first step s", "wall s", "cache"),
+    report.table(("run", "GPUs", "images/s", "MFU", "first step s", "of it: before train / models / data / set-up / step",
+                  "wall s", "cache"),
                  lambda r: [r["run"], r.get("gpus"), r.get("images_per_s"), f"{r.get('mfu_pct')}%", r.get("first_step_s"),
+                            " / ".join(str(v) for v in r.get("first_step_phases_s", {}).values()),
                             r.get("wall_s"), r.get("cache_note") or r.get("error", "")]
                  if "run" in r and "gpu" not in r else None)
     report.save()

@@ -40,7 +40,8 @@ def test_train_speed_times_from_flush_to_flush_and_keeps_a_rate_after_a_failed_e
     class Ended:  # the command's output, and its failed end
         returncode = 1
         stdout = iter(["latent cache /c: 4 entries encoded, 0 reused, 0.1 s\n", "first step done 9.9 s after the "
-                       "start (compile: full)\n", "ldm: error: disk full\n"])
+                       "start, 12.4 s after the command (compile: full; models 3.1 s, data 0.8 s, set-up 0.0 s, "
+                       "the step 6.0 s)\n", "ldm: error: disk full\n"])
 
         def __init__(self, cmd, **kw):
             assert cmd[-2:] == ["--compile", "full"]
@@ -55,6 +56,7 @@ def test_train_speed_times_from_flush_to_flush_and_keeps_a_rate_after_a_failed_e
     args = types.SimpleNamespace(batch_size=4, steps=16, cache_dir=tmp_path, results=tmp_path, warmup=6, family="sdxl",
                                  compile="full")
     row = train_speed.run(["ldm"], tmp_path, tmp_path, out, True, 1, args)
+    assert row["first_step_phases_s"] == {"before_train": 2.5, "models": 3.1, "data": 0.8, "set_up": 0.0, "step": 6.0}
     assert row["first_step_s"] is not None and row["cache_note"] == "4 entries encoded, 0 reused, 0.1 s"
     # warm-up 6 falls inside the flush at step 10: timed from 10 (5.0 s) to 16 (6.8 s), 6 steps x 4 images
     assert row["images_per_s"] == pytest.approx(24 / 1.8, abs=0.01)
