@@ -60,10 +60,10 @@ def make_data(root: Path, n: int, size: int) -> None:
 def first_step_phases(line: str) -> dict:
     """ldm train's first-step note split into seconds: before train() (imports, reading the folder), then
     train()'s own phases (models, data, set-up, the first step with its compilation)."""
-    start, command = (float(x) for x in re.findall(r"([0-9.]+) s after the", line)[:2] or (0, 0))
+    since = [float(x) for x in re.findall(r"([0-9.]+) s after the", line)]  # the start, the command
     phases = {name.replace("the ", "").replace("-", "_"): float(x)
               for name, x in re.findall(r"(models|data|set-up|the step) ([0-9.]+) s", line)}
-    return {"before_train": round(command - start, 1), **phases} if command else phases
+    return {"before_train": round(since[1] - since[0], 1), **phases} if len(since) == 2 else phases
 
 
 def run(ldm: list[str], data: Path, model: Path, out: Path, cache: bool, gpus: int, args) -> dict:
