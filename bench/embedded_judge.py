@@ -37,8 +37,8 @@ from scenes import ACCESSORIES, Composer, Emoji, held_out, held_out_prompts  # n
 
 from ldm_cli.jobs import Settings  # noqa: E402
 from ldm_cli.models.codecs import decode_latents, encode_image  # noqa: E402
-from ldm_cli.models.components import LoadOptions  # noqa: E402
-from ldm_cli.models.load import EMBEDDED_MODEL  # noqa: E402
+from ldm_cli.models.defaults import EMBEDDED_MODEL  # noqa: E402
+from ldm_cli.models.options import LoadOptions  # noqa: E402
 from ldm_cli.sample import pipeline  # noqa: E402
 from ldm_cli.sample.run import load as load_model  # noqa: E402
 

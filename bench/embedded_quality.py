@@ -26,8 +26,8 @@ from common import Report, add_out_option, out_folder  # noqa: E402
 from emoji_data import BG_NAMES, caption, compose, load  # noqa: E402
 
 from ldm_cli.jobs import Settings  # noqa: E402
-from ldm_cli.models.components import LoadOptions  # noqa: E402
-from ldm_cli.models.load import EMBEDDED_MODEL  # noqa: E402
+from ldm_cli.models.defaults import EMBEDDED_MODEL  # noqa: E402
+from ldm_cli.models.options import LoadOptions  # noqa: E402
 from ldm_cli.sample import pipeline  # noqa: E402
 from ldm_cli.sample.run import load as load_model  # noqa: E402
 

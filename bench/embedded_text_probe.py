@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "recipes" / "tiny-emoji"))
 from common import Report, add_out_option, out_folder  # noqa: E402
 from scenes import ACCESSORIES, Composer, Emoji, accessories_named, held_out_prompts  # noqa: E402
 
-from ldm_cli.models.load import EMBEDDED_MODEL  # noqa: E402
+from ldm_cli.models.defaults import EMBEDDED_MODEL  # noqa: E402
 
 
 def specific(scenes) -> list:

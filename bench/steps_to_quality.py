@@ -29,7 +29,7 @@ from common import Report, add_out_option, components, out_folder, sd15_shaped
 
 from ldm_cli.diffusion.names import SAMPLERS, SIGMA_SAMPLERS
 from ldm_cli.jobs import Settings
-from ldm_cli.models.components import LoadOptions
+from ldm_cli.models.options import LoadOptions
 from ldm_cli.sample import pipeline
 from ldm_cli.sample.run import load as load_model
 

@@ -25,9 +25,9 @@ import typer
 from ldm_cli import runtime
 from ldm_cli.errors import USAGE, LdmError
 from ldm_cli.jobs import Request, Settings
-from ldm_cli.models.components import LoadOptions
+from ldm_cli.models.options import LoadOptions
 from ldm_cli.options import spec_of
-from ldm_cli.sample.run import OutputOptions
+from ldm_cli.sample.options import OutputOptions
 from ldm_cli.train.config import TrainConfig
 
 try:  # typer >= 0.26 carries its own copy of click
@@ -163,8 +163,7 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
             raise LdmError("--from-png redoes one image: give no PROMPT or --prompt-file with it")
         jobs, load = _redo(from_png, settings, request, load, given)
     else:  # the model's own defaults (ldm_defaults.json) under what the command line gives
-        from ldm_cli.models.defaults import with_model_defaults
-        from ldm_cli.models.load import default_model
+        from ldm_cli.models.defaults import default_model, with_model_defaults
 
         settings = with_model_defaults(settings, load.model or default_model(), given)
         jobs = _jobs(prompt, settings, request, init_images)
@@ -384,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _ARGV = list(argv)
     debug = "--debug" in argv or os.environ.get("LDM_DEBUG", "") not in ("", "0")
-    runtime.setup(quiet="-q" in argv or "--quiet" in argv, debug=debug)
+    runtime.setup(quiet="-q" in argv or "--quiet" in argv, debug=debug, libraries=False)
     try:
         code = app(args=argv, prog_name="ldm", standalone_mode=False)
     except LdmError as e:

@@ -1,7 +1,7 @@
 """Options declared once: each field of a settings dataclass carries its default, help and range.
 
-The dataclasses live beside the code they configure (`jobs.Settings`, `models.load.LoadOptions`,
-`sample.run.OutputOptions`, `train.config.TrainConfig`); `cli.py` builds the typer commands from their
+The dataclasses live beside the code they configure (`jobs.Settings`, `models.options.LoadOptions`,
+`sample.options.OutputOptions`, `train.config.TrainConfig`); `cli.py` builds the typer commands from their
 fields, so `sample` and `img2img` share one declaration and the CLI and the library have the same
 defaults. `check_ranges` is the range check every dataclass's `validate` starts with.
 

@@ -92,11 +92,14 @@ def handle_interrupts() -> None:
         pass
 
 
-def setup(quiet: bool = False, debug: bool = False) -> None:
-    """Everything above that does not depend on the command (torch flags come with the model)."""
+def setup(quiet: bool = False, debug: bool = False, libraries: bool = True) -> None:
+    """Everything above that does not depend on the command (torch flags come with the model).
+    libraries=False leaves diffusers/transformers unimported (2-3 s): the CLI quiets them in each command
+    that loads a model, so that --help and bad input answer at once."""
     if not debug:  # libraries' Python warnings (peft, diffusers, torch) are not ldm's output
         warnings.simplefilter("ignore")
     quiet_environment()
     report_warnings(quiet)
-    quiet_libraries()
+    if libraries:
+        quiet_libraries()
     handle_interrupts()

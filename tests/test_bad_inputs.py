@@ -367,3 +367,21 @@ def test_out_of_memory_suggests_smaller_batch(monkeypatch, capsys, tiny_model, t
     assert e.value.code == 1
     assert len(err) == 1 and "out of memory at batch size 4" in err[0] and "--batch-size 1" in err[0]
     assert not any(tmp_path.rglob("*.png"))
+
+
+def test_help_and_refused_settings_import_neither_torch_nor_diffusers():
+    """`ldm --help` and a setting refused before any model work answer without the 2-4 s of torch's and
+    diffusers' imports (each command imports them where it loads a model): a fresh process, so that
+    nothing imported by the test run counts."""
+    import subprocess
+    import sys
+
+    script = ("import contextlib, io, sys\nfrom ldm_cli import cli\ncodes = []\n"
+              "for argv in (['--help'], ['sample', '--help'], ['train', '--help'], ['sample', 'x', '--steps', '0'],\n"
+              "             ['train', 'data', '--lr', '-1']):\n"
+              "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+              "        try:\n            cli.main(argv)\n        except SystemExit as e:\n            codes.append(e.code)\n"
+              "print(*codes, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0", "0", "2", "2", "[]"], r.stdout

@@ -69,7 +69,8 @@ def test_small_training_bench_times_the_shipped_models_unet():
     and context shapes, and counts its training FLOPs: 3x a forward."""
     import torch
 
-    from ldm_cli.models.load import default_model, load_components
+    from ldm_cli.models.defaults import default_model
+    from ldm_cli.models.load import load_components
 
     train_step = pytest.importorskip("train_step")
     unet, vae, _ = train_step.small_shaped("cpu", torch.float32)

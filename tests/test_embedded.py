@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ldm_cli.models.load import EMBEDDED_MODEL, default_model, load_components
+from ldm_cli.models.defaults import EMBEDDED_MODEL, default_model
+from ldm_cli.models.load import load_components
 
 NAMES = ["cat face", "dog face", "red apple", "rocket", "grinning face", "banana", "house", "fire", "heart",
          "pizza"]

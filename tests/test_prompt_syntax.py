@@ -201,7 +201,7 @@ def test_two_loras_equal_diffusers_set_adapters(ldm, tiny_model, tmp_path):
     """--lora A:0.7 --lora B:0.4 equals diffusers' set_adapters([A, B], [0.7, 0.4]) (unfused), both recorded."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.models.options import LoadOptions
     from ldm_cli.sample.run import load
 
     files = [make_lora(tiny_model, tmp_path, f"lora{seed}", seed) for seed in (0, 1)]
@@ -254,7 +254,7 @@ def test_kohya_lora_equals_diffusers_and_its_own_diffusers_form(tiny_model, tmp_
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.models.options import LoadOptions
     from ldm_cli.sample.run import load
 
     diffusers_file = make_lora(tiny_model, tmp_path, "d", 2)
@@ -287,7 +287,7 @@ def test_textual_inversion_equals_diffusers(ldm, tiny_model, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
-    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.models.options import LoadOptions
     from ldm_cli.sample.run import load
 
     g = torch.Generator().manual_seed(0)
@@ -339,8 +339,8 @@ def test_prompt_lora_tags_equal_lora_flags_and_redo_bitwise(ldm, tiny_model, tmp
     """<lora:a:0.7> in the prompt (found in --lora-dir, in a sub-folder) with --lora b:0.4 gives the image
     --lora a:0.7 --lora b:0.4 gives; the tag is not text; both hashes recorded; --from-png with --lora-dir
     and --lora redoes it bitwise, warns for a changed file, and asks for --lora-dir when it is missing."""
-    from ldm_cli.models.components import LoadOptions
     from ldm_cli.models.lora import file_hash
+    from ldm_cli.models.options import LoadOptions
     from ldm_cli.sample.run import load
 
     a = make_lora(tiny_model, tmp_path / "loras" / "styles", "a", 0)

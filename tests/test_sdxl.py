@@ -152,7 +152,7 @@ def test_sdxl_embedding_pair_matches_diffusers(tiny_sdxl, tmp_path):
     documented two load_textual_inversion calls (clip_g into text_encoder_2, clip_l into text_encoder)."""
     from safetensors.torch import save_file
 
-    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.models.options import LoadOptions
     from ldm_cli.sample.run import load
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
@@ -331,7 +331,7 @@ def test_sdxl_textual_inversion_trains_both_encoders_and_loads_in_diffusers(shap
     its two load_textual_inversion calls; a stopped run resumes bitwise."""
     from safetensors.torch import load_file
 
-    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.models.options import LoadOptions
     from ldm_cli.sample.run import load
     from ldm_cli.train.config import TrainConfig
     from ldm_cli.train.loop import train

@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from ldm_cli.jobs import Settings
-from ldm_cli.models.components import LoadOptions
 from ldm_cli.models.load import load_components
+from ldm_cli.models.options import LoadOptions
 from ldm_cli.sample import pipeline
 from ldm_cli.sample.run import load
 from ldm_cli.train.config import TrainConfig

@@ -92,7 +92,7 @@ def test_train_defaults_to_the_models_size_and_logs_every_n_steps(ldm, shapes, t
 
 
 def test_lora_trains_and_matches_diffusers_load_lora_weights(shapes, tiny_model, tmp_path, ldm):
-    from ldm_cli.models.components import LoadOptions
+    from ldm_cli.models.options import LoadOptions
     from ldm_cli.sample.run import load
 
     cfg = TrainConfig(data_dir=str(shapes), model=str(tiny_model), out_dir=str(tmp_path / "run"), lora_rank=4,

@@ -9,7 +9,8 @@ from ldm_cli.accel.graphs import GraphedUNet
 from ldm_cli.accel.inductor import compile_options
 from ldm_cli.accel.projections import group_shared_input_projections
 from ldm_cli.errors import check
-from ldm_cli.models.components import ACCEL_MODES, Components
+from ldm_cli.models.components import Components
+from ldm_cli.models.options import ACCEL_MODES
 from ldm_cli.models.unet import plain_runner
 
 

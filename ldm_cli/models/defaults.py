@@ -16,6 +16,14 @@ from ldm_cli.jobs import Settings, validate
 
 FILE = "ldm_defaults.json"
 NOT_SETTINGS = ("seed", "num_images")
+EMBEDDED_MODEL = Path(__file__).parent.parent / "embedded"
+
+
+def default_model() -> str:
+    """The embedded model (ldm_cli/embedded), what every command uses without --model."""
+    check((EMBEDDED_MODEL / "model_index.json").is_file(),
+          "no default model is installed yet; pass --model (a diffusers folder, a .safetensors file or a hub id)")
+    return str(EMBEDDED_MODEL)
 
 
 def model_defaults(model: str) -> dict:

@@ -12,8 +12,7 @@ def describe(c: Components) -> dict:
         return sum(p.numel() for p in m.parameters())
 
     from ldm_cli.io.metadata import EMBEDDED
-    from ldm_cli.models.defaults import model_defaults
-    from ldm_cli.models.load import EMBEDDED_MODEL
+    from ldm_cli.models.defaults import EMBEDDED_MODEL, model_defaults
 
     path = EMBEDDED_MODEL if c.name == EMBEDDED else Path(c.name)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else (

@@ -20,16 +20,8 @@ from ldm_cli.errors import LdmError, check
 from ldm_cli.models.components import Components, resolve_device, resolve_dtype
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-EMBEDDED_MODEL = Path(__file__).parent.parent / "embedded"
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 HUB_IGNORE = ["*.fp16.*", "*non_ema*", "safety_checker/*", "feature_extractor/*"]
-
-
-def default_model() -> str:
-    """The embedded model (ldm_cli/embedded), what every command uses without --model."""
-    check((EMBEDDED_MODEL / "model_index.json").is_file(),
-          "no default model is installed yet; pass --model (a diffusers folder, a .safetensors file or a hub id)")
-    return str(EMBEDDED_MODEL)
 
 
 def load_components(model: str, device: str = "auto", dtype: str = "auto", allow_unsafe_pickle: bool = False,

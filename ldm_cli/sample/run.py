@@ -9,27 +9,14 @@ from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.io import images, metadata
 from ldm_cli.io.files import ensure_dir
 from ldm_cli.jobs import Job
-from ldm_cli.models.components import Components, LoadOptions, validate
-from ldm_cli.options import check_ranges, option
+from ldm_cli.models.components import Components
+from ldm_cli.models.options import LoadOptions, validate
+from ldm_cli.options import check_ranges
 from ldm_cli.sample import pipeline
+from ldm_cli.sample.options import OutputOptions
 
 log = logging.getLogger("ldm")
 CPU_PIXELS = 2048 * 2048
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """Where and how the images are written and reported."""
-    out: Path = option(Path("outputs"), "Output folder.", short="-o")
-    grid: bool = option(False, "Also write a grid of all images.")
-    overwrite: bool = option(False, "Number files from 0 and replace existing ones.")
-    batch_size: int = option(1, "Images per U-Net batch.", min=1)
-    as_json: bool = option(False, "Print written paths and parameters as JSON.", flag="json")
-    quiet: bool = option(False, "No progress output.", short="-q")
-    # a typo like --width 8192 on a CPU starts a job of hours: asked for once, not started silently
-    yes: bool = option(False, "Start jobs above 2048x2048 pixels on a CPU (they take hours).")
-    # a job is done when a PNG in --out records it (model, prompt, seed, settings): resumes a killed run
-    skip_existing: bool = option(False, "Make only the images --out does not hold yet.")
 
 
 @dataclass(frozen=True)
@@ -55,7 +42,8 @@ class Loaded:
 def load(o: LoadOptions) -> Loaded:
     """Load the model, fuse the LoRA, build the runner: every LoadOptions field is used here."""
     from ldm_cli.accel import build_runner
-    from ldm_cli.models.load import default_model, load_components
+    from ldm_cli.models.defaults import default_model
+    from ldm_cli.models.load import load_components
 
     validate(o)
     c = load_components(o.model or default_model(), device=o.device, dtype=o.dtype,
@@ -89,7 +77,7 @@ def recorded_name(model: str | None) -> str:
     """The model as PNGs record it, so that --from-png redoes it anywhere: `embedded` for the embedded
     model (not its install path), an absolute path for a local file or folder, a hub id as given."""
     from ldm_cli.io.metadata import EMBEDDED
-    from ldm_cli.models.load import EMBEDDED_MODEL
+    from ldm_cli.models.defaults import EMBEDDED_MODEL
 
     if model is None or Path(model).expanduser().resolve() == EMBEDDED_MODEL.resolve():
         return EMBEDDED

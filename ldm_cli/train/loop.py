@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import RUNTIME, LdmError, check
-from ldm_cli.models.load import default_model, load_components
+from ldm_cli.models.defaults import default_model
+from ldm_cli.models.load import load_components
 from ldm_cli.train import cache, checkpoints, data, fast, folders
 from ldm_cli.train.batches import Batches, Encoders
 from ldm_cli.train.config import TrainConfig, steps_for, validate_config, validate_for_model

@@ -37,7 +37,7 @@ cp "$W"/before/*grid*.png "$OUT/maple-before.png"; cp "$W"/after/*grid*.png "$OU
 cp "$W/maple/00.png" "$OUT/maple-real.png"
 cp "$W/run/embedding/mapleleaf.safetensors" "$W/maple.safetensors"
 $PY -c "
-from diffusers import StableDiffusionPipeline; from ldm_cli.models.load import default_model
+from diffusers import StableDiffusionPipeline; from ldm_cli.models.defaults import default_model
 p = StableDiffusionPipeline.from_pretrained(default_model(), safety_checker=None, requires_safety_checker=False)
 p.load_textual_inversion('$W/maple.safetensors', token='mapleleaf'); print('diffusers loads it:', p.tokenizer.tokenize('mapleleaf'))"
 echo "pictures in $OUT"
