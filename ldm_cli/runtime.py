@@ -31,11 +31,24 @@ def quiet_libraries() -> None:
         lib.utils.logging.disable_progress_bar()
 
 
+class _ToStderr(logging.StreamHandler):
+    """A handler writing to sys.stderr as it is at each record, not as it was when the handler was made: a
+    program (or a test) that redirects stderr after `setup` still gets ldm's lines."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def report_warnings(quiet: bool = False) -> None:
     """ldm's own notes and warnings (the `ldm` logger) go to stderr as `ldm: ...` lines."""
     log = logging.getLogger("ldm")
     if not any(getattr(h, "ldm_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _ToStderr()
         handler.setFormatter(logging.Formatter("ldm: %(message)s"))
         handler.ldm_cli = True
         log.addHandler(handler)

@@ -61,6 +61,31 @@ def ldm():
     return run_ldm
 
 
+@pytest.fixture
+def ldm_here(capsys, monkeypatch):
+    """`ldm` run in this process (`cli.main`, its output captured), for tests of what a command makes and
+    says rather than of the process (signals, the console script, the launcher): a fresh process spends
+    ~4 s importing torch, diffusers and transformers before it does anything. Returns what `run_ldm` does."""
+    import contextlib
+    import subprocess
+
+    from ldm_cli import cli
+
+    def run(*args, cwd=None):
+        capsys.readouterr()
+        try:
+            with contextlib.chdir(cwd) if cwd else contextlib.nullcontext():
+                cli.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return run
+
+
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
 
 

@@ -242,19 +242,17 @@ def test_second_ctrl_c_during_the_save_loses_nothing(shapes, tiny_model, tmp_pat
     assert checkpoints.verify(out / "checkpoints" / f"step-{step:07d}") is None
 
 
-def test_training_never_replaces_what_it_did_not_create(shapes, tiny_model, tmp_path):
+def test_training_never_replaces_what_it_did_not_create(ldm_here, shapes, tiny_model, tmp_path):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
     (data / "model").mkdir()
     (data / "model" / "keep.txt").write_text("the user's own file")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def ldm(*args):
-        return subprocess.run([LDM, "train", *map(str, args), "--model", str(tiny_model), "--max-steps", "2",
-                               "--batch-size", "2", "--device", "cpu", "--cache-dir", str(tmp_path / "c")],
-                              capture_output=True, text=True, env=env)
+        return ldm_here("train", *args, "--model", tiny_model, "--max-steps", 2, "--batch-size", 2, "--device", "cpu",
+                        "--cache-dir", tmp_path / "c")
 
     for out in (data, data / "sub"):  # --out is, or is inside, the data folder
         r = ldm(data, "--out", out)

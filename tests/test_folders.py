@@ -226,7 +226,7 @@ def test_guidance_rescale_is_diffusers_rescale_noise_cfg():
         assert phi == 0.0 or (ours - plain).abs().max() > 0.1
 
 
-def test_folder_bad_inputs_are_one_line(ldm, photos, tiny_model, tmp_path):
+def test_folder_bad_inputs_are_one_line(ldm_here, photos, tiny_model, tmp_path):
     wide = tmp_path / "wide"
     wide.mkdir()
     draw((400, 40), (0, 0, 200), 0).save(wide / "banner.png")
@@ -242,7 +242,7 @@ def test_folder_bad_inputs_are_one_line(ldm, photos, tiny_model, tmp_path):
             ((photos, "--out", tmp_path / "o3", "--class-data", not_images), "--class-prompt TEXT"),
             ((photos, "--out", tmp_path / "o4", "--bucket-reso-steps", 12), "must be a multiple of 8"),
             ((photos, "--out", tmp_path / "o5", "--keep-tokens", 2), "--keep-tokens goes with --shuffle-tags")):
-        r = ldm("train", *args, *common)
+        r = ldm_here("train", *args, *common)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, (args, r.stderr)
     assert not any((tmp_path / f"o{i}" / "model").exists() for i in range(1, 6))
 

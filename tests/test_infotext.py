@@ -65,9 +65,9 @@ def test_unknown_sampler_names_the_nearest(name, nearest):
         from_a1111(name)
 
 
-def test_from_png_reproduces_an_a1111_png(ldm, tiny_model, tmp_path):
+def test_from_png_reproduces_an_a1111_png(ldm_here, tiny_model, tmp_path):
     src = a1111_png(tmp_path / "a1111.png")
-    r = ldm("sample", "--from-png", src, "--model", tiny_model, "--out", tmp_path / "out", "--json")
+    r = ldm_here("sample", "--from-png", src, "--model", tiny_model, "--out", tmp_path / "out", "--json")
     assert r.returncode == 0, r.stderr
     made = json.loads(r.stdout)[0]["path"]
     meta = json.loads(Image.open(made).text["ldm"])
@@ -78,9 +78,9 @@ def test_from_png_reproduces_an_a1111_png(ldm, tiny_model, tmp_path):
     assert "Steps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3141592653" in params
 
 
-def test_from_png_unknown_sampler_is_one_line(ldm, tiny_model, tmp_path):
+def test_from_png_unknown_sampler_is_one_line(ldm_here, tiny_model, tmp_path):
     src = a1111_png(tmp_path / "a1111.png", A1111.replace("Sampler: DPM++ 2M,", "Sampler: DPM++ 2S a,"))
-    r = ldm("sample", "--from-png", src, "--model", tiny_model, "--out", tmp_path / "out")
+    r = ldm_here("sample", "--from-png", src, "--model", tiny_model, "--out", tmp_path / "out")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "nearest is --sampler euler-a" in r.stderr
     assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ def test_single_file_equals_folder(tmp_path):
     assert (sample(folder) - sample(single)).abs().max() <= 1e-5
 
 
-def test_pickle_checkpoint_needs_consent(ldm, tmp_path):
+def test_pickle_checkpoint_needs_consent(ldm_here, tmp_path):
     pipe = build_pipeline(tokenizer_dir=tmp_path / "tok", seed=6)
     pipe.save_pretrained(tmp_path / "folder", safe_serialization=True)
     write_ldm_checkpoint(pipe, tmp_path / "model.safetensors")
@@ -39,12 +39,12 @@ def test_pickle_checkpoint_needs_consent(ldm, tmp_path):
     torch.save({"state_dict": load_file(tmp_path / "model.safetensors")}, tmp_path / "model.ckpt")
     args = ("sample", "x", "--model", tmp_path / "model.ckpt", "--config", tmp_path / "folder", "--steps", 2,
             "--seed", 3, "--out", tmp_path / "out", "-q")
-    refused = ldm(*args)
+    refused = ldm_here(*args)
     assert refused.returncode == 2 and "--allow-unsafe-pickle" in refused.stderr
     assert not (tmp_path / "out").exists()
-    allowed = ldm(*args, "--allow-unsafe-pickle")
+    allowed = ldm_here(*args, "--allow-unsafe-pickle")
     assert allowed.returncode == 0, allowed.stderr
-    via_folder = ldm("sample", "x", "--model", tmp_path / "folder", "--steps", 2, "--seed", 3,
+    via_folder = ldm_here("sample", "x", "--model", tmp_path / "folder", "--steps", 2, "--seed", 3,
                      "--out", tmp_path / "ref", "-q")
     assert via_folder.returncode == 0, via_folder.stderr
     a = np.asarray(Image.open(next((tmp_path / "out").glob("*.png")))).astype(int)

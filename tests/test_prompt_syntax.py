@@ -145,16 +145,16 @@ def test_guidance_halves_padded_to_one_length(tiny_model):
         assert torch.equal(uncond[:, 77:], empty) and torch.equal(uncond[:, :77], encode_text(c, ["blurry"], "a1111"))
 
 
-def test_cli_long_emphasised_prompt_is_recorded_and_redone(ldm, tiny_model, tmp_path):
+def test_cli_long_emphasised_prompt_is_recorded_and_redone(ldm_here, tiny_model, tmp_path):
     prompt = "a (red:1.3) cat, " * 12 + "BREAK on a table"
-    r = ldm("sample", prompt, "--model", tiny_model, "--steps", 3, "--seed", 2, "--clip-skip", 2, "--out",
+    r = ldm_here("sample", prompt, "--model", tiny_model, "--steps", 3, "--seed", 2, "--clip-skip", 2, "--out",
             tmp_path / "a", "--json")
     assert r.returncode == 0, r.stderr
     made = json.loads(r.stdout)[0]["path"]
     meta = json.loads(Image.open(made).text["ldm"])
     assert (meta["prompt_syntax"], meta["clip_skip"]) == ("a1111", 2)
     assert ", Clip skip: 2" in Image.open(made).text["parameters"]
-    r = ldm("sample", "--from-png", made, "--out", tmp_path / "b", "--json")
+    r = ldm_here("sample", "--from-png", made, "--out", tmp_path / "b", "--json")
     assert r.returncode == 0, r.stderr
     again = json.loads(r.stdout)[0]["path"]
     assert Image.open(made).tobytes() == Image.open(again).tobytes()
@@ -197,7 +197,7 @@ def test_sdxl_emphasis_and_long_prompts(tiny_sdxl):
         assert cond.hidden.shape == uncond.hidden.shape == (1, 154, 64)
 
 
-def test_two_loras_equal_diffusers_set_adapters(ldm, tiny_model, tmp_path):
+def test_two_loras_equal_diffusers_set_adapters(ldm_here, tiny_model, tmp_path):
     """--lora A:0.7 --lora B:0.4 equals diffusers' set_adapters([A, B], [0.7, 0.4]) (unfused), both recorded."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -222,7 +222,7 @@ def test_two_loras_equal_diffusers_set_adapters(ldm, tiny_model, tmp_path):
     assert abs(ours - theirs).max() <= 1e-5
     assert abs(ours - one.permute(0, 2, 3, 1).numpy()).max() > 1e-3  # the second LoRA counts
     assert re.fullmatch(f"{files[0]}@0.7#[0-9a-f]{{10}}, {files[1]}@0.4#[0-9a-f]{{10}}", c.lora)
-    r = ldm("sample", "x", "--model", tiny_model, "--lora", f"{files[0]}:11", "--steps", 1, "--out", tmp_path / "o")
+    r = ldm_here("sample", "x", "--model", tiny_model, "--lora", f"{files[0]}:11", "--steps", 1, "--out", tmp_path / "o")
     assert r.returncode == 2 and "the scale must be in [-10, 10]" in r.stderr and r.stderr.count("\n") == 1
 
 
@@ -281,7 +281,7 @@ def test_kohya_lora_equals_diffusers_and_its_own_diffusers_form(tiny_model, tmp_
     assert abs(both - unet_only).max() > 1e-3 and abs(unet_only - ours(f"{diffusers_file}:0.0")).max() > 1e-3
 
 
-def test_textual_inversion_equals_diffusers(ldm, tiny_model, tmp_path):
+def test_textual_inversion_equals_diffusers(ldm_here, tiny_model, tmp_path):
     """--embedding in the diffusers format (one vector) and A1111's safetensors (emb_params, two vectors):
     the image equals diffusers' load_textual_inversion + its pipeline; recorded, and asked for on redo."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -308,14 +308,14 @@ def test_textual_inversion_equals_diffusers(ldm, tiny_model, tmp_path):
     assert abs(ours - theirs).max() <= 1e-5 and abs(ours - plain).max() > 1e-3
     assert c.embeddings.startswith("<toy>@") and ", sty@" in c.embeddings
     out = tmp_path / "o"
-    r = ldm("sample", "a <toy> cat", "--model", tiny_model, "--embedding", tmp_path / "toy.safetensors", "--steps", 2,
+    r = ldm_here("sample", "a <toy> cat", "--model", tiny_model, "--embedding", tmp_path / "toy.safetensors", "--steps", 2,
             "--out", out, "--json")
     assert r.returncode == 0, r.stderr
     made = json.loads(r.stdout)[0]["path"]
     assert "TI: <toy>@" in Image.open(made).text["parameters"]
-    r = ldm("sample", "--from-png", made, "--out", tmp_path / "redo")
+    r = ldm_here("sample", "--from-png", made, "--out", tmp_path / "redo")
     assert r.returncode == 2 and "--embedding FILE:TOKEN" in r.stderr and r.stderr.count("\n") == 1
-    r = ldm("sample", "x", "--model", tiny_model, "--embedding", tmp_path / "toy.pt", "--out", out)
+    r = ldm_here("sample", "x", "--model", tiny_model, "--embedding", tmp_path / "toy.pt", "--out", out)
     assert r.returncode == 2 and "file not found" in r.stderr
 
 
@@ -335,7 +335,7 @@ def make_lora(tiny_model, folder, name, seed):
     return save_lora(unet, folder / f".{name}").rename(folder / f"{name}.safetensors")
 
 
-def test_prompt_lora_tags_equal_lora_flags_and_redo_bitwise(ldm, tiny_model, tmp_path):
+def test_prompt_lora_tags_equal_lora_flags_and_redo_bitwise(ldm_here, tiny_model, tmp_path):
     """<lora:a:0.7> in the prompt (found in --lora-dir, in a sub-folder) with --lora b:0.4 gives the image
     --lora a:0.7 --lora b:0.4 gives; the tag is not text; both hashes recorded; --from-png with --lora-dir
     and --lora redoes it bitwise, warns for a changed file, and asks for --lora-dir when it is missing."""
@@ -346,7 +346,7 @@ def test_prompt_lora_tags_equal_lora_flags_and_redo_bitwise(ldm, tiny_model, tmp
     a = make_lora(tiny_model, tmp_path / "loras" / "styles", "a", 0)
     b = make_lora(tiny_model, tmp_path / "other", "b", 1)
     common = ("--model", tiny_model, "--steps", 3, "--seed", 4, "--device", "cpu", "--accel", "none")
-    r = ldm("sample", "a red cat, <lora:a:0.7>", *common, "--lora-dir", tmp_path / "loras", "--lora", f"{b}:0.4",
+    r = ldm_here("sample", "a red cat, <lora:a:0.7>", *common, "--lora-dir", tmp_path / "loras", "--lora", f"{b}:0.4",
             "--out", tmp_path / "tag")
     assert r.returncode == 0, r.stderr
     tagged = next((tmp_path / "tag").glob("*.png"))
@@ -360,14 +360,14 @@ def test_prompt_lora_tags_equal_lora_flags_and_redo_bitwise(ldm, tiny_model, tmp
     text = Image.open(tagged).text["parameters"]
     assert f'Lora hashes: "b: {file_hash(b)}, a: {file_hash(a)}"' in text and "<lora:a:0.7>" in text
 
-    r = ldm("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--lora-dir", tmp_path / "loras", "--out",
+    r = ldm_here("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--lora-dir", tmp_path / "loras", "--out",
             tmp_path / "redo")
     assert r.returncode == 0, r.stderr
     assert np.array_equal(px(next((tmp_path / "redo").glob("*.png"))), px(tagged))
-    r = ldm("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--out", tmp_path / "x")
+    r = ldm_here("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--out", tmp_path / "x")
     assert r.returncode == 2 and "<lora:a:0.7>: give --lora-dir" in r.stderr and r.stderr.count("\n") == 1
     make_lora(tiny_model, tmp_path / "changed", "a", 5)
-    r = ldm("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--lora-dir", tmp_path / "changed", "--out",
+    r = ldm_here("sample", "--from-png", tagged, "--lora", f"{b}:0.4", "--lora-dir", tmp_path / "changed", "--out",
             tmp_path / "y")
     assert r.returncode == 0 and "is not the LoRA a" in r.stderr and "the image will differ" in r.stderr
     from ldm_cli.models.lora import prompt_loras

@@ -91,16 +91,16 @@ def test_img2img_matches_diffusers(model, negative, request):
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - ref).max() <= TOL
 
 
-def test_cli_sample_and_info(ldm, tiny_sdxl, tiny_model, tmp_path):
-    r = ldm("info", tiny_sdxl, "--json")
+def test_cli_sample_and_info(ldm_here, tiny_sdxl, tiny_model, tmp_path):
+    r = ldm_here("info", tiny_sdxl, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["family"] == "sdxl"
-    r = ldm("sample", "a cat", "--model", tiny_sdxl, "--steps", 3, "--seed", 1, "--original-size", "128x128",
+    r = ldm_here("sample", "a cat", "--model", tiny_sdxl, "--steps", 3, "--seed", 1, "--original-size", "128x128",
             "--out", tmp_path, "--json")
     assert r.returncode == 0, r.stderr
     made = json.loads(r.stdout)[0]
     assert Image.open(made["path"]).size == (64, 64) and made["original_size"] == "128x128"
-    r = ldm("sample", "a cat", "--model", tiny_model, "--steps", 1, "--original-size", "128x128", "--out", tmp_path)
+    r = ldm_here("sample", "a cat", "--model", tiny_model, "--steps", 1, "--original-size", "128x128", "--out", tmp_path)
     assert r.returncode == 2 and "not SDXL" in r.stderr and r.stderr.count("\n") == 1
 
 
@@ -124,7 +124,7 @@ def write_lora(unet_dir, out, sdxl):
     return out / "pytorch_lora_weights.safetensors"
 
 
-def test_sdxl_lora_matches_diffusers_and_mismatches_are_one_line(ldm, tiny_sdxl, tiny_model, tmp_path):
+def test_sdxl_lora_matches_diffusers_and_mismatches_are_one_line(ldm_here, tiny_sdxl, tiny_model, tmp_path):
     from ldm_cli.models.lora import apply_lora
 
     lora = write_lora(tiny_sdxl / "unet", tmp_path / "xl", sdxl=True)
@@ -142,7 +142,7 @@ def test_sdxl_lora_matches_diffusers_and_mismatches_are_one_line(ldm, tiny_sdxl,
     plain = pipeline.txt2img(ours_loaded(tiny_sdxl), ["a cat"], [""], [2], s).permute(0, 2, 3, 1).numpy()
     assert np.abs(ours - ref).max() <= TOL and np.abs(ours - plain).max() > 100 * TOL
     for model, wrong in ((tiny_model, lora), (tiny_sdxl, sd_lora)):
-        r = ldm("sample", "x", "--model", model, "--lora", wrong, "--steps", 1, "--out", tmp_path / "out")
+        r = ldm_here("sample", "x", "--model", model, "--lora", wrong, "--steps", 1, "--out", tmp_path / "out")
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--lora" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
 

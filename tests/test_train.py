@@ -79,10 +79,10 @@ def test_train_cli(ldm, shapes, tiny_model, tmp_path):
     assert not (tmp_path / "run2").exists()
 
 
-def test_train_defaults_to_the_models_size_and_logs_every_n_steps(ldm, shapes, tiny_model, tmp_path):
+def test_train_defaults_to_the_models_size_and_logs_every_n_steps(ldm_here, shapes, tiny_model, tmp_path):
     """No --resolution: the model's native size (64 px here, not 512); piped output: one line per
     --log-every steps (and the last), not one per step."""
-    r = ldm("train", shapes, "--model", tiny_model, "--out", tmp_path / "run", "--max-steps", 7, "--log-every", 3,
+    r = ldm_here("train", shapes, "--model", tiny_model, "--out", tmp_path / "run", "--max-steps", 7, "--log-every", 3,
             "--batch-size", 2, "--device", "cpu", "--cache-dir", tmp_path / "c")
     assert r.returncode == 0, r.stderr
     steps = [line.split()[1] for line in r.stderr.splitlines() if line.startswith("step ")]
@@ -269,16 +269,16 @@ def test_validation_grid_uses_the_chosen_sampler(shapes, tiny_model, tmp_path):
     assert np.abs(grids["ddim"].astype(int) - grids["euler-a"]).max() > 10
 
 
-def test_config_file_round_trips_and_flags_win(ldm, shapes, tiny_model, tmp_path):
+def test_config_file_round_trips_and_flags_win(ldm_here, shapes, tiny_model, tmp_path):
     """OUT/config.toml holds the resolved settings; `ldm train --config OUT/config.toml --out NEW` repeats the
     run (same losses); a flag given on the command line wins over the file; bad keys and types: one line."""
     common = ("--model", tiny_model, "--resolution", 64, "--batch-size", 2, "--device", "cpu", "-q", "--cache-dir",
               tmp_path / "c", "--seed", 3, "--lr", 2e-3)
-    r = ldm("train", shapes, *common, "--max-steps", 4, "--log-every", 1, "--out", tmp_path / "a")
+    r = ldm_here("train", shapes, *common, "--max-steps", 4, "--log-every", 1, "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     toml = (tmp_path / "a" / "config.toml").read_text()
     assert f'data_dir = "{shapes}"' in toml and "max_steps = 4" in toml and "lr = 0.002" in toml
-    r = ldm("train", "--config", tmp_path / "a" / "config.toml", "--out", tmp_path / "b")
+    r = ldm_here("train", "--config", tmp_path / "a" / "config.toml", "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert f'out_dir = "{tmp_path / "b"}"' in (tmp_path / "b" / "config.toml").read_text()  # the flag won
@@ -290,7 +290,7 @@ def test_config_file_round_trips_and_flags_win(ldm, shapes, tiny_model, tmp_path
         bad.write_text(text + "\n")
         with pytest.raises(LdmError, match=re.escape(says)):
             read_config(bad)
-    r = ldm("train", shapes, "--config", bad, "--out", tmp_path / "x")
+    r = ldm_here("train", shapes, "--config", bad, "--out", tmp_path / "x")
     assert r.returncode == 2 and "not TOML" in r.stderr and r.stderr.count("\n") == 1
 
 
