@@ -62,7 +62,7 @@ def ldm():
 
 
 @pytest.fixture
-def ldm_here(capsys, monkeypatch):
+def ldm_here(capsys):
     """`ldm` run in this process (`cli.main`, its output captured), for tests of what a command makes and
     says rather than of the process (signals, the console script, the launcher): a fresh process spends
     ~4 s importing torch, diffusers and transformers before it does anything. Returns what `run_ldm` does."""
@@ -82,7 +82,6 @@ def ldm_here(capsys, monkeypatch):
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out, err)
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return run
 
 

@@ -1,5 +1,5 @@
-"""`Components` (a loaded model, frozen), with device/dtype rules; `LoadOptions` (how to load one) lives in
-`models.options`, torch-free, and is named here too."""
+"""`Components` (a loaded model, frozen), with device/dtype rules. How to load one, `LoadOptions`, is in
+`models.options` (torch-free, for the CLI)."""
 
 from dataclasses import dataclass
 
