@@ -378,10 +378,10 @@ def test_help_and_refused_settings_import_neither_torch_nor_diffusers():
 
     script = ("import contextlib, io, sys\nfrom ldm_cli import cli\ncodes = []\n"
               "for argv in (['--help'], ['sample', '--help'], ['train', '--help'], ['sample', 'x', '--steps', '0'],\n"
-              "             ['train', 'data', '--lr', '-1']):\n"
+              "             ['train', 'data', '--lr', '-1'], ['train', 'no-such-folder']):\n"
               "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
               "        try:\n            cli.main(argv)\n        except SystemExit as e:\n            codes.append(e.code)\n"
               "print(*codes, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["0", "0", "0", "2", "2", "[]"], r.stdout
+    assert r.stdout.split() == ["0", "0", "0", "2", "2", "2", "[]"], r.stdout

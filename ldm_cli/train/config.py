@@ -133,6 +133,7 @@ def validate_config(cfg: TrainConfig) -> None:
           f"--resolution must be a multiple of 8, got {cfg.resolution}")
     check(not (cfg.lora_rank and cfg.from_scratch), "--lora-rank adapts an existing U-Net: drop --from-scratch")
     check(cfg.data_dir != "", "no data folder given: ldm train DATA_DIR, or data_dir in --config")
+    check(Path(cfg.data_dir).is_dir(), f"{cfg.data_dir}: data folder not found")  # a typo: told before any import
     ti = cfg.textual_inversion
     check(not ti or cfg.init_word.strip(), "--textual-inversion needs --init-word WORD (a word close to the "
           "concept, e.g. 'dog'), the embedding's starting point")

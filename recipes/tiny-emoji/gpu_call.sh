@@ -23,6 +23,10 @@
 # Returns under $OUT: the model folder as tar parts, the logs, metrics and the last validation grid.
 # With one call's time only: `bash gpu_call.sh start 400; bash gpu_call.sh finish 40` in one 590-s call (the U-Net
 # stops ~440 s in; the final stage and the tar take the rest); at ~300 s to the first step that trains ~2 minutes.
+#   bash recipes/tiny-emoji/gpu_call.sh stop 0         like finish, without the final stage: SIGTERM, then the last
+#       checkpoint's EMA in fp16 and the logs, nothing else (seconds). `start 540; stop 0` in one call trains ~2 minutes
+#       more than `start 400; finish 40`; the model folder is then made here: cat ema16.part-* > e.safetensors;
+#       python assemble.py from-ema e.safetensors .data/gpu/embedded OUT (the FROM model), and judged on the CPU
 # Measured on one H100 (FROM=, SINGLE_BACKGROUNDS=6, 100,000 scenes): data 50 s, latent cache (198,600 entries)
 # 258 s, first step 400 s after the U-Net's start (compile: full), then ~3,300 images/s at batch 256; `start 585`
 # then `finish 430` trained 6,920 steps (the shipped second edition's GPU leg), 21 minutes of the machine.
@@ -59,7 +63,7 @@ case "${1:-}" in
     sleep 10; until_s "${2:-560}"; unet_log 20 ;;
   watch)
     until_s "${2:-580}"; unet_log ;;
-  finish)
+  stop|finish)
     until_s "${2:-300}"
     pkill -TERM -f "$TRAIN"; while pgrep -f "$TRAIN" >/dev/null; do sleep 2; done; unet_log 6
     # first the last checkpoint's EMA in fp16 (2 files): should the call be cut in the final stage, the model
@@ -67,6 +71,7 @@ case "${1:-}" in
     LAST=$(ls -d $W/unet-run/checkpoints/step-* | sort | tail -1)
     python3 recipes/tiny-emoji/assemble.py half $LAST/ema.safetensors $W/ema16.safetensors &&
       split -b 15M $W/ema16.safetensors $OUT/ema16.part- && echo "$(basename $LAST)'s EMA returned (fp16)"
+    if [ "$1" = stop ]; then cp $W/unet.log $OUT/; tail -3 $W/unet-run/log.jsonl > $OUT/log_tail.jsonl; ls -la $OUT; exit 0; fi
     STAGES=final $RUN > $OUT/final.log 2>&1; grep -v -i "warn\|Writing model\|Loading weights\|float32" $OUT/final.log | tail -16
     [ -f $W/embedded/model_index.json ] && rm -f $OUT/ema16.part-*  # at most 8 files come back
     tar cf - -C $W embedded | split -b 15M - $OUT/embedded.tar.part-
@@ -74,6 +79,6 @@ case "${1:-}" in
     cp $W/unet.log $OUT/
     cat $W/vae/metrics.json $W/clip/metrics.json $W/embedded_judge.jsonl $W/unet-run/log.jsonl > $OUT/metrics.txt 2>/dev/null
     ls $W/unet-run/validation | tail -1 | xargs -I{} cp $W/unet-run/validation/{} $OUT/validation-last.png ;;
-  *) echo "usage: gpu_call.sh probe | start|watch|finish SECONDS" >&2; exit 2 ;;
+  *) echo "usage: gpu_call.sh probe | start|watch|stop|finish SECONDS" >&2; exit 2 ;;
 esac
 ls -la $OUT
