@@ -24,8 +24,9 @@
 # With one call's time only: `bash gpu_call.sh start 400; bash gpu_call.sh finish 40` in one 590-s call (the U-Net
 # stops ~440 s in; the final stage and the tar take the rest); at ~300 s to the first step that trains ~2 minutes.
 #   bash recipes/tiny-emoji/gpu_call.sh stop 0         like finish, without the final stage: SIGTERM, then the last
-#       checkpoint's EMA in fp16 and the logs, nothing else (seconds). `start 540; stop 0` in one call trains ~2 minutes
-#       more than `start 400; finish 40`; the model folder is then made here: cat ema16.part-* > e.safetensors;
+#       checkpoint's EMA in fp16 and the logs, nothing else (seconds). `start 540; stop 0` in one call stops the U-Net
+#       100 s later than `start 400; finish 40` (the final stage's time spent training; not yet run on a GPU, checked
+#       here on a fake checkpoint); the model folder is then made here: cat ema16.part-* > e.safetensors;
 #       python assemble.py from-ema e.safetensors .data/gpu/embedded OUT (the FROM model), and judged on the CPU
 # Measured on one H100 (FROM=, SINGLE_BACKGROUNDS=6, 100,000 scenes): data 50 s, latent cache (198,600 entries)
 # 258 s, first step 400 s after the U-Net's start (compile: full), then ~3,300 images/s at batch 256; `start 585`
