@@ -21,10 +21,7 @@ from common import out_folder  # noqa: E402
 
 from ldm_cli.io.prompts import read_prompt_file  # noqa: E402
 from ldm_cli.jobs import Settings  # noqa: E402
-from ldm_cli.models.defaults import (
-    EMBEDDED_MODEL,  # noqa: E402
-    with_model_defaults,  # noqa: E402
-)
+from ldm_cli.models.defaults import EMBEDDED_MODEL, with_model_defaults  # noqa: E402
 from ldm_cli.models.options import LoadOptions  # noqa: E402
 from ldm_cli.sample import pipeline  # noqa: E402
 from ldm_cli.sample.run import load as load_model  # noqa: E402
