@@ -48,15 +48,21 @@ def test_embedded_model_is_the_default():
 
 
 def test_sample_with_no_model_draws_the_prompt(ldm, tmp_path, scorer):
-    r = ldm("sample", "cat face, 3d style, on a blue background", "red apple, flat style, on a white background",
-            "--seed", "1", "--out", tmp_path, "--json")
+    # six seeds a prompt, a majority of them named right: one seed is a sample of one. The scorer (the first
+    # edition's CLIP) called two of the second edition's six cats pizza where the independent judge of
+    # docs/performance.md named all six cat face; a model drawing blobs passes 4 of 6 by chance 0.1% of the time
+    cases = [("cat face", "3d style, on a blue background"), ("red apple", "flat style, on a white background")]
+    r = ldm("sample", *[f"{name}, {rest}" for name, rest in cases], "-n", "6", "--seed", "1", "--out", tmp_path,
+            "--json")
     assert r.returncode == 0, r.stderr
     written = json.loads(r.stdout)
-    assert [(w["width"], w["height"]) for w in written] == [(64, 64), (64, 64)]
-    assert scorer(written[0]["path"], "3d style, on a blue background") == "cat face"
-    assert scorer(written[1]["path"], "flat style, on a white background") == "red apple"
-    blue = np.asarray(Image.open(written[0]["path"]), dtype=np.float32)[:4].mean(axis=(0, 1))  # top rows: background
-    assert blue[2] > blue[0] + 50, blue
+    assert [(w["width"], w["height"]) for w in written] == [(64, 64)] * 12
+    for k, (name, rest) in enumerate(cases):
+        named = [scorer(w["path"], rest) for w in written[6 * k:6 * k + 6]]
+        assert named.count(name) >= 4, (name, named)
+    for w in written[:6]:
+        blue = np.asarray(Image.open(w["path"]), dtype=np.float32)[:4].mean(axis=(0, 1))  # top rows: background
+        assert blue[2] > blue[0] + 50, (w["path"], blue)
 
 
 def test_img2img_with_embedded_model_changes_the_background(ldm, tmp_path, scorer):
