@@ -70,8 +70,8 @@ def test_img2img_with_embedded_model_changes_the_background(ldm, tmp_path, score
                 "--json")
     assert first.returncode == 0, first.stderr
     src = json.loads(first.stdout)[0]["path"]
-    # cfg 7.5 pinned: the model's default (ldm_defaults.json, cfg 5) turns this background blue for 1 seed of 1-6,
-    # 7.5 for 2 (seeds 1 and 4): a measured trade for better compositions, not what this test is about
+    # cfg 7.5 pinned: with the model's default (ldm_defaults.json, cfg 5) the weights shipped before turned this
+    # background blue for 1 seed of 1-6, at 7.5 for 2 (seeds 1 and 4); the shipped ones for all six at both
     r = ldm("img2img", src, "cat face, flat style, on a blue background", "--strength", "0.9", "--seed", "4",
             "--cfg", "7.5", "--out", tmp_path / "b", "--json")
     assert r.returncode == 0, r.stderr

@@ -6,7 +6,9 @@
     python assemble.py from-ema EMA.safetensors MODEL_DIR OUT        # MODEL_DIR with its U-Net's weights from a
                                                                     # checkpoint's EMA (a run cut before `final`)
 
-The scheduler is SD's DDIM setting (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon).
+The scheduler is SD's DDIM setting (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon). `final` and
+`from-ema` give the folder its sampling defaults (ldm_defaults.json: cfg 5, where this family composes best): the
+model's it went on from when it has one, else the shipped embedded model's.
 """
 
 import json
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+SHIPPED_DEFAULTS = Path(__file__).parents[2] / "ldm_cli" / "embedded" / "ldm_defaults.json"
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
@@ -45,6 +48,7 @@ def final(trained: Path, clip_dir: Path, out: Path) -> None:
     tower = CLIPVisionModelWithProjection.from_pretrained(src).to(torch.float16)
     tower.save_pretrained(out / "clip_image_tower")
     shutil.copy(src / "text_projection.safetensors", out / "clip_image_tower")
+    with_defaults(out, trained)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {size / 1e6:.1f} MB")
 
@@ -70,6 +74,13 @@ def from_ema(ema: Path, model: Path, out: Path) -> None:
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     if (model / "clip_image_tower").is_dir():
         shutil.copytree(model / "clip_image_tower", out / "clip_image_tower", dirs_exist_ok=True)
+    with_defaults(out, model)
+
+
+def with_defaults(out: Path, model: Path) -> None:
+    """`out`'s ldm_defaults.json: `model`'s own, else the shipped embedded model's (a rebuilt model keeps cfg 5)."""
+    src = model / SHIPPED_DEFAULTS.name
+    shutil.copy(src if src.is_file() else SHIPPED_DEFAULTS, out / SHIPPED_DEFAULTS.name)
 
 
 if __name__ == "__main__":
