@@ -78,9 +78,13 @@ def from_ema(ema: Path, model: Path, out: Path) -> None:
 
 
 def with_defaults(out: Path, model: Path) -> None:
-    """`out`'s ldm_defaults.json: `model`'s own, else the shipped embedded model's (a rebuilt model keeps cfg 5)."""
-    src = model / SHIPPED_DEFAULTS.name
-    shutil.copy(src if src.is_file() else SHIPPED_DEFAULTS, out / SHIPPED_DEFAULTS.name)
+    """`out`'s ldm_defaults.json: `model`'s own, else the shipped embedded model's (a rebuilt model keeps cfg 5);
+    where neither is there (a tree sent without ldm_cli/embedded), the folder is made without, and says so."""
+    src = next((f for f in (model / SHIPPED_DEFAULTS.name, SHIPPED_DEFAULTS) if f.is_file()), None)
+    if src is None:
+        print(f"{out}: no {SHIPPED_DEFAULTS.name} to copy (add the shipped one's before sampling with it)")
+        return
+    shutil.copy(src, out / SHIPPED_DEFAULTS.name)
 
 
 if __name__ == "__main__":
