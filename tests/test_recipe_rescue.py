@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from conftest import LDM
 
+from ldm_cli.models.defaults import EMBEDDED_MODEL
+
 ASSEMBLE = Path(__file__).parent.parent / "recipes" / "tiny-emoji" / "assemble.py"
 
 
@@ -36,8 +38,8 @@ def test_the_model_folder_is_rebuilt_from_a_checkpoints_ema(shapes, tiny_model, 
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)  # the run's EMA model, in fp16
     assert any(not torch.equal(got[k], start[k]) for k in want)  # ... which training moved
     assert (out / "vae").is_dir() and (out / "text_encoder").is_dir() and (out / "model_index.json").is_file()
-    shipped = Path(__file__).parent.parent / "ldm_cli" / "embedded" / "ldm_defaults.json"
-    assert (out / "ldm_defaults.json").read_text() == shipped.read_text()  # the family's cfg 5, not SD's 7.5
+    shipped = (EMBEDDED_MODEL / "ldm_defaults.json").read_text()
+    assert (out / "ldm_defaults.json").read_text() == shipped  # the family's cfg 5, not SD's 7.5
     # weights of another model are refused, not half-loaded
     from safetensors.torch import save_file
 
