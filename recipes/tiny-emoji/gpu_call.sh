@@ -79,7 +79,7 @@ case "${1:-}" in
     # at most 8 files come back: the tar parts (3), the logs, one metrics file, the last validation grid
     cp $W/unet.log $OUT/
     cat $W/vae/metrics.json $W/clip/metrics.json $W/embedded_judge.jsonl $W/unet-run/log.jsonl > $OUT/metrics.txt 2>/dev/null
-    ls $W/unet-run/validation | tail -1 | xargs -I{} cp $W/unet-run/validation/{} $OUT/validation-last.png ;;
+    ls $W/unet-run/validation 2>/dev/null | tail -1 | xargs -I{} cp $W/unet-run/validation/{} $OUT/validation-last.png ;;
   *) echo "usage: gpu_call.sh probe | start|watch|stop|finish SECONDS" >&2; exit 2 ;;
 esac
 ls -la $OUT
