@@ -21,6 +21,8 @@
 #       last checkpoint's EMA comes back in fp16 (ema16.part-*, dropped once the folder is made): a call cut in
 #       the final stage still returns the training (assemble.py from-ema rebuilds the folder on any machine)
 # Returns under $OUT: the model folder as tar parts, the logs, metrics and the last validation grid.
+# Where a call's tree is limited to 64 MiB, the first call's (the repository, 42 MB, of it the shipped model 40 MB;
+# .whl 11 MB; emoji.npz 15 MB) fits with docs/ (1.2 MB) moved aside for that call.
 # With one call's time only: `bash gpu_call.sh start 400; bash gpu_call.sh finish 40` in one 590-s call (the U-Net
 # stops ~440 s in; the final stage and the tar take the rest); at ~300 s to the first step that trains ~2 minutes.
 #   bash recipes/tiny-emoji/gpu_call.sh stop 0         like finish, without the final stage: SIGTERM, then the last
