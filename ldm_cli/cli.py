@@ -379,6 +379,11 @@ _ARGV: list[str] = []  # this process's arguments, for `train --gpus N` to hand 
 
 
 def main(argv: list[str] | None = None) -> None:
+    runtime.leave(_main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    """The command's exit status: 0, 2 bad input, 1 failed work, 130 interrupted."""
     global _ARGV
     argv = sys.argv[1:] if argv is None else argv
     _ARGV = list(argv)
@@ -391,26 +396,26 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"ldm: error: {e}", file=sys.stderr)
         runtime.exiting()
-        sys.exit(e.exit_code)
+        return e.exit_code
     except ClickException as e:  # typer's own parsing errors: bad option values, unknown options
         if debug:
             raise
         print(f"ldm: error: {e.format_message()} (see 'ldm --help')", file=sys.stderr)
-        sys.exit(e.exit_code if e.exit_code else USAGE)
+        return e.exit_code if e.exit_code else USAGE
     except RuntimeError as e:  # torch's CPU allocator reports running out as a RuntimeError
         if debug or "can't allocate memory" not in str(e):
             raise
         print("ldm: error: out of memory (CPU RAM): try a smaller --batch-size, --width/--height or data",
               file=sys.stderr)
-        sys.exit(1)
+        return 1
     except MemoryError:
         if debug:
             raise
         print("ldm: error: out of memory (CPU RAM): try a smaller --batch-size, --width/--height or data",
               file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         print("ldm: interrupted", file=sys.stderr)
         runtime.exiting()
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    return code if isinstance(code, int) else 0

@@ -85,6 +85,22 @@ def exiting() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def leave(code: int) -> None:
+    """Exit with `code`. One of several processes under accelerate's launcher leaves without the interpreter's
+    teardown: torch's gloo threads can still hold a finished collective's tensors then, and freeing one while
+    Python shuts down aborts the process ("terminate called without an active exception"), so the launcher
+    fails a run whose every file was written. By now each file is written and closed; the output streams are
+    flushed here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+            pass
+    os._exit(code)
+
+
 def handle_interrupts() -> None:
     """Ctrl-C (SIGINT) and SIGTERM (a scheduler's stop, `kill`) raise KeyboardInterrupt once: training
     then saves a checkpoint and exits, sampling says what it wrote. A second one while that is under

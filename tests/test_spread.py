@@ -133,3 +133,24 @@ def test_bad_input_under_the_launcher_is_one_line(ldm, tiny_model, tmp_path):
     assert r.returncode == 2 and "--gpus 2: this machine has 0 CUDA GPU(s)" in r.stderr
     r = ldm("sample", "x", "--model", tiny_model, "--device", "cpu", "--launch", "--num_machines '2", "-o", tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--launch" in r.stderr and "No closing quotation" in r.stderr
+
+
+LEAVING = """import atexit, sys
+from ldm_cli import runtime
+atexit.register(lambda: open(sys.argv[1], "w").write("torn down"))
+print("listing", end="")  # still in the buffer when it leaves
+runtime.leave(3)
+"""
+
+
+@pytest.mark.parametrize("world", [None, "3"])
+def test_a_launched_process_leaves_without_teardown_and_says_all(world, tmp_path):
+    """One of several processes exits without the interpreter's teardown (where a gloo thread freeing a
+    tensor can abort it, failing a finished run), its output flushed and its exit status kept; a lone
+    process exits as usual."""
+    marker = tmp_path / "atexit"
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | ({"WORLD_SIZE": world} if world else {})
+    done = subprocess.run([str(Path(LDM).parent / "python"), "-c", LEAVING, str(marker)], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 3 and done.stdout == "listing", (done.returncode, done.stdout, done.stderr)
+    assert marker.exists() == (world is None)
