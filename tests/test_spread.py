@@ -102,6 +102,43 @@ def test_killed_sampling_on_two_processes_resumes_without_duplicates(ldm, tiny_m
     assert done.returncode == 0 and len(list(out.glob("*.png"))) == 7  # nothing left to make
 
 
+def worker(launcher: int, rank: int) -> int | None:
+    """The pid of the launched process of `rank` below `launcher`, if it is running."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"RANK={rank}".encode() in environ.read_bytes().split(b"\0") and b"ldm_cli" in (
+                    environ.parent / "cmdline").read_bytes():
+                pid = int(environ.parent.name)
+                at = pid
+                while at > 1:  # below the launcher?
+                    at = int((Path("/proc") / str(at) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    if at == launcher:
+                        return pid
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def test_a_process_killed_under_the_launcher_is_named_in_one_line(tiny_model, prompt_file, tmp_path):
+    common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 40, "--device", "cpu", "--seed", 2)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([LDM, "sample", *map(str, common), "-o", str(out), "--gpus", "2", "-q"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, victim = time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.png")):
+        time.sleep(0.05)
+    victim = worker(proc.pid, 1)
+    assert victim is not None and proc.poll() is None
+    os.kill(victim, signal.SIGKILL)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("ldm: error: process 1 of 2 on this machine ended by SIGKILL"), err
+    assert "Traceback" not in err and sum(x.startswith("ldm: error:") for x in lines) == 1, err
+    assert all(Image.open(p).size == (64, 64) for p in out.glob("*.png"))  # what was written is whole
+
+
 def test_train_on_two_processes_equals_one_of_twice_the_batch_and_resumes(ldm, shapes, tiny_model, tmp_path):
     common = ("--model", tiny_model, "--from-scratch", "--lr", 1e-3, "--device", "cpu", "-q", "--seed", 3,
               "--cache-dir", tmp_path / "c", "--log-every", 1)

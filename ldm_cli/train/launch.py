@@ -5,14 +5,17 @@ Nothing is launched by hand: `python -m accelerate.commands.launch --num_process
 is exactly what a user would type, and accelerate sets up the process group (NCCL on GPUs, gloo for CPU
 processes). What the processes print passes through, each `ldm:` line once (every process finds the same bad
 input); the launcher's own report of a failed process (torchrun's log lines and traceback, after the process
-has said why in one line) is left out.
+has said why in one line) is left out. A process that dies without a word (a signal: killed, a crash in native
+code, the system's out-of-memory killer) is named in one `ldm:` line; `--debug` passes the launcher's report.
 """
 
 import re
+import signal
 import subprocess
 import sys
 
 LAUNCHER_FAILED = re.compile(r"^[EWI]\d{4} .*torch/distributed/elastic")
+PROCESS_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")  # torchrun's first report
 
 
 def without_option(argv: list[str], name: str) -> list[str]:
@@ -52,17 +55,42 @@ def launch(gpus: int, mixed_precision: str, argv: list[str], extra: str = "") ->
     an option given twice wins, so `--launch '--num_machines 2 ...'` overrides the one-machine defaults)."""
     import shlex
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--num_machines", "1",
-           "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    if gpus > 1:
-        cmd.append("--multi_gpu")
-    cmd += [*shlex.split(extra), "-m", "ldm_cli", *without_option(without_option(argv, "--gpus"), "--launch")]
+    options = ["--num_processes", str(gpus), "--num_machines", "1", "--mixed_precision", mixed_precision,
+               "--dynamo_backend", "no", *(["--multi_gpu"] if gpus > 1 else []), *shlex.split(extra)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *options, "-m", "ldm_cli",
+           *without_option(without_option(argv, "--gpus"), "--launch")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
-    said, failed = set(), False
+    debug = "--debug" in argv
+    said, failed, died = set(), False, None
     for line in proc.stderr:
         failed = failed or bool(LAUNCHER_FAILED.match(line))
-        if failed or (line.startswith("ldm: ") and line in said):
+        died = died or PROCESS_FAILED.search(line)
+        if not debug and (failed or (line.startswith("ldm: ") and line in said)):
             continue
         said.add(line)
         sys.stderr.write(line)
-    return proc.wait()
+    code = proc.wait()
+    if code and died and int(died[1]) < 0 and not any(line.startswith("ldm: error:") for line in said):
+        print(f"ldm: error: {signal_death(-int(died[1]), int(died[2]), processes(options))}", file=sys.stderr)
+    return code
+
+
+def processes(options: list[str]) -> str:
+    """The launcher's --num_processes (the last one given, as its parser takes it)."""
+    found = ""
+    for i, o in enumerate(options):
+        if o == "--num_processes" and i + 1 < len(options):
+            found = options[i + 1]
+        elif o.startswith("--num_processes="):
+            found = o.split("=", 1)[1]
+    return found
+
+
+def signal_death(signum: int, rank: int, processes: str) -> str:
+    """What to say of a launched process ended by a signal: it had no chance to say why itself."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    return (f"process {rank} of {processes} on this machine ended by {name} (killed, out of memory, or a crash in "
+            "native code); the images and checkpoints written so far are whole; --debug shows the launcher's report")
