@@ -402,14 +402,8 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"ldm: error: {e.format_message()} (see 'ldm --help')", file=sys.stderr)
         return e.exit_code if e.exit_code else USAGE
-    except RuntimeError as e:  # torch's CPU allocator reports running out as a RuntimeError
-        if debug or "can't allocate memory" not in str(e):
-            raise
-        print("ldm: error: out of memory (CPU RAM): try a smaller --batch-size, --width/--height or data",
-              file=sys.stderr)
-        return 1
-    except MemoryError:
-        if debug:
+    except (RuntimeError, MemoryError) as e:  # torch's CPU allocator reports running out as a RuntimeError
+        if debug or (isinstance(e, RuntimeError) and "can't allocate memory" not in str(e)):
             raise
         print("ldm: error: out of memory (CPU RAM): try a smaller --batch-size, --width/--height or data",
               file=sys.stderr)

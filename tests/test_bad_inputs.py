@@ -369,6 +369,25 @@ def test_out_of_memory_suggests_smaller_batch(monkeypatch, capsys, tiny_model, t
     assert not any(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you "
+                                                                "tried to allocate 1073741824 bytes"), None])
+def test_out_of_cpu_memory_is_one_line(error, monkeypatch, capsys, tiny_model, tmp_path):
+    """Running out of RAM is said in one line (exit 1); any other RuntimeError is a bug, shown as one."""
+    def fail(*a, **k):
+        raise error if error is not None else RuntimeError("something else")
+
+    monkeypatch.setattr(pipeline, "txt2img", fail)
+    argv = ["sample", "x", "--model", str(tiny_model), "--out", str(tmp_path), "-q"]
+    if error is None:
+        with pytest.raises(RuntimeError, match="something else"):
+            cli.main(argv)
+        return
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("ldm: error: out of memory (CPU RAM)"), err
+
+
 def test_help_and_refused_settings_import_neither_torch_nor_diffusers():
     """`ldm --help` and a setting refused before any model work answer without the 2-4 s of torch's and
     diffusers' imports (each command imports them where it loads a model): a fresh process, so that
