@@ -118,14 +118,23 @@ def kernel_breakdown(fn, calls: int = 1) -> dict:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / calls * 1e3
     by_kind: dict[str, float] = {}
+    unnamed: dict[str, float] = {}  # the kernels no kind claims, by name: what "other" is made of
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
-            k = kernel_kind(e.name)
-            by_kind[k] = by_kind.get(k, 0.0) + e.device_time_total / 1e3 / calls
+            k, ms = kernel_kind(e.name), e.device_time_total / 1e3 / calls
+            by_kind[k] = by_kind.get(k, 0.0) + ms
+            if k == "other":
+                unnamed[e.name] = unnamed.get(e.name, 0.0) + ms
     busy = sum(by_kind.values())
     return {"wall_ms": round(wall, 1), "gpu_busy_ms": round(busy, 1), "idle_pct": round(100 * (1 - busy / wall), 1),
             **{f"{k}_ms": round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            **{f"{k}_pct": round(100 * v / busy, 1) for k, v in by_kind.items()}}
+            **{f"{k}_pct": round(100 * v / busy, 1) for k, v in by_kind.items()},
+            "other_top": top_kernels(unnamed)}
+
+
+def top_kernels(by_name: dict[str, float], n: int = 8) -> list:
+    """The n largest of {kernel name: ms} as [name (cut to 100 characters), ms], largest first."""
+    return [[name[:100], round(ms, 2)] for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:n]]
 
 
 def sd15_unet(width: float = 1.0):

@@ -162,3 +162,10 @@ def test_text_probe_reads_a_token_wherever_it_stands_and_not_noise():
     right, = probe.fit_and_score(states(2000, 1), [states(500, 2)], classes=6, steps=300)
     noise, = probe.fit_and_score(states(2000, 1, True), [states(500, 2, True)], classes=6, steps=300)
     assert right > 0.9 and noise < 0.35, (right, noise)
+
+
+def test_top_kernels_largest_first_names_cut():
+    common = pytest.importorskip("common")
+    long = "void at::native::" + "x" * 200
+    top = common.top_kernels({"a": 1.0, long: 3.256, "b": 2.0, "c": 0.5}, n=3)
+    assert top == [[long[:100], 3.26], ["b", 2.0], ["a", 1.0]]
