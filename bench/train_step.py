@@ -6,6 +6,7 @@
     python bench/train_step.py --part memory --batch 32 --checkpointing   # one peak-memory row (own process)
     python bench/train_step.py --part memory --batch 32 --optimizer adamw8bit   # with bitsandbytes installed
     python bench/train_step.py --part kernels      # batch 32: GPU time by kernel kind, ldm vs plain compiled
+    python bench/train_step.py --part attention    # batch 32, eager: each SDPA backend's attention time
     python bench/train_step.py --part small        # the embedded model's U-Net at batch 256 (none, full, graphs), 1024
 
 SD-1.5-shaped random U-Net (speed does not depend on values), 512px images = 64x64 latents, bf16.
@@ -202,6 +203,26 @@ def kernels(batch: int, compile_mode: str) -> list[dict]:
     return rows
 
 
+def attention_backends(batch: int) -> list[dict]:
+    """ldm's eager step with each SDPA backend pinned (the attention kernels are the same ones under compile:
+    inductor calls them, it does not generate them): how much of attention's fifth of the step each gives."""
+    from common import kernel_breakdown
+
+    rows = []
+    for name in ("default", "flash", "efficient", "cudnn"):
+        with attention(name):
+            try:
+                fn = ldm_step(batch, "none")
+                for _ in range(2):
+                    fn()
+                rows.append({"run": f"attention {name}", "batch": batch, **kernel_breakdown(fn, calls=3)})
+            except RuntimeError as e:  # a backend that does not take these shapes says so
+                rows.append({"run": f"attention {name}", "batch": batch, "unavailable": str(e).splitlines()[0][:200]})
+            fn = None
+            torch.cuda.empty_cache()
+    return rows
+
+
 def timed_run(name: str, batch: int, step, steps: int, warmup: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -353,6 +374,9 @@ def run_part(args, report) -> None:
     elif args.part == "kernels":
         for row in kernels(32, args.compile):
             emit(row)
+    elif args.part == "attention":
+        for row in attention_backends(32):
+            emit(row)
     elif args.part == "plain":
         emit(plain_run(32, False, args.steps, args.warmup))
         emit(plain_run(32, True, args.steps, args.warmup))
@@ -363,7 +387,8 @@ def run_part(args, report) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels", "small"), default="speed")
+    ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels", "attention", "small"),
+                    default="speed")
     ap.add_argument("--batch", type=int, default=8, help="--part memory: batch size")
     ap.add_argument("--checkpointing", action="store_true", help="--part memory: gradient checkpointing")
     ap.add_argument("--lora", type=int, default=0, help="--part memory: LoRA rank (0: full fine-tune)")
