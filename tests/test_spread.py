@@ -119,22 +119,35 @@ def worker(launcher: int, rank: int) -> int | None:
     return None
 
 
-def test_a_process_killed_under_the_launcher_is_named_in_one_line(tiny_model, prompt_file, tmp_path):
+def launcher(ldm_pid: int) -> int | None:
+    """The pid of accelerate's launcher that `ldm ... --gpus N` started."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            stat = (cmdline.parent / "stat").read_text()
+            if b"accelerate.commands.launch" in cmdline.read_bytes() and int(stat.rsplit(")", 1)[1].split()[1]) == ldm_pid:
+                return int(cmdline.parent.name)
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+@pytest.mark.parametrize("victim,said", [("worker", "process 1 of 2"), ("launcher", "accelerate's launcher")])
+def test_a_process_killed_under_the_launcher_is_named_in_one_line(victim, said, tiny_model, prompt_file, tmp_path):
     common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 40, "--device", "cpu", "--seed", 2)
     out = tmp_path / "out"
     proc = subprocess.Popen([LDM, "sample", *map(str, common), "-o", str(out), "--gpus", "2", "-q"],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline, victim = time.time() + 120, None
+    deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(out.glob("*.png")):
         time.sleep(0.05)
-    victim = worker(proc.pid, 1)
-    assert victim is not None and proc.poll() is None
-    os.kill(victim, signal.SIGKILL)
+    pid = worker(proc.pid, 1) if victim == "worker" else launcher(proc.pid)
+    assert pid is not None and proc.poll() is None
+    os.kill(pid, signal.SIGKILL)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 1, err
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("ldm: error: process 1 of 2 on this machine ended by SIGKILL"), err
+    assert lines[-1].startswith(f"ldm: error: {said} on this machine ended by SIGKILL"), err
     assert "Traceback" not in err and sum(x.startswith("ldm: error:") for x in lines) == 1, err
     assert all(Image.open(p).size == (64, 64) for p in out.glob("*.png"))  # what was written is whole
 

@@ -70,8 +70,14 @@ def launch(gpus: int, mixed_precision: str, argv: list[str], extra: str = "") ->
         said.add(line)
         sys.stderr.write(line)
     code = proc.wait()
-    if code and died and int(died[1]) < 0 and not any(line.startswith("ldm: error:") for line in said):
-        print(f"ldm: error: {signal_death(-int(died[1]), int(died[2]), processes(options))}", file=sys.stderr)
+    if any(line.startswith("ldm: error:") for line in said):
+        return code
+    if code and died and int(died[1]) < 0:
+        print(f"ldm: error: {signal_death(-int(died[1]), f'process {died[2]} of {processes(options)}')}",
+              file=sys.stderr)
+    elif code < 0:  # the launcher itself
+        print("ldm: error: " + signal_death(-code, "accelerate's launcher"), file=sys.stderr)
+        return 1
     return code
 
 
@@ -86,11 +92,11 @@ def processes(options: list[str]) -> str:
     return found
 
 
-def signal_death(signum: int, rank: int, processes: str) -> str:
-    """What to say of a launched process ended by a signal: it had no chance to say why itself."""
+def signal_death(signum: int, who: str) -> str:
+    """What to say of a process ended by a signal: it had no chance to say why itself."""
     try:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
-    return (f"process {rank} of {processes} on this machine ended by {name} (killed, out of memory, or a crash in "
-            "native code); the images and checkpoints written so far are whole; --debug shows the launcher's report")
+    return (f"{who} on this machine ended by {name} (killed, out of memory, or a crash in native code); the "
+            "images and checkpoints written so far are whole; --debug shows the launcher's report")
