@@ -70,15 +70,13 @@ def launch(gpus: int, mixed_precision: str, argv: list[str], extra: str = "") ->
         said.add(line)
         sys.stderr.write(line)
     code = proc.wait()
-    if any(line.startswith("ldm: error:") for line in said):
-        return code
-    if code and died and int(died[1]) < 0:
-        print(f"ldm: error: {signal_death(-int(died[1]), f'process {died[2]} of {processes(options)}')}",
-              file=sys.stderr)
-    elif code < 0:  # the launcher itself
-        print("ldm: error: " + signal_death(-code, "accelerate's launcher"), file=sys.stderr)
-        return 1
-    return code
+    if not any(line.startswith("ldm: error:") for line in said):
+        if code and died and int(died[1]) < 0:
+            print(f"ldm: error: {signal_death(-int(died[1]), f'process {died[2]} of {processes(options)}')}",
+                  file=sys.stderr)
+        elif code < 0:  # the launcher itself
+            print("ldm: error: " + signal_death(-code, "accelerate's launcher"), file=sys.stderr)
+    return 1 if code < 0 else code  # failed work, not a shell's 128 + signal
 
 
 def processes(options: list[str]) -> str:
