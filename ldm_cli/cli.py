@@ -277,9 +277,10 @@ def _run(jobs, load: LoadOptions, out: OutputOptions, procs=None):
 
         try:
             written = generate(model, jobs, out, on_image=on_image, on_step=on_step, procs=procs)
-        except KeyboardInterrupt:  # say what is on disk: every image written is whole
-            last = f", the last {done[-1].path}" if done else ""
-            raise LdmError(f"interrupted: {len(done)} of {len(jobs)} image(s) written{last}", 130) from None
+        except KeyboardInterrupt as e:  # say what is on disk: every image written is whole
+            made = getattr(e, "made", len(done))  # sample.run.Stopped: every process's images
+            last = f", the last {done[-1].path}" if done and made == len(done) else ""
+            raise LdmError(f"interrupted: {made} of {len(jobs)} image(s) written{last}", 130) from None
     if not first:
         return
     if out.as_json:
@@ -394,7 +395,8 @@ def _main(argv: list[str] | None) -> int:
     except LdmError as e:
         if debug:
             raise
-        print(f"ldm: error: {e}", file=sys.stderr)
+        if e.exit_code != 130 or os.environ.get("RANK", "0") == "0":  # the first process reports an interrupt
+            print(f"ldm: error: {e}", file=sys.stderr)
         runtime.exiting()
         return e.exit_code
     except ClickException as e:  # typer's own parsing errors: bad option values, unknown options

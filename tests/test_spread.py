@@ -152,6 +152,68 @@ def test_a_process_killed_under_the_launcher_is_named_in_one_line(victim, said, 
     assert all(Image.open(p).size == (64, 64) for p in out.glob("*.png"))  # what was written is whole
 
 
+def marked(mark: str) -> list[int]:
+    """The running processes with LDM_TEST_RUN=mark in their environment."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"LDM_TEST_RUN={mark}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+def ctrl_c(args: list, mark: str, ready) -> tuple[int, str]:
+    """Run `ldm ARGS` as a terminal does (its own process group, SIGINT not blocked), press Ctrl-C once
+    `ready()` holds: SIGINT to the whole group, the launcher included. Returns (exit status, stderr) once
+    `ldm` has exited, and checks that no process of the run outlived it (`mark` is in their environment)."""
+    def as_a_terminal():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen([LDM, *map(str, args)], env={**os.environ, "OMP_NUM_THREADS": "1", "LDM_TEST_RUN": mark},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=as_a_terminal)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        kill_tree(proc.pid)
+    assert marked(mark) == [], marked(mark)  # the launcher waited for its processes to save and end
+    return proc.returncode, err
+
+
+def test_ctrl_c_under_the_launcher_counts_every_process_images(tiny_model, prompt_file, tmp_path):
+    out = tmp_path / "out"
+    code, err = ctrl_c(["sample", "--prompt-file", prompt_file, "--model", tiny_model, "--steps", 40, "--device",
+                        "cpu", "--seed", 2, "-o", out, "--gpus", 2, "-q"], str(tmp_path),
+                       lambda: any(out.glob("*.png")))
+    made, lines = len(list(out.glob("*.png"))), err.strip().splitlines()
+    assert code == 130 and len(lines) == 1, err  # said once, by the first process, for both
+    assert lines[0].startswith(f"ldm: error: interrupted: {made} of 7 image(s) written") and 0 < made < 7, err
+
+
+def test_ctrl_c_under_the_launcher_saves_a_checkpoint_and_says_so(shapes, tiny_model, tmp_path):
+    out = tmp_path / "run"
+
+    def stepped() -> bool:
+        return (out / "log.jsonl").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 3
+
+    code, err = ctrl_c(["train", shapes, "--model", tiny_model, "--out", out, "--resolution", 64, "--batch-size", 1,
+                        "--max-steps", 100000, "--lr", 1e-3, "--seed", 5, "--device", "cpu", "--log-every", 1,
+                        "--cache-dir", tmp_path / "c", "--gpus", 2, "-q"], str(tmp_path), stepped)
+    lines = err.strip().splitlines()
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("ldm: error: interrupted at step "), err
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert f"checkpoint {out / 'checkpoints' / f'step-{step:07d}'}; continue with --resume latest" in lines[0], err
+    assert (out / "checkpoints" / f"step-{step:07d}").is_dir()
+
+
 def test_train_on_two_processes_equals_one_of_twice_the_batch_and_resumes(ldm, shapes, tiny_model, tmp_path):
     common = ("--model", tiny_model, "--from-scratch", "--lr", 1e-3, "--device", "cpu", "-q", "--seed", 3,
               "--cache-dir", tmp_path / "c", "--log-every", 1)

@@ -85,6 +85,14 @@ def recorded_name(model: str | None) -> str:
     return str(local.resolve()) if local.exists() else model
 
 
+class Stopped(KeyboardInterrupt):
+    """Interrupted while making images: `made` of the run's images are on disk, every process's counted."""
+
+    def __init__(self, made: int):
+        super().__init__(made)
+        self.made = made
+
+
 def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, on_step=None,
              procs=None) -> list[Written]:
     """Make every job's image (this process's share of them, with `procs`: see sample/spread.py) and write it;
@@ -114,14 +122,17 @@ def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, 
     if run.skipped and first:
         log.info(f"{run.skipped} of {len(jobs)} image(s) already in {out_dir} (--skip-existing): not made again")
     written = []
-    for batch in run.mine():
-        todo = [run.jobs[k] for k in batch]
-        for k, (job, image) in zip(batch, pipeline.run_jobs(c, model.unet, todo, len(todo), on_step)):
-            pil = images.to_pil(image[None])[0]
-            written.append(Written(write(pil, run.paths[k], info(job, *pil.size), out.overwrite, procs), job,
-                                   *pil.size))
-            if on_image is not None:
-                on_image(written[-1], run.done(len(written)), len(run.jobs))
+    try:
+        for batch in run.mine():
+            todo = [run.jobs[k] for k in batch]
+            for k, (job, image) in zip(batch, pipeline.run_jobs(c, model.unet, todo, len(todo), on_step)):
+                pil = images.to_pil(image[None])[0]
+                written.append(Written(write(pil, run.paths[k], info(job, *pil.size), out.overwrite, procs), job,
+                                       *pil.size))
+                if on_image is not None:
+                    on_image(written[-1], run.done(len(written)), len(run.jobs))
+    except KeyboardInterrupt:
+        raise Stopped(run.done(len(written))) from None
     written = sorted(spread.gather(written, procs), key=lambda w: int(w.path.name.split("-")[0]))
     if out.grid and len(written) > 1 and first:
         pils = [images.open_image(w.path) for w in written]

@@ -5,8 +5,9 @@ Nothing is launched by hand: `python -m accelerate.commands.launch --num_process
 is exactly what a user would type, and accelerate sets up the process group (NCCL on GPUs, gloo for CPU
 processes). What the processes print passes through, each `ldm:` line once (every process finds the same bad
 input); the launcher's own report of a failed process (torchrun's log lines and traceback, after the process
-has said why in one line) is left out. A process that dies without a word (a signal: killed, a crash in native
-code, the system's out-of-memory killer) is named in one `ldm:` line; `--debug` passes the launcher's report.
+has said why in one line) is left out. Interrupted, it waits for the processes to save and say so. A process
+that dies without a word (a signal: killed, a crash in native code, the system's out-of-memory killer) is named
+in one `ldm:` line; `--debug` passes the launcher's report.
 """
 
 import re
@@ -60,23 +61,45 @@ def launch(gpus: int, mixed_precision: str, argv: list[str], extra: str = "") ->
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *options, "-m", "ldm_cli",
            *without_option(without_option(argv, "--gpus"), "--launch")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
-    debug = "--debug" in argv
-    said, failed, died = set(), False, None
-    for line in proc.stderr:
-        failed = failed or bool(LAUNCHER_FAILED.match(line))
-        died = died or PROCESS_FAILED.search(line)
-        if not debug and (failed or (line.startswith("ldm: ") and line in said)):
-            continue
-        said.add(line)
-        sys.stderr.write(line)
+    said, died, interrupted = relay(proc, debug="--debug" in argv)
     code = proc.wait()
     if not any(line.startswith("ldm: error:") for line in said):
-        if code and died and int(died[1]) < 0:
+        if interrupted:
+            print("ldm: interrupted", file=sys.stderr)
+        elif code and died and int(died[1]) < 0:
             print(f"ldm: error: {signal_death(-int(died[1]), f'process {died[2]} of {processes(options)}')}",
                   file=sys.stderr)
         elif code < 0:  # the launcher itself
             print("ldm: error: " + signal_death(-code, "accelerate's launcher"), file=sys.stderr)
+    if interrupted:
+        return 130
     return 1 if code < 0 else code  # failed work, not a shell's 128 + signal
+
+
+def relay(proc, debug: bool):
+    """Pass the launched processes' stderr through until they are all gone: each `ldm:` line once, the
+    launcher's own report of a failure left out (all of it with `debug`), and with it what the processes it
+    then stops say, unless the stop is the user's: a Ctrl-C (or a SIGTERM to the process group) reaches the
+    launcher too, which stops the processes; they save what they did and the first one says so. Here the
+    signal is only noted: an exception in the middle of reading would lose what was read but not yet decoded
+    (the processes' last lines). Returns (the lines said, torchrun's first failure report, interrupted)."""
+    said, failed, died, signals = set(), False, None, []
+    held = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in held:
+        signal.signal(sig, lambda signum, frame: signals.append(signum))
+    try:
+        for line in proc.stderr:
+            failed = failed or bool(LAUNCHER_FAILED.match(line))
+            died = died or PROCESS_FAILED.search(line)
+            ours = line.startswith("ldm: ")
+            if not debug and ((failed and not (ours and signals)) or (ours and line in said)):
+                continue
+            said.add(line)
+            sys.stderr.write(line)
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+    return said, died, bool(signals)
 
 
 def processes(options: list[str]) -> str:
