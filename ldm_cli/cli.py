@@ -243,7 +243,7 @@ def _run(jobs, load: LoadOptions, out: OutputOptions, procs=None):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ldm_cli.sample.run import generate
+    from ldm_cli.sample.run import Stopped, generate
     from ldm_cli.sample.run import load as load_model
 
     runtime.configure_torch(load.accel)
@@ -278,7 +278,7 @@ def _run(jobs, load: LoadOptions, out: OutputOptions, procs=None):
         try:
             written = generate(model, jobs, out, on_image=on_image, on_step=on_step, procs=procs)
         except KeyboardInterrupt as e:  # say what is on disk: every image written is whole
-            made = getattr(e, "made", len(done))  # sample.run.Stopped: every process's images
+            made = e.made if isinstance(e, Stopped) else len(done)  # Stopped: every process's images
             last = f", the last {done[-1].path}" if done and made == len(done) else ""
             raise LdmError(f"interrupted: {made} of {len(jobs)} image(s) written{last}", 130) from None
     if not first:
