@@ -274,3 +274,31 @@ def test_a_launched_process_leaves_without_teardown_and_says_all(world, tmp_path
                           text=True, env=env, timeout=60)
     assert done.returncode == 3 and done.stdout == "listing", (done.returncode, done.stdout, done.stderr)
     assert marker.exists() == (world is None)
+
+
+@pytest.mark.parametrize("given", [None, "45"])
+def test_the_launcher_gives_stopped_processes_time_to_save(given, monkeypatch):
+    """torchrun kills processes still running 30 s after a stop: too soon for a big checkpoint's rescue save.
+    ldm hands its launcher 900 s, or the user's own TORCH_ELASTIC_SHUTDOWN_TIMEOUT."""
+    import io
+
+    from ldm_cli.train import launch
+
+    seen = {}
+
+    class Launcher:
+        def __init__(self, cmd, env, **kw):
+            seen.update(env=env, cmd=cmd)
+            self.stderr = io.StringIO("")
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Launcher)
+    if given is None:
+        monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", given)
+    assert launch.launch(2, "no", ["train", "data", "--gpus", "2"]) == 0
+    assert seen["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == (given or "900")
+    assert "--gpus" not in seen["cmd"] and seen["cmd"][-3:] == ["ldm_cli", "train", "data"]
