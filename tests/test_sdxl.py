@@ -252,7 +252,7 @@ def test_train_refuses_what_it_cannot_train(shapes, tiny_sdxl, tiny_sdxl_refiner
 def test_sdxl_single_file_gives_the_folders_model_and_images(tmp_path, ldm):
     """A single-file SDXL checkpoint in Stability's layout (written here from a folder: tests/ldm_format.py),
     loaded with --config for the component configs: the family from its tensor names, every network's weights
-    equal to the folder's, and the same image. (The second encoder is wider than the first, as bigG is than
+    equal to the folder's, and the same image (to float noise). (The second encoder is wider than the first, as bigG is than
     ViT-L: diffusers' single-file loader tells them apart by width.)"""
     from ldm_format import write_sgm_checkpoint
     from tiny import build_sdxl_pipeline
@@ -270,7 +270,9 @@ def test_sdxl_single_file_gives_the_folders_model_and_images(tmp_path, ldm):
             "text_model.embeddings.position_ids"}, name
     s = Settings(steps=3, cfg=5.0, width=64, height=64)
     ours = pipeline.txt2img(one, ["a red circle"], ["blurry"], [2], s)
-    assert torch.equal(ours, pipeline.txt2img(folder, ["a red circle"], ["blurry"], [2], s))
+    # equal to float noise, not bitwise: each file leaves its weights memory-mapped at offsets of its own, and
+    # the CPU's vector kernels sum in another order for a tensor not 64-byte aligned
+    assert (ours - pipeline.txt2img(folder, ["a red circle"], ["blurry"], [2], s)).abs().max() <= TOL
     r = ldm("info", path, "--config", tiny_sdxl, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["family"] == "sdxl", r.stderr
 
