@@ -89,6 +89,7 @@ def build_inputs(tmp, tiny_model):
     Image.new("1", (8192 + 8, 16)).save(img / "wide.png")
     (m / "empty.safetensors").write_bytes(b"")
     (m / "embedding.pt").write_bytes(b"\x80\x04 pickle")
+    (m / "notes.txt").write_text("not weights\n")
     from safetensors.torch import save_file  # names of an SGM-layout SDXL checkpoint, tiny tensors
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4),
                "conditioner.embedders.1.model.ln_final.weight": torch.ones(4),
@@ -263,6 +264,8 @@ def cases(tmp, tiny_model, shapes):
         ("sample -n huge names -n", (*s, "-n", "100000"), 2, "--num-images must be between 1 and 10000"),
         ("sample --seed largest allowed", (*s, "--seed", str(2**63 - 1)), 0, None),
         ("sample --lora empty file", (*s, "--lora", str(m / "empty.safetensors")), 2, "the file is empty"),
+        ("sample --lora not a weights file", (*s, "--lora", str(m / "notes.txt")), 2,
+         "not a weights file (expected .safetensors"),
         ("model mistyped local folder", ("sample", "x", "--model", "./no-such-dir/model"), 2, "no such folder"),
         ("model hub miss offline", ("sample", "x", "--model", "no-org/no-model"), 2, "not in the local Hugging Face cache"),
         ("model huge sample_size", ("sample", "x", "--model", str(m / "huge-sample")), 2, "sample_size"),

@@ -69,6 +69,8 @@ def lora_file(path: str, allow_unsafe_pickle: bool = False) -> Path:
         except Exception as e:  # noqa: BLE001 (safetensors raises its own types for damaged files)
             raise LdmError(f"--lora {path}: not a valid .safetensors file ({str(e).splitlines()[0][:160]})") from None
         check(count > 0, f"--lora {path}: the file holds no tensors")
+    check(p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"),
+          f"--lora {path}: not a weights file (expected .safetensors, or with --allow-unsafe-pickle .bin/.pt)")
     check(p.suffix == ".safetensors" or allow_unsafe_pickle,
           f"--lora {path}: pickle weights can run code when loaded; use a .safetensors file or pass "
           "--allow-unsafe-pickle if you trust it")
