@@ -8,7 +8,7 @@ For each prompt (seed k for prompt k, cfg 7.5, the model's native size) and each
 step count: the RMS pixel distance (0-255) of the decoded image to a converged reference of the same seed,
 averaged over the prompts. Two references, DDIM 250 steps and Heun 100 steps (199 U-Net calls): their
 distance to each other says how converged "converged" is. Then, per sampler, the fewest steps at which it
-is as close to the reference as DDIM at 50 steps is. The stochastic samplers (euler-a, ddpm, dpm++2m-sde,
+is as close to the reference as DDIM at 50 steps is. The stochastic samplers (euler-a, ddpm, dpm++2m-sde, dpm++3m-sde,
 lcm) solve the SDE, not the ODE: for a seed they converge to another picture, so their distance to an ODE
 reference stays large at any step count (that is not a defect; judge them by eye).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from common import Report, add_out_option, components, out_folder, sd15_shaped
 
-from ldm_cli.diffusion.names import SAMPLERS, SIGMA_SAMPLERS
+from ldm_cli.diffusion.names import SAMPLERS, SIGMA_SAMPLERS, STOCHASTIC
 from ldm_cli.jobs import Settings
 from ldm_cli.models.options import LoadOptions
 from ldm_cli.sample import pipeline
@@ -38,7 +38,6 @@ NAMES = ["cat face", "dog face", "red apple", "rocket", "sun", "tree", "fish", "
 STYLES = ["3d", "flat", "cartoon"]
 BACKGROUNDS = ["white", "blue", "black", "yellow", "green", "pink"]
 CONFIGS = [(s, "default") for s in SAMPLERS] + [(s, "karras") for s in SIGMA_SAMPLERS] + [("dpm++2m", "exponential")]
-STOCHASTIC = {"euler-a", "ddpm", "dpm++2m-sde", "lcm"}
 
 
 def prompts(n: int) -> list[str]:

@@ -1,11 +1,12 @@
-"""Multistep exponential integrators: DPM-Solver++ 2M (and its SDE variant) and UniPC, in data
+"""Multistep exponential integrators: DPM-Solver++ 2M (and its SDE variant), 3M SDE and UniPC, in data
 prediction form.
 
 x lives in the DDPM ("variance preserving") form x_t = alpha_t x0 + sigma_t eps, with alpha_t and
 sigma_t from the sigma of spacing.multistep_sigmas: alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t,
 and the half log-SNR lambda_t = log(alpha_t / sigma_t). Each step reuses the previous step's x0 estimate
 (no extra U-Net call). Checked against diffusers' DPMSolverMultistepScheduler (dpmsolver++ /
-sde-dpmsolver++, midpoint) and UniPCMultistepScheduler (bh2, order 2), so the arithmetic follows theirs.
+sde-dpmsolver++, midpoint; solver_order 3 for 3M) and UniPCMultistepScheduler (bh2, order 2), so the
+arithmetic follows theirs.
 
 Papers: DPM-Solver++ (Lu et al. 2022, https://arxiv.org/abs/2211.01095), UniPC (Zhao et al. 2023,
 https://arxiv.org/abs/2302.04867).
@@ -30,42 +31,75 @@ def data_prediction(output, x, sigma, prediction_type):
     return output
 
 
-def sample_dpmpp_2m(model, x, sigmas, timesteps, prediction_type, sde=False, noise_fn=None, callback=None):
+def sample_dpmpp_2m(model, x, sigmas, timesteps, prediction_type, sde=False, noise_fn=None, callback=None,
+                    order=2):
     """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2) with a first-order first and last step; with
-    sde=True the SDE variant (sec. 5 / k-diffusion's dpmpp_2m_sde, eta 1), fresh noise at every step."""
+    sde=True the SDE variant (sec. 5 / k-diffusion's dpmpp_2m_sde, eta 1), fresh noise at every step.
+    order=3 is DPM-Solver++(3M) (Lu et al. 2022, DPM-Solver's eq. 3.8 in data prediction form) from the
+    third step on; under 15 steps the second-to-last step stays second order, as diffusers has it."""
     t_device = timesteps.to(x.device)
-    previous = None  # the previous step's x0 estimate
-    for i in range(len(timesteps)):
+    n = len(timesteps)
+    x0s = []  # the previous steps' x0 estimates, newest last
+    for i in range(n):
         x0 = data_prediction(model(x, t_device[i]), x, sigmas[i], prediction_type)
         sample = x.to(torch.float32)
         noise = noise_fn(sample) if sde else None  # float32 draws, as diffusers makes them
         alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigmas[i + 1])
         _, sigma_s0, lambda_s0 = _alpha_sigma_lambda(sigmas[i])
         h = lambda_t - lambda_s0
-        if previous is None or i == len(timesteps) - 1:
+        lambdas = [_alpha_sigma_lambda(sigmas[i - k])[2] for k in (1, 2) if k <= len(x0s)]
+        step_order = 1 if not x0s or i == n - 1 else 2 if order == 2 or len(x0s) < 2 or (i == n - 2 and n < 15) else 3
+        if step_order == 1:
             d = x0  # first order (DPM-Solver++ eq. 9, a DDIM step)
+        elif step_order == 2:
+            r0 = (lambda_s0 - lambdas[0]) / h
+            d = (x0, (1.0 / r0) * (x0 - x0s[-1]))  # D0, D1: eq. 10's first difference
         else:
-            lambda_s1 = _alpha_sigma_lambda(sigmas[i - 1])[2]
-            r0 = (lambda_s0 - lambda_s1) / h
-            d = (x0, (1.0 / r0) * (x0 - previous))  # D0, D1: eq. 10's first difference
+            d = _third_order_differences(x0, x0s, h, lambda_s0, lambdas)
         if sde:  # x_t = (sigma_t / sigma_s) e^-h x + alpha_t (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) z
-            x_t = (sigma_t / sigma_s0 * torch.exp(-h)) * sample
-            weight = alpha_t * (1 - torch.exp(-2.0 * h))
-            x_t = _plus(x_t, weight, d, 0.5) + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+            x_t = _sde_terms((sigma_t / sigma_s0 * torch.exp(-h)) * sample, alpha_t, h, d)
+            x_t = x_t + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
         else:  # x_t = (sigma_t / sigma_s) x - alpha_t (e^-h - 1) (D0 + D1 / 2)   (midpoint form)
-            x_t = _plus((sigma_t / sigma_s0) * sample, -(alpha_t * (torch.exp(-h) - 1.0)), d, 0.5)
+            x_t = _ode_terms((sigma_t / sigma_s0) * sample, alpha_t, h, d)
         x = x_t.to(x.dtype)
-        previous = x0
+        x0s = (x0s + [x0])[-2:]
         if callback is not None:
             callback({"i": i, "x": x})
     return x
 
 
-def _plus(base, weight, d, half):
-    """base + weight D0 (+ half weight D1), term by term as diffusers sums them."""
-    if isinstance(d, tuple):
-        return base + weight * d[0] + half * weight * d[1]
-    return base + weight * d
+def _third_order_differences(x0, x0s, h, lambda_s0, lambdas):
+    """(D0, D1, D2) from the last three x0 estimates: divided differences over the half log-SNR steps
+    h_0 = lambda_s0 - lambda_s1, h_1 = lambda_s1 - lambda_s2, with r_k = h_k / h."""
+    r0, r1 = (lambda_s0 - lambdas[0]) / h, (lambdas[0] - lambdas[1]) / h
+    d1_0, d1_1 = (1.0 / r0) * (x0 - x0s[-1]), (1.0 / r1) * (x0s[-1] - x0s[-2])
+    return x0, d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1), (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+
+
+def _ode_terms(base, alpha_t, h, d):
+    """base + the data terms of DPM-Solver++'s update: first order -alpha_t (e^-h - 1) D0; second order
+    (midpoint) adds half that weight times D1; third order adds alpha_t ((e^-h - 1) / h + 1) D1
+    - alpha_t ((e^-h - 1 + h) / h^2 - 1/2) D2 instead."""
+    weight = -(alpha_t * (torch.exp(-h) - 1.0))
+    if not isinstance(d, tuple):
+        return base + weight * d
+    if len(d) == 2:
+        return base + weight * d[0] + 0.5 * weight * d[1]
+    return (base + weight * d[0] + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d[1]
+            - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * d[2])
+
+
+def _sde_terms(base, alpha_t, h, d):
+    """The same for the SDE variant: alpha_t (1 - e^-2h) D0 (+ half that times D1 at second order; at third
+    alpha_t ((1 - e^-2h) / (-2h) + 1) D1 + alpha_t ((1 - e^-2h - 2h) / (2h)^2 - 1/2) D2)."""
+    weight = alpha_t * (1 - torch.exp(-2.0 * h))
+    if not isinstance(d, tuple):
+        return base + weight * d
+    if len(d) == 2:
+        return base + weight * d[0] + 0.5 * weight * d[1]
+    return (base + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * d[0]
+            + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d[1]
+            + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d[2])
 
 
 def sample_unipc(model, x, sigmas, timesteps, prediction_type, callback=None):
