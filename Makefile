@@ -2,6 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# the tested versions (constraints.txt says how to move them); CONSTRAINTS= installs the newest instead
+CONSTRAINTS ?= constraints.txt
 
 .PHONY: install test lint clean embedded-model
 
@@ -10,7 +12,7 @@ install:
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 test:
 	# One torch thread per pytest worker: two workers x two threads on two cores thrash.
