@@ -60,8 +60,8 @@ def test_tiled_decode_on_cuda(cuda_model):
 
 @pytest.mark.parametrize("sampler, schedule", [("euler", "karras"), ("euler-a", "default"), ("heun", "default"),
                                                ("dpm++2m", "karras"), ("dpm++2m-sde", "karras"),
-                                               ("dpm++3m-sde", "karras"), ("unipc", "default"), ("ddpm", "default"),
-                                               ("lcm", "default")])
+                                               ("dpm++2m-sde-heun", "karras"), ("dpm++3m-sde", "karras"),
+                                               ("unipc", "default"), ("ddpm", "default"), ("lcm", "default")])
 def test_samplers_on_cuda_graphs_equal_eager(cuda_model, sampler, schedule):
     """Every sampler through the CUDA-graphed runner (float timesteps for the sigma samplers, int64 for the
     others) gives the eager image; the CPU-drawn step noise gives the CPU's picture up to kernel rounding."""

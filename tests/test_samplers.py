@@ -38,6 +38,7 @@ SCHEDULERS = {
     "heun": (HeunDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "dpm++2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++2m-sde-heun": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
     "dpm++3m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     "unipc": (UniPCMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
@@ -107,7 +108,8 @@ def test_sampler_matches_diffusers(sampler, model, spacing, mode, request):
 
 
 @pytest.mark.parametrize("schedule", ["karras", "exponential"])
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm++2m", "dpm++2m-sde", "dpm++3m-sde", "unipc"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm++2m", "dpm++2m-sde", "dpm++2m-sde-heun", "dpm++3m-sde",
+                                     "unipc"])
 def test_sigma_schedule_matches_diffusers(tiny_model, sampler, schedule):
     for mode in ("txt2img", "img2img"):
         ours, theirs = run_pair(tiny_model, sampler, "leading", mode, schedule, steps=10)
@@ -115,7 +117,8 @@ def test_sigma_schedule_matches_diffusers(tiny_model, sampler, schedule):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 25])
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm++2m", "unipc", "dpm++2m-sde", "dpm++3m-sde"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm++2m", "unipc", "dpm++2m-sde", "dpm++2m-sde-heun",
+                                     "dpm++3m-sde"])
 def test_step_counts_match_diffusers(tiny_v_model, sampler, steps):
     """One step (first order only), two (first and last order-reduced), three (3M's middle step second
     order) and many (the second- and third-order paths, the second-to-last step at full order)."""

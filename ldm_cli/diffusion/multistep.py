@@ -32,11 +32,12 @@ def data_prediction(output, x, sigma, prediction_type):
 
 
 def sample_dpmpp_2m(model, x, sigmas, timesteps, prediction_type, sde=False, noise_fn=None, callback=None,
-                    order=2):
+                    order=2, heun=False):
     """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2) with a first-order first and last step; with
     sde=True the SDE variant (sec. 5 / k-diffusion's dpmpp_2m_sde, eta 1), fresh noise at every step.
     order=3 is DPM-Solver++(3M) (Lu et al. 2022, DPM-Solver's eq. 3.8 in data prediction form) from the
-    third step on; under 15 steps the second-to-last step stays second order, as diffusers has it."""
+    third step on; under 15 steps the second-to-last step stays second order, as diffusers has it.
+    heun=True takes the second-order SDE step in Heun's form instead of the midpoint's (solver_type "heun")."""
     t_device = timesteps.to(x.device)
     n = len(timesteps)
     x0s = []  # the previous steps' x0 estimates, newest last
@@ -57,7 +58,7 @@ def sample_dpmpp_2m(model, x, sigmas, timesteps, prediction_type, sde=False, noi
         else:
             d = _third_order_differences(x0, x0s, h, lambda_s0, lambdas)
         if sde:  # x_t = (sigma_t / sigma_s) e^-h x + alpha_t (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) z
-            x_t = _sde_terms((sigma_t / sigma_s0 * torch.exp(-h)) * sample, alpha_t, h, d)
+            x_t = _sde_terms((sigma_t / sigma_s0 * torch.exp(-h)) * sample, alpha_t, h, d, heun)
             x_t = x_t + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
         else:  # x_t = (sigma_t / sigma_s) x - alpha_t (e^-h - 1) (D0 + D1 / 2)   (midpoint form)
             x_t = _ode_terms((sigma_t / sigma_s0) * sample, alpha_t, h, d)
@@ -89,12 +90,15 @@ def _ode_terms(base, alpha_t, h, d):
             - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * d[2])
 
 
-def _sde_terms(base, alpha_t, h, d):
-    """The same for the SDE variant: alpha_t (1 - e^-2h) D0 (+ half that times D1 at second order; at third
-    alpha_t ((1 - e^-2h) / (-2h) + 1) D1 + alpha_t ((1 - e^-2h - 2h) / (2h)^2 - 1/2) D2)."""
+def _sde_terms(base, alpha_t, h, d, heun=False):
+    """The same for the SDE variant: alpha_t (1 - e^-2h) D0 (+ half that times D1 at second order, or in
+    Heun's form alpha_t ((1 - e^-2h) / (-2h) + 1) D1; at third order that D1 term
+    + alpha_t ((1 - e^-2h - 2h) / (2h)^2 - 1/2) D2)."""
     weight = alpha_t * (1 - torch.exp(-2.0 * h))
     if not isinstance(d, tuple):
         return base + weight * d
+    if len(d) == 2 and heun:
+        return base + weight * d[0] + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d[1]
     if len(d) == 2:
         return base + weight * d[0] + 0.5 * weight * d[1]
     return (base + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * d[0]

@@ -72,8 +72,9 @@ def _sigma_plan(schedule: Schedule, sampler: str, kind: str, steps: int, start: 
     def run(model, x, noise_fn, cb):
         if sampler == "unipc":
             return multistep.sample_unipc(model, x, sigmas, t, schedule.prediction_type, cb)
-        return multistep.sample_dpmpp_2m(model, x, sigmas, t, schedule.prediction_type, sde=sampler.endswith("-sde"),
-                                         noise_fn=noise_fn, callback=cb, order=3 if sampler == "dpm++3m-sde" else 2)
+        return multistep.sample_dpmpp_2m(model, x, sigmas, t, schedule.prediction_type, sde="-sde" in sampler,
+                                         noise_fn=noise_fn, callback=cb, order=3 if sampler == "dpm++3m-sde" else 2,
+                                         heun=sampler.endswith("-heun"))
 
     def noised(x0, eps):
         s = sigma.to(x0.dtype)
