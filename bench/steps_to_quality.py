@@ -8,8 +8,8 @@ For each prompt (seed k for prompt k, cfg 7.5, the model's native size) and each
 step count: the RMS pixel distance (0-255) of the decoded image to a converged reference of the same seed,
 averaged over the prompts. Two references, DDIM 250 steps and Heun 100 steps (199 U-Net calls): their
 distance to each other says how converged "converged" is. Then, per sampler, the fewest steps at which it
-is as close to the reference as DDIM at 50 steps is. The stochastic samplers (euler-a, ddpm, the DPM++ SDE
-ones, lcm) solve the SDE, not the ODE: for a seed they converge to another picture, so their distance to an ODE
+is as close to the reference as DDIM at 50 steps is. The stochastic samplers (euler-a, dpm2-a, ddpm, the DPM++
+SDE ones, lcm) solve the SDE, not the ODE: for a seed they converge to another picture, so their distance to an ODE
 reference stays large at any step count (that is not a defect; judge them by eye).
 
 `--time` measures wall time per image (batch 1, after a warm-up) for sampler[:schedule]@steps entries
@@ -77,7 +77,7 @@ def sweep(c, args, report):
             if sampler == "lcm" and steps > 50:
                 continue
             images = make(c, texts, sampler, schedule, steps)
-            calls = 2 * steps - 1 if sampler == "heun" else steps
+            calls = 2 * steps - 1 if sampler in ("heun", "dpm2", "dpm2-a") else steps
             report.emit({"kind": "distance", "sampler": label(sampler, schedule), "steps": steps, "unet_calls": calls,
                          **{f"to_{k.replace(' ', '')}": round(distance(images, r), 3) for k, r in refs.items()}})
     return summarize(report, steps_list)

@@ -15,6 +15,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LCMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
@@ -36,6 +38,8 @@ SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
+    "dpm2": (KDPM2DiscreteScheduler, {}),
+    "dpm2-a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "dpm++2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     "dpm++2m-sde-heun": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
@@ -108,8 +112,8 @@ def test_sampler_matches_diffusers(sampler, model, spacing, mode, request):
 
 
 @pytest.mark.parametrize("schedule", ["karras", "exponential"])
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm++2m", "dpm++2m-sde", "dpm++2m-sde-heun", "dpm++3m-sde",
-                                     "unipc"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm2", "dpm2-a", "dpm++2m", "dpm++2m-sde",
+                                     "dpm++2m-sde-heun", "dpm++3m-sde", "unipc"])
 def test_sigma_schedule_matches_diffusers(tiny_model, sampler, schedule):
     for mode in ("txt2img", "img2img"):
         ours, theirs = run_pair(tiny_model, sampler, "leading", mode, schedule, steps=10)
@@ -117,8 +121,8 @@ def test_sigma_schedule_matches_diffusers(tiny_model, sampler, schedule):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 25])
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm++2m", "unipc", "dpm++2m-sde", "dpm++2m-sde-heun",
-                                     "dpm++3m-sde"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm2", "dpm2-a", "dpm++2m", "unipc", "dpm++2m-sde",
+                                     "dpm++2m-sde-heun", "dpm++3m-sde"])
 def test_step_counts_match_diffusers(tiny_v_model, sampler, steps):
     """One step (first order only), two (first and last order-reduced), three (3M's middle step second
     order) and many (the second- and third-order paths, the second-to-last step at full order)."""

@@ -1,10 +1,11 @@
-"""Euler, Euler ancestral and Heun: ODE/SDE solvers over sigma (Karras et al. 2022), k-diffusion's form.
+"""Euler, Euler ancestral, Heun, DPM2 and DPM2 ancestral: ODE/SDE solvers over sigma (Karras et al.
+2022), k-diffusion's form.
 
 Here x lives in the "variance exploding" form x = x0 + sigma eps (spacing.py); the U-Net, trained on
 x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, sees x / sqrt(sigma^2 + 1) at the timestep t of that
 sigma. `denoiser` turns it into D(x, sigma, t) ~ x0; each sampler is a short loop over `sigmas` (ending
 in 0) and the matching `timesteps` (spacing.k_sigmas). Checked against diffusers'
-Euler/EulerAncestral/HeunDiscreteScheduler in tests/test_samplers.py, so the arithmetic follows theirs.
+Euler/EulerAncestral/Heun/KDPM2(Ancestral)DiscreteScheduler in tests/test_samplers.py, so the arithmetic follows theirs.
 """
 
 from collections.abc import Callable
@@ -74,6 +75,48 @@ def sample_heun(d: Denoiser, x, sigmas, timesteps, callback=None):
             x_2 = (x + derivative * dt).to(x.dtype)
             derivative_2 = (x_2 - d(x_2, sigma_next, timesteps[i + 1])) / sigma_next
             x = (x + (derivative + derivative_2) / 2 * dt).to(x.dtype)
+        if callback is not None:
+            callback({"i": i, "x": x})
+    return x
+
+
+def sample_dpm_2(d: Denoiser, x, sigmas, timesteps, mid_sigmas, mid_timesteps, callback=None):
+    """DPM-Solver-2 (Lu et al. 2022, algorithm 1 with r1 = 1/2) in sigma form, k-diffusion's sample_dpm_2:
+    an Euler step to the log-midpoint sigma_mid = sqrt(sigma sigma_next), then the whole step with the slope
+    there; the last step (to sigma = 0) is plain Euler. mid_sigmas[i], mid_timesteps[i] are step i's
+    midpoint and its (fractional) timestep. 2n - 1 U-Net calls."""
+    for i, t in enumerate(timesteps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        derivative = (x - d(x, sigma, t)) / sigma
+        if sigma_next == 0:
+            x = (x + derivative * (sigma_next - sigma)).to(x.dtype)
+        else:
+            sigma_mid = mid_sigmas[i]
+            x_mid = (x + derivative * (sigma_mid - sigma)).to(x.dtype)
+            derivative_2 = (x_mid - d(x_mid, sigma_mid, mid_timesteps[i])) / sigma_mid
+            x = (x + derivative_2 * (sigma_next - sigma)).to(x.dtype)
+        if callback is not None:
+            callback({"i": i, "x": x})
+    return x
+
+
+def sample_dpm_2_ancestral(d: Denoiser, x, sigmas, timesteps, mids, noise_fn: NoiseFn, callback=None):
+    """DPM2 with Euler a's split of each step ("DPM2 a", k-diffusion's sample_dpm_2_ancestral): the midpoint
+    rule down to sigma_down, then fresh noise up to sigma_next. mids = (mid sigmas, their timesteps,
+    sigma_up, sigma_down) per step (spacing.dpm2_midpoints). The last step (to sigma = 0) is Euler's,
+    without noise. 2n - 1 U-Net calls, n - 1 noise draws."""
+    mid_sigmas, mid_timesteps, ups, downs = mids
+    for i, t in enumerate(timesteps):
+        sigma = sigmas[i]
+        derivative = (x - d(x, sigma, t)) / sigma
+        if sigmas[i + 1] == 0:
+            x = (x + derivative * (sigmas[i + 1] - sigma)).to(x.dtype)
+        else:
+            sigma_mid = mid_sigmas[i]
+            x_mid = (x + derivative * (sigma_mid - sigma)).to(x.dtype)
+            derivative_2 = (x_mid - d(x_mid, sigma_mid, mid_timesteps[i])) / sigma_mid
+            x_down = x + derivative_2 * (downs[i] - sigma)
+            x = (x_down + noise_fn(x_down) * ups[i]).to(x.dtype)
         if callback is not None:
             callback({"i": i, "x": x})
     return x

@@ -49,9 +49,12 @@ def make_plan(schedule: Schedule, sampler: str, sigma_schedule: str, steps: int,
 
 
 def _sigma_plan(schedule: Schedule, sampler: str, kind: str, steps: int, start: int) -> Plan:
-    if sampler in ("euler", "euler-a", "heun"):  # x = x0 + sigma eps
+    if sampler in ("euler", "euler-a", "heun", "dpm2", "dpm2-a"):  # x = x0 + sigma eps
         full, timesteps = spacing.k_sigmas(schedule, steps, kind)
+        if sampler.startswith("dpm2") and kind == "karras":
+            timesteps = timesteps.round()  # KDPM2 schedulers round their Karras timesteps, Euler's does not
         sigmas, t, sigma = full[start:], timesteps[start:], full[start]
+        mids = [v[start:] for v in spacing.dpm2_midpoints(schedule, full, sampler == "dpm2-a")] if "dpm2" in sampler else []
         clip = schedule.clip_sample_range if sampler == "heun" else None  # as diffusers: Heun clips, Euler not
 
         def run(model, x, noise_fn, cb):
@@ -61,6 +64,11 @@ def _sigma_plan(schedule: Schedule, sampler: str, kind: str, steps: int, start: 
                 return k_samplers.sample_euler(d, x, sigmas, t_device, cb)
             if sampler == "heun":
                 return k_samplers.sample_heun(d, x, sigmas, t_device, cb)
+            if sampler == "dpm2":
+                return k_samplers.sample_dpm_2(d, x, sigmas, t_device, mids[0], mids[1].to(x.device), cb)
+            if sampler == "dpm2-a":
+                steps_of = (mids[0], mids[1].to(x.device), *mids[2:])
+                return k_samplers.sample_dpm_2_ancestral(d, x, sigmas, t_device, steps_of, noise_fn, cb)
             return k_samplers.sample_euler_ancestral(d, x, sigmas, t_device, noise_fn, cb)
 
         return Plan(len(t), spacing.k_init_sigma(schedule, full), lambda x0, eps: x0 + eps * sigma.to(x0.dtype), run)

@@ -79,6 +79,25 @@ def k_sigmas(schedule: Schedule, steps: int, kind: str = "default") -> tuple[tor
     return torch.from_numpy(sigmas), torch.from_numpy(t.astype(np.float32))
 
 
+def dpm2_midpoints(schedule: Schedule, sigmas: torch.Tensor, ancestral: bool = False) -> tuple[torch.Tensor, ...]:
+    """DPM2's midpoint of each step i, sigma_mid = exp((log sigma_i + log sigma_end) / 2), and its fractional
+    timestep, as KDPM2(Ancestral)DiscreteScheduler compute them (float32 log-lerp); the last step (to 0) has
+    none (0). sigma_end is sigma_i+1, or with `ancestral` Euler a's sigma_down (get_ancestral_step), and then
+    (mids, timesteps, sigma_up, sigma_down)."""
+    ends, more = sigmas[1:], ()
+    if ancestral:
+        up = (ends**2 * (sigmas[:-1] ** 2 - ends**2) / sigmas[:-1] ** 2) ** 0.5
+        ends = (ends**2 - up**2) ** 0.5
+        mids = sigmas[:-1].log().lerp(ends.log(), 0.5).exp()
+        more = (up, ends)
+    else:
+        mids = ends.log().lerp(sigmas[:-1].log(), 0.5).exp()
+    mids[-1] = 0.0  # the step to sigma 0 is Euler's
+    log_sigmas = np.log(train_sigmas(schedule))
+    t = np.array([sigma_to_t(m, log_sigmas) for m in mids[:-1].numpy()] + [0.0])
+    return (mids, torch.from_numpy(t.astype(np.float32)), *more)
+
+
 def k_init_sigma(schedule: Schedule, sigmas: torch.Tensor) -> torch.Tensor:
     """The scale of txt2img's starting noise (EulerDiscreteScheduler.init_noise_sigma): the largest sigma,
     or sqrt(sigma^2 + 1) under "leading" spacing, where it is applied to the model's x_T too."""
