@@ -8,9 +8,9 @@ For each prompt (seed k for prompt k, cfg 7.5, the model's native size) and each
 step count: the RMS pixel distance (0-255) of the decoded image to a converged reference of the same seed,
 averaged over the prompts. Two references, DDIM 250 steps and Heun 100 steps (199 U-Net calls): their
 distance to each other says how converged "converged" is. Then, per sampler, the fewest steps at which it
-is as close to the reference as DDIM at 50 steps is. The stochastic samplers (euler-a, dpm2-a, ddpm, the DPM++
-SDE ones, lcm) solve the SDE, not the ODE: for a seed they converge to another picture, so their distance to an ODE
-reference stays large at any step count (that is not a defect; judge them by eye).
+is as close to the reference as DDIM at 50 steps is. The stochastic samplers (euler-a, dpm2-a, ddpm, the
+DPM++ SDE ones, lcm) solve the SDE, not the ODE: for a seed they converge to another picture, so their
+distance to an ODE reference stays large at any step count (that is not a defect; judge them by eye).
 
 `--time` measures wall time per image (batch 1, after a warm-up) for sampler[:schedule]@steps entries
 on this device, the embedded model (or --model) at its size, or with --sd15 an SD-1.5-shaped random model

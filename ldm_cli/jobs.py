@@ -145,7 +145,7 @@ def validate(s: Settings, where: str = "") -> None:
     check(s.schedule == "default" or s.sampler in SIGMA_SAMPLERS, f"{flag}schedule {s.schedule} applies to "
           f"{', '.join(SIGMA_SAMPLERS)}; {s.sampler} keeps the model's spacing (drop it, or pick one of those)")
     check(s.eta == 0 or s.sampler == "ddim", f"{flag}eta applies to --sampler ddim only, got eta {s.eta} with "
-          f"{s.sampler} (euler-a, ddpm, lcm and the dpm++ SDE ones add their own noise)")
+          f"{s.sampler} (euler-a, dpm2-a, ddpm, lcm and the DPM++ SDE ones add their own noise)")
     check(s.sampler != "lcm" or s.steps <= 50, f"{flag}steps {s.steps}: the lcm sampler takes at most 50 steps "
           "(the schedule LCM models are distilled on); 2-8 is usual")
 

@@ -252,8 +252,8 @@ def test_train_refuses_what_it_cannot_train(shapes, tiny_sdxl, tiny_sdxl_refiner
 def test_sdxl_single_file_gives_the_folders_model_and_images(tmp_path, ldm):
     """A single-file SDXL checkpoint in Stability's layout (written here from a folder: tests/ldm_format.py),
     loaded with --config for the component configs: the family from its tensor names, every network's weights
-    equal to the folder's, and the same image (to float noise). (The second encoder is wider than the first, as bigG is than
-    ViT-L: diffusers' single-file loader tells them apart by width.)"""
+    equal to the folder's, and the same image (to float noise). (The second encoder is wider than the first,
+    as bigG is than ViT-L: diffusers' single-file loader tells them apart by width.)"""
     from ldm_format import write_sgm_checkpoint
     from tiny import build_sdxl_pipeline
 

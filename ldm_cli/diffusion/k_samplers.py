@@ -5,7 +5,8 @@ Here x lives in the "variance exploding" form x = x0 + sigma eps (spacing.py); t
 x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, sees x / sqrt(sigma^2 + 1) at the timestep t of that
 sigma. `denoiser` turns it into D(x, sigma, t) ~ x0; each sampler is a short loop over `sigmas` (ending
 in 0) and the matching `timesteps` (spacing.k_sigmas). Checked against diffusers'
-Euler/EulerAncestral/Heun/KDPM2(Ancestral)DiscreteScheduler in tests/test_samplers.py, so the arithmetic follows theirs.
+Euler/EulerAncestral/Heun/KDPM2(Ancestral)DiscreteScheduler in tests/test_samplers.py, so the arithmetic
+follows theirs.
 """
 
 from collections.abc import Callable

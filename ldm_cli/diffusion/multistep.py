@@ -35,8 +35,8 @@ def sample_dpmpp_2m(model, x, sigmas, timesteps, prediction_type, sde=False, noi
                     order=2, heun=False):
     """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2) with a first-order first and last step; with
     sde=True the SDE variant (sec. 5 / k-diffusion's dpmpp_2m_sde, eta 1), fresh noise at every step.
-    order=3 is DPM-Solver++(3M) (Lu et al. 2022, DPM-Solver's eq. 3.8 in data prediction form) from the
-    third step on; under 15 steps the second-to-last step stays second order, as diffusers has it.
+    order=3 is DPM-Solver++(3M), the third-order multistep update in data-prediction form as diffusers
+    writes it, from the third step on (_order_at says when a step takes a lower order).
     heun=True takes the second-order SDE step in Heun's form instead of the midpoint's (solver_type "heun")."""
     t_device = timesteps.to(x.device)
     n = len(timesteps)
@@ -49,7 +49,7 @@ def sample_dpmpp_2m(model, x, sigmas, timesteps, prediction_type, sde=False, noi
         _, sigma_s0, lambda_s0 = _alpha_sigma_lambda(sigmas[i])
         h = lambda_t - lambda_s0
         lambdas = [_alpha_sigma_lambda(sigmas[i - k])[2] for k in (1, 2) if k <= len(x0s)]
-        step_order = 1 if not x0s or i == n - 1 else 2 if order == 2 or len(x0s) < 2 or (i == n - 2 and n < 15) else 3
+        step_order = _order_at(i, n, order, len(x0s))
         if step_order == 1:
             d = x0  # first order (DPM-Solver++ eq. 9, a DDIM step)
         elif step_order == 2:
@@ -67,6 +67,16 @@ def sample_dpmpp_2m(model, x, sigmas, timesteps, prediction_type, sde=False, noi
         if callback is not None:
             callback({"i": i, "x": x})
     return x
+
+
+def _order_at(i: int, n: int, order: int, seen: int) -> int:
+    """The order step i of n takes, with `seen` earlier x0 estimates (diffusers' lower_order_final): first
+    at the first and last step, at most second at the second-to-last under 15 steps."""
+    if seen == 0 or i == n - 1:
+        return 1
+    if order == 2 or seen < 2 or (i == n - 2 and n < 15):
+        return 2
+    return 3
 
 
 def _third_order_differences(x0, x0s, h, lambda_s0, lambdas):
