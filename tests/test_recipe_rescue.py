@@ -2,6 +2,7 @@
 device call cut before the recipe's final stage returns them (recipes/tiny-emoji/assemble.py half, from-ema)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,16 @@ def test_the_model_folder_is_rebuilt_from_a_checkpoints_ema(shapes, tiny_model, 
     assert (out / "vae").is_dir() and (out / "text_encoder").is_dir() and (out / "model_index.json").is_file()
     shipped = (EMBEDDED_MODEL / "ldm_defaults.json").read_text()
     assert (out / "ldm_defaults.json").read_text() == shipped  # the family's cfg 5, not SD's 7.5
+    # a from-scratch run's base comes back without its U-Net's weights (gpu_call.sh): the config makes it
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    for f in (base / "unet").glob("*.safetensors"):
+        f.unlink()
+    r = subprocess.run([*py, "from-ema", tmp_path / "ema16.safetensors", base, tmp_path / "from-base"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = UNet2DConditionModel.from_pretrained(tmp_path / "from-base" / "unet").state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     # weights of another model are refused, not half-loaded
     from safetensors.torch import save_file
 

@@ -4,7 +4,8 @@
     python assemble.py final TRAINED_MODEL_DIR CLIP_DIR OUT         # fp16 copy to ship, with the image tower
     python assemble.py half EMA.safetensors OUT.safetensors         # a checkpoint's U-Net EMA in fp16 (half the bytes)
     python assemble.py from-ema EMA.safetensors MODEL_DIR OUT        # MODEL_DIR with its U-Net's weights from a
-                                                                    # checkpoint's EMA (a run cut before `final`)
+                                                                    # checkpoint's EMA (a run cut before `final`;
+                                                                    # MODEL_DIR/unet may hold its config only)
 
 The scheduler is SD's DDIM setting (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon). `final` and
 `from-ema` give the folder its sampling defaults (ldm_defaults.json: cfg 5, where this family composes best): the
@@ -61,11 +62,15 @@ def half(ema: Path, out: Path) -> None:
 
 def from_ema(ema: Path, model: Path, out: Path) -> None:
     """The fp16 model folder `final` would have made, from the last checkpoint's EMA weights (ldm's
-    checkpoints name them as the U-Net's parameters) put into the model the run went on from."""
-    from diffusers import StableDiffusionPipeline
+    checkpoints name them as the U-Net's parameters) put into the model the run went on from, or into a run's
+    base model whose U-Net folder holds its config only (gpu_call.sh returns the base so, without those weights)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    given = {}
+    if not any(f.suffix in (".safetensors", ".bin") for f in (model / "unet").iterdir()):
+        given["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model / "unet"))
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, **given)
     weights = load_file(ema)
     params = dict(pipe.unet.named_parameters())
     if set(weights) != set(params):
