@@ -59,7 +59,7 @@ def test_tiled_decode_on_cuda(cuda_model):
 
 
 @pytest.mark.parametrize("sampler, schedule", [("euler", "karras"), ("euler-a", "default"), ("heun", "default"),
-                                               ("dpm2", "karras"), ("dpm2-a", "default"),
+                                               ("lms", "karras"), ("dpm2", "karras"), ("dpm2-a", "default"),
                                                ("dpm++2m", "karras"), ("dpm++2m-sde", "karras"),
                                                ("dpm++2m-sde-heun", "karras"), ("dpm++3m-sde", "karras"),
                                                ("unipc", "default"), ("ddpm", "default"), ("lcm", "default")])

@@ -56,12 +56,13 @@ def test_old_a1111_names_carry_the_schedule():
     assert from_a1111("DPM++ 2M SDE Exponential") == ("dpm++2m-sde", "exponential")
     assert from_a1111("DPM++ 3M SDE Karras") == ("dpm++3m-sde", "karras")
     assert from_a1111("DPM2 a Karras") == ("dpm2-a", "karras")
+    assert from_a1111("LMS Karras") == ("lms", "karras")
     assert from_a1111("DPM++ 2M SDE Heun Exponential") == ("dpm++2m-sde-heun", "exponential")
     assert from_a1111("Euler a") == ("euler-a", "default")
     assert from_a1111("DDIM", "Karras") == ("ddim", "default")  # A1111 records one; DDIM has no sigma spacing
 
 
-@pytest.mark.parametrize("name, nearest", [("DPM++ 2S a Karras", "euler-a"), ("LMS", "euler"),
+@pytest.mark.parametrize("name, nearest", [("DPM++ 2S a Karras", "euler-a"), ("PLMS", "ddim"),
                                            ("DPM++ SDE", "dpm++2m-sde"), ("Eulr", "euler")])
 def test_unknown_sampler_names_the_nearest(name, nearest):
     with pytest.raises(LdmError, match=re.escape(f"nearest is --sampler {nearest} ")):

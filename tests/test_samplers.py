@@ -18,6 +18,7 @@ from diffusers import (
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
@@ -32,12 +33,25 @@ from ldm_cli.models.load import load_components
 from ldm_cli.sample import pipeline
 
 TOL = 1e-5
+
+
+class LMSFromTheFirstStep(LMSDiscreteScheduler):
+    """diffusers' LMS with its order counted from the run's first step, as k-diffusion's sample_lms and ours
+    count it. diffusers counts from the schedule's start: in img2img its first step takes the 4th-order
+    coefficient of the one slope it has (the others' coefficients unused), a step no LMS formula makes.
+    txt2img is unchanged by this (tests/test_samplers.py checks both)."""
+
+    def step(self, model_output, timestep, sample, order=4, return_dict=True):
+        return super().step(model_output, timestep, sample, min(len(self.derivatives) + 1, order), return_dict)
+
+
 SCHEDULERS = {
     "ddim": (DDIMScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
+    "lms": (LMSFromTheFirstStep, {}),
     "dpm2": (KDPM2DiscreteScheduler, {}),
     "dpm2-a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
@@ -112,7 +126,7 @@ def test_sampler_matches_diffusers(sampler, model, spacing, mode, request):
 
 
 @pytest.mark.parametrize("schedule", ["karras", "exponential"])
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm2", "dpm2-a", "dpm++2m", "dpm++2m-sde",
+@pytest.mark.parametrize("sampler", ["euler", "heun", "lms", "dpm2", "dpm2-a", "dpm++2m", "dpm++2m-sde",
                                      "dpm++2m-sde-heun", "dpm++3m-sde", "unipc"])
 def test_sigma_schedule_matches_diffusers(tiny_model, sampler, schedule):
     for mode in ("txt2img", "img2img"):
@@ -121,7 +135,7 @@ def test_sigma_schedule_matches_diffusers(tiny_model, sampler, schedule):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 25])
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm2", "dpm2-a", "dpm++2m", "unipc", "dpm++2m-sde",
+@pytest.mark.parametrize("sampler", ["euler", "heun", "lms", "dpm2", "dpm2-a", "dpm++2m", "unipc", "dpm++2m-sde",
                                      "dpm++2m-sde-heun", "dpm++3m-sde"])
 def test_step_counts_match_diffusers(tiny_v_model, sampler, steps):
     """One step (first order only), two (first and last order-reduced), three (3M's middle step second
@@ -160,3 +174,13 @@ def test_stochastic_samplers_do_not_depend_on_batch_size(tiny_model, sampler):
     alone = torch.cat([pipeline.txt2img(c, ["a red cat"], [""], [seed], s) for seed in seeds])
     assert torch.equal(batch, alone)
     assert not torch.equal(batch[0], batch[1])
+
+
+def test_lms_reference_changes_diffusers_img2img_only(tiny_model, monkeypatch):
+    """The reference's one change (LMSFromTheFirstStep): diffusers' own LMS gives ours in txt2img, and in
+    img2img its first step (order 4 from one slope) is what sets it apart."""
+    monkeypatch.setitem(SCHEDULERS, "lms", (LMSDiscreteScheduler, {}))
+    ours, theirs = run_pair(tiny_model, "lms", "leading", "txt2img")
+    assert np.abs(ours - theirs).max() <= TOL
+    ours, theirs = run_pair(tiny_model, "lms", "leading", "img2img")
+    assert np.abs(ours - theirs).max() > 100 * TOL

@@ -1,16 +1,17 @@
-"""Euler, Euler ancestral, Heun, DPM2 and DPM2 ancestral: ODE/SDE solvers over sigma (Karras et al.
-2022), k-diffusion's form.
+"""Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral and LMS: ODE/SDE solvers over sigma (Karras et
+al. 2022), k-diffusion's form.
 
 Here x lives in the "variance exploding" form x = x0 + sigma eps (spacing.py); the U-Net, trained on
 x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, sees x / sqrt(sigma^2 + 1) at the timestep t of that
 sigma. `denoiser` turns it into D(x, sigma, t) ~ x0; each sampler is a short loop over `sigmas` (ending
 in 0) and the matching `timesteps` (spacing.k_sigmas). Checked against diffusers'
-Euler/EulerAncestral/Heun/KDPM2(Ancestral)DiscreteScheduler in tests/test_samplers.py, so the arithmetic
+Euler/EulerAncestral/Heun/KDPM2(Ancestral)/LMSDiscreteScheduler in tests/test_samplers.py, so the arithmetic
 follows theirs.
 """
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -118,6 +119,36 @@ def sample_dpm_2_ancestral(d: Denoiser, x, sigmas, timesteps, mids, noise_fn: No
             derivative_2 = (x_mid - d(x_mid, sigma_mid, mid_timesteps[i])) / sigma_mid
             x_down = x + derivative_2 * (downs[i] - sigma)
             x = (x_down + noise_fn(x_down) * ups[i]).to(x.dtype)
+        if callback is not None:
+            callback({"i": i, "x": x})
+    return x
+
+
+def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
+    """c_j = integral from sigma_i to sigma_{i+1} of l_j(tau) d tau, j = 0 .. order-1, where l_j is the Lagrange
+    basis polynomial through sigma_i, sigma_{i-1}, ..., sigma_{i-order+1} that is 1 at sigma_{i-j}. l_j has
+    degree order - 1, so Gauss-Legendre with `order` nodes integrates it exactly (diffusers calls scipy's quad)."""
+    s = [float(sigmas[i - k]) for k in range(order)]
+    a, b = float(sigmas[i]), float(sigmas[i + 1])
+    nodes, weights = np.polynomial.legendre.leggauss(order)
+    tau = (b - a) / 2 * nodes + (a + b) / 2  # the nodes mapped from [-1, 1] onto [sigma_i, sigma_{i+1}]
+    basis = [np.prod([(tau - s[k]) / (s[j] - s[k]) for k in range(order) if k != j] or [np.ones_like(tau)], axis=0)
+             for j in range(order)]
+    return [float((b - a) / 2 * np.sum(weights * lj)) for lj in basis]
+
+
+def sample_lms(d: Denoiser, x, sigmas, timesteps, order: int = 4, callback=None):
+    """Linear multistep ("LMS", k-diffusion's sample_lms): the ODE's slope dx/dsigma = (x - D) / sigma at the
+    last `order` noise levels, interpolated by a polynomial in sigma and integrated over the step:
+    x_{i+1} = x_i + sum_j c_j d_{i-j} (lms_coefficients). The order grows from 1 as slopes accumulate (img2img
+    too: counted from the run's first step). One U-Net call a step."""
+    slopes = []  # newest first
+    for i, t in enumerate(timesteps):
+        sigma = sigmas[i]
+        slopes.insert(0, (x.to(torch.float32) - d(x, sigma, t)) / sigma)
+        del slopes[order:]
+        coeffs = lms_coefficients(sigmas, i, len(slopes))
+        x = (x + sum(c * slope for c, slope in zip(coeffs, slopes))).to(x.dtype)
         if callback is not None:
             callback({"i": i, "x": x})
     return x

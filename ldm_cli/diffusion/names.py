@@ -7,20 +7,20 @@ from ldm_cli.errors import LdmError
 
 # ours -> A1111's "Sampler:" name
 SAMPLERS = {
-    "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "heun": "Heun", "dpm2": "DPM2",
-    "dpm2-a": "DPM2 a", "dpm++2m": "DPM++ 2M", "dpm++2m-sde": "DPM++ 2M SDE", "dpm++2m-sde-heun": "DPM++ 2M SDE Heun",
-    "dpm++3m-sde": "DPM++ 3M SDE", "unipc": "UniPC", "lcm": "LCM",
+    "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "heun": "Heun", "lms": "LMS",
+    "dpm2": "DPM2", "dpm2-a": "DPM2 a", "dpm++2m": "DPM++ 2M", "dpm++2m-sde": "DPM++ 2M SDE",
+    "dpm++2m-sde-heun": "DPM++ 2M SDE Heun", "dpm++3m-sde": "DPM++ 3M SDE", "unipc": "UniPC", "lcm": "LCM",
 }
 # ours -> A1111's "Schedule type:" name
 SCHEDULES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
-SIGMA_SAMPLERS = ("euler", "euler-a", "heun", "dpm2", "dpm2-a", "dpm++2m", "dpm++2m-sde", "dpm++2m-sde-heun",
+SIGMA_SAMPLERS = ("euler", "euler-a", "heun", "lms", "dpm2", "dpm2-a", "dpm++2m", "dpm++2m-sde", "dpm++2m-sde-heun",
                   "dpm++3m-sde", "unipc")  # take --schedule
 STOCHASTIC = ("ddpm", "euler-a", "dpm2-a", "dpm++2m-sde", "dpm++2m-sde-heun", "dpm++3m-sde",
               "lcm")  # draw fresh noise at each step
 
 # A1111 samplers ldm lacks -> the nearest it has (same family and order)
 NEAREST = {
-    "lms": "euler", "dpm++ 2s a": "euler-a", "dpm++ sde": "dpm++2m-sde", "dpm fast": "dpm++2m",
+    "dpm++ 2s a": "euler-a", "dpm++ sde": "dpm++2m-sde", "dpm fast": "dpm++2m",
     "dpm adaptive": "dpm++2m", "restart": "heun", "plms": "ddim", "deis": "unipc", "ipndm": "unipc",
     "ipndm_v": "unipc", "heun pp2": "heun", "euler cfg++": "euler", "euler a cfg++": "euler-a",
     "dpm++ 2m cfg++": "dpm++2m",

@@ -49,7 +49,7 @@ def make_plan(schedule: Schedule, sampler: str, sigma_schedule: str, steps: int,
 
 
 def _sigma_plan(schedule: Schedule, sampler: str, kind: str, steps: int, start: int) -> Plan:
-    if sampler in ("euler", "euler-a", "heun", "dpm2", "dpm2-a"):  # x = x0 + sigma eps
+    if sampler in ("euler", "euler-a", "heun", "dpm2", "dpm2-a", "lms"):  # x = x0 + sigma eps
         full, timesteps = spacing.k_sigmas(schedule, steps, kind)
         if sampler.startswith("dpm2") and kind == "karras":
             timesteps = timesteps.round()  # KDPM2 schedulers round their Karras timesteps, Euler's does not
@@ -64,6 +64,8 @@ def _sigma_plan(schedule: Schedule, sampler: str, kind: str, steps: int, start: 
                 return k_samplers.sample_euler(d, x, sigmas, t_device, cb)
             if sampler == "heun":
                 return k_samplers.sample_heun(d, x, sigmas, t_device, cb)
+            if sampler == "lms":
+                return k_samplers.sample_lms(d, x, sigmas, t_device, callback=cb)
             if sampler == "dpm2":
                 return k_samplers.sample_dpm_2(d, x, sigmas, t_device, mids[0], mids[1].to(x.device), cb)
             if sampler == "dpm2-a":
