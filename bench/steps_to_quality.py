@@ -1,6 +1,7 @@
 """Steps to quality: how many steps each sampler needs to make the picture a converged sampler makes.
 
     python bench/steps_to_quality.py [--model PATH] [--prompts 64] [--steps 5,8,10,15,20,25,30,50]
+    python bench/steps_to_quality.py --samplers lms,lms:karras,euler:karras   # these beside DDIM only
     python bench/steps_to_quality.py --time ddim@50,dpm++2m:karras@15       # wall time per image only
     python bench/steps_to_quality.py --sd15 --time ddim@50,dpm++2m:karras@15  # the same, SD-1.5-sized (GPU)
 
@@ -72,7 +73,11 @@ def sweep(c, args, report):
     report.emit({"kind": "references", "ddim250_vs_heun100": round(distance(*refs.values()), 3),
                  "seconds": round(time.perf_counter() - t0, 1)})
     steps_list = [int(v) for v in args.steps.split(",")]
-    for sampler, schedule in CONFIGS:
+    configs = CONFIGS
+    if args.samplers:  # DDIM always: the bar the others are measured against
+        configs = [("ddim", "default")] + [(n, sch or "default") for n, _, sch in
+                                           (e.partition(":") for e in args.samplers.split(",")) if n != "ddim"]
+    for sampler, schedule in configs:
         for steps in steps_list:
             if sampler == "lcm" and steps > 50:
                 continue
@@ -164,6 +169,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--steps", default="5,8,10,15,20,25,30,50")
     ap.add_argument("--time", default=None, help="only time these: sampler[:schedule]@steps,...")
+    ap.add_argument("--samplers", default=None, help="only these (and DDIM): sampler[:schedule],...")
     ap.add_argument("--sd15", action="store_true", help="with --time: an SD-1.5-shaped random model, 512 px, fp16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--plot", type=Path, default=None, help="write the distance plot here (PNG)")

@@ -162,7 +162,7 @@ def cases(tmp, tiny_model, shapes):
          "notimage.png: is a file; --out takes a folder"),
         ("cuda absent", ("sample", "x", *tm, "--device", "cuda"), 2, "CUDA is not available"),
         ("from-png not ldm", ("sample", "--from-png", x / "notimage.png"), 2, "cannot read PNG"),
-        ("unknown sampler", (*s, "--sampler", "lms"), 2, "--sampler must be ddim, ddpm, euler"),
+        ("unknown sampler", (*s, "--sampler", "plms"), 2, "--sampler must be ddim, ddpm, euler"),
         ("unknown schedule", (*s, "--schedule", "polyexponential"), 2, "--schedule must be default, karras or"),
         ("schedule for ddim", (*s, "--schedule", "karras"), 2, "--schedule karras applies to euler"),
         ("eta for euler", (*s, "--sampler", "euler", "--eta", "0.5"), 2, "--eta applies to --sampler ddim only"),
