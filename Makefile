@@ -15,8 +15,9 @@ install:
 	$(BIN)/pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 test:
-	# One torch thread per pytest worker: two workers x two threads on two cores thrash.
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 tests
+	# One torch thread per pytest worker: two workers x two threads on two cores thrash. worksteal and the
+	# slow tests collected first (tests/conftest.py) keep both workers busy to the end.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist worksteal tests
 
 lint:
 	$(BIN)/ruff check ldm_cli tests bench

@@ -14,9 +14,12 @@ from tiny import save_tiny  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu run only where CUDA is (the bench runner's GPU machine); elsewhere skipped."""
+    """Tests marked slow (tens of seconds each) run first: the two workers of `make test` then share them, and the
+    suite ends on short tests rather than one worker's long test beside an idle other. Tests marked gpu run only
+    where CUDA is (the bench runner's GPU machine); elsewhere skipped."""
     import torch
 
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

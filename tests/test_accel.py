@@ -1,5 +1,6 @@
 """The inductor graph pass of `--accel compile` (ldm_cli/accel/inductor.py): layouts change, values do not."""
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -67,6 +68,7 @@ def test_pass_leaves_other_concatenations_alone():
     assert [str(n) for n in gm.graph.nodes] == before
 
 
+@pytest.mark.slow
 def test_compiled_with_the_pass_equals_eager():
     """Inductor (its CPU backend here; the GPU lowers the same graph) accepts the pinned graph."""
     import torch._inductor.config as inductor

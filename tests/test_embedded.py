@@ -47,6 +47,7 @@ def test_embedded_model_is_the_default():
     assert size <= 40_000_000, f"embedded model is {size / 1e6:.1f} MB"
 
 
+@pytest.mark.slow
 def test_sample_with_no_model_draws_the_prompt(ldm, tmp_path, scorer):
     # six seeds a prompt, a majority of them named right: one seed is a sample of one. The scorer (the first
     # edition's CLIP) called two of the second edition's six cats pizza where the independent judge of
@@ -65,6 +66,7 @@ def test_sample_with_no_model_draws_the_prompt(ldm, tmp_path, scorer):
         assert blue[2] > blue[0] + 50, (w["path"], blue)
 
 
+@pytest.mark.slow
 def test_img2img_with_embedded_model_changes_the_background(ldm, tmp_path, scorer):
     first = ldm("sample", "cat face, flat style, on a white background", "--seed", "3", "--out", tmp_path / "a",
                 "--json")

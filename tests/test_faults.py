@@ -47,6 +47,7 @@ def saved_steps(root):
     return [int(p.name.split("-")[1]) for p in checkpoints.checkpoints(root)]
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path):
     straight = subprocess.run([LDM, *train_args(shapes, tiny_model, tmp_path / "straight", tmp_path / "c")],
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -55,7 +56,7 @@ def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path
     root = out / "checkpoints"
     args = train_args(shapes, tiny_model, out, tmp_path / "c") + ["--checkpoint-every", "1", "--keep-checkpoints", "2"]
     rng = random.Random(0)
-    trials, during_save, lost, best = 12, 0, 0, 0  # half of them mid-save; each costs a process start
+    trials, during_save, lost, best = 8, 0, 0, 0  # half of them mid-save; each costs a process start
     for trial in range(trials):
         proc = start(args + (["--resume", "latest"] if saved_steps(root) else []))
         deadline = time.monotonic() + 60
@@ -102,6 +103,7 @@ def start_long_run(shapes, model, out, cache):
     return proc, long_run
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(shapes, tiny_model, tmp_path):
     out = tmp_path / "run"
     proc, long_run = start_long_run(shapes, tiny_model, out, tmp_path / "c")
@@ -183,6 +185,7 @@ json.dump({"rc": proc.returncode, "stderr": err, "filled": filled}, open(copy_to
 """
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_keeps_the_previous_checkpoints(shapes, tiny_model, tmp_path):
     """The output folder is a 64 MB tmpfs that another writer fills up mid-run (in a private mount
     namespace, so no root is needed where user namespaces are allowed)."""

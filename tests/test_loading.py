@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from ldm_format import write_ldm_checkpoint
 from PIL import Image
@@ -71,6 +72,7 @@ def test_pickle_only_folder_needs_consent(tmp_path, tiny_model):
     assert torch.equal(sample(c), sample(load_components(str(tiny_model), device="cpu")))
 
 
+@pytest.mark.slow
 def test_hub_id_from_offline_cache(ldm, tiny_model, tmp_path):
     """A populated HF cache (the layout huggingface_hub writes) serves `org/name` with HF_HUB_OFFLINE=1."""
     repo = tmp_path / "hub" / "models--tiny-org--tiny-sd"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import LDM
 
@@ -15,6 +16,7 @@ from ldm_cli.models.defaults import EMBEDDED_MODEL
 ASSEMBLE = Path(__file__).parent.parent / "recipes" / "tiny-emoji" / "assemble.py"
 
 
+@pytest.mark.slow
 def test_the_model_folder_is_rebuilt_from_a_checkpoints_ema(shapes, tiny_model, tmp_path):
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file

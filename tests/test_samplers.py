@@ -144,6 +144,7 @@ def test_step_counts_match_diffusers(tiny_v_model, sampler, steps):
     assert np.abs(ours - theirs).max() <= TOL
 
 
+@pytest.mark.slow
 def test_samplers_differ(tiny_model):
     """Each sampler makes its own picture (and the schedules change it), so the tolerance means something."""
     images = {name: run_pair(tiny_model, name, "leading", "txt2img")[0] for name in NEW}

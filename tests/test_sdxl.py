@@ -175,6 +175,7 @@ def test_sdxl_embedding_pair_matches_diffusers(tiny_sdxl, tmp_path):
     assert c.embeddings.startswith("toyxl@")
 
 
+@pytest.mark.slow
 def test_train_sdxl_full_and_lora_load_in_diffusers(shapes, tiny_sdxl, tmp_path):
     """Fine-tune and LoRA on a tiny SDXL: loss falls; diffusers' SDXL pipeline loads what was written and
     gives ldm's image; the micro-conditioning is the images' own (72x64 images: a 4-pixel centre crop)."""

@@ -38,6 +38,7 @@ def recorded(folder):
     return sorted(out)
 
 
+@pytest.mark.slow
 def test_sample_on_two_and_three_processes_makes_the_single_process_files(ldm, tiny_model, prompt_file, tmp_path):
     common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 2, "--device", "cpu", "--batch-size", 2)
     one = ldm("sample", *common, "--seed", 1, "-o", tmp_path / "one", "-q")
@@ -76,6 +77,7 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_killed_sampling_on_two_processes_resumes_without_duplicates(ldm, tiny_model, prompt_file, tmp_path):
     common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 40, "--device", "cpu", "--seed", 2)
     out = tmp_path / "out"
@@ -133,6 +135,7 @@ def launcher(ldm_pid: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim,said", [("worker", "process 1 of 2"), ("launcher", "accelerate's launcher")])
 def test_a_process_killed_under_the_launcher_is_named_in_one_line(victim, said, tiny_model, prompt_file, tmp_path):
     common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 40, "--device", "cpu", "--seed", 2)
@@ -195,6 +198,7 @@ def ldm_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("ldm:")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_the_launcher_counts_every_process_images(tiny_model, prompt_file, tmp_path):
     out = tmp_path / "out"
     code, err = ctrl_c(["sample", "--prompt-file", prompt_file, "--model", tiny_model, "--steps", 40, "--device",
@@ -205,6 +209,7 @@ def test_ctrl_c_under_the_launcher_counts_every_process_images(tiny_model, promp
     assert lines[0].startswith(f"ldm: error: interrupted: {made} of 7 image(s) written") and 0 < made < 7, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_the_launcher_saves_a_checkpoint_and_says_so(shapes, tiny_model, tmp_path):
     out = tmp_path / "run"
 
@@ -222,6 +227,7 @@ def test_ctrl_c_under_the_launcher_saves_a_checkpoint_and_says_so(shapes, tiny_m
     assert (out / "checkpoints" / f"step-{step:07d}").is_dir()
 
 
+@pytest.mark.slow
 def test_train_on_two_processes_equals_one_of_twice_the_batch_and_resumes(ldm, shapes, tiny_model, tmp_path):
     common = ("--model", tiny_model, "--from-scratch", "--lr", 1e-3, "--device", "cpu", "-q", "--seed", 3,
               "--cache-dir", tmp_path / "c", "--log-every", 1)

@@ -104,6 +104,7 @@ def test_textual_inversion_resume_is_bitwise(stars, tiny_model, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_textual_inversion_cli_then_sample_records_it(stars, tiny_model, tmp_path, ldm):
     r = ldm("train", stars, "--model", tiny_model, "--textual-inversion", "zqx", "--init-word", "square",
             "--max-steps", 4, "--batch-size", 2, "--device", "cpu", "--out", tmp_path / "run", "-q",

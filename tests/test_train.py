@@ -24,6 +24,7 @@ def losses(out):
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finetune_lowers_loss_and_loads_in_diffusers(shapes, tiny_model, tmp_path):
     cfg = TrainConfig(data_dir=str(shapes), model=str(tiny_model), out_dir=str(tmp_path / "run"), max_steps=60,
                       batch_size=4, lr=1e-3, seed=1, device="cpu", cache_dir=str(tmp_path / "cache"))
@@ -65,6 +66,7 @@ def test_from_scratch_and_resume_is_bitwise(shapes, tiny_model, tmp_path):
     assert not same_weights(unet_weights(straight), unet_weights(tmp_path / "straight" / "model-ema"))
 
 
+@pytest.mark.slow
 def test_train_cli(ldm, shapes, tiny_model, tmp_path):
     r = ldm("train", shapes, "--model", tiny_model, "--out", tmp_path / "run", "--resolution", 64,
             "--epochs", 0.25, "--batch-size", 2, "--device", "cpu", "-q", "--cache-dir", tmp_path / "c")
@@ -91,6 +93,7 @@ def test_train_defaults_to_the_models_size_and_logs_every_n_steps(ldm_here, shap
     assert saved["train"]["resolution"] == 64 and saved["train"]["max_steps"] == 7
 
 
+@pytest.mark.slow
 def test_lora_trains_and_matches_diffusers_load_lora_weights(shapes, tiny_model, tmp_path, ldm):
     from ldm_cli.models.options import LoadOptions
     from ldm_cli.sample.run import load
@@ -203,6 +206,7 @@ def test_cache_threads_give_the_same_entries_in_order(tmp_path, monkeypatch):
     assert not torch.equal(runs[0][0], runs[0][1])  # each image its own entry
 
 
+@pytest.mark.slow
 def test_accelerate_launch_one_process_equals_plain_run(shapes, tiny_model, tmp_path, ldm):
     import subprocess
     import sys
