@@ -11,6 +11,7 @@ prompt as diffusers' pipelines do ("tok" -> "tok tok_1 tok_2").
 from pathlib import Path
 
 from ldm_cli.errors import LdmError, check
+from ldm_cli.models import runs
 
 PICKLE = (".pt", ".bin", ".ckpt", ".pth")
 
@@ -51,6 +52,7 @@ def load_embeddings(c, specs, allow_unsafe_pickle: bool = False) -> str:
     pipe, recorded = loader_pipeline(c), []
     for spec in specs:
         path, token = parse_spec(spec)
+        path = runs.product(path, "embedding")  # an `ldm train --textual-inversion` run: its embedding
         check(path.is_file(), f"--embedding {spec}: file not found")
         token = token or default_token(path)
         check(path.suffix.lower() not in PICKLE or allow_unsafe_pickle, f"--embedding {spec}: {path.suffix} "

@@ -17,6 +17,7 @@ import torch
 
 from ldm_cli.diffusion.schedule import schedule_from_config
 from ldm_cli.errors import LdmError, check
+from ldm_cli.models import runs
 from ldm_cli.models.components import Components, resolve_device, resolve_dtype
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -28,7 +29,7 @@ def load_components(model: str, device: str = "auto", dtype: str = "auto", allow
                     config: str | None = None) -> Components:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    path = Path(model).expanduser()
+    path = runs.product(Path(model).expanduser(), "model")  # an `ldm train` run: its model/
     if path.is_dir():
         parts = _load_folder(path, allow_unsafe_pickle, dt, dev)
     elif path.is_file():

@@ -10,6 +10,7 @@ import functools
 from pathlib import Path
 
 from ldm_cli.errors import LdmError, check
+from ldm_cli.models import runs
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # what diffusers' own LoRA training script adapts
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -52,8 +53,9 @@ def loader_pipeline(c):
 
 
 def lora_file(path: str, allow_unsafe_pickle: bool = False) -> Path:
-    """The weights file of a --lora argument (a file, or a folder holding pytorch_lora_weights.*), checked."""
-    p = Path(path)
+    """The weights file of a --lora argument (a file, a folder holding pytorch_lora_weights.*, or an `ldm train`
+    run whose lora/ holds it), checked."""
+    p = runs.product(Path(path), "lora")
     if p.is_dir():
         found = [p / n for n in (WEIGHT_NAME, "pytorch_lora_weights.bin") if (p / n).is_file()]
         check(found != [], f"--lora {path}: no {WEIGHT_NAME} in this folder")

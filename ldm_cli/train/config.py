@@ -138,6 +138,8 @@ def validate_config(cfg: TrainConfig) -> None:
     check(not ti or cfg.init_word.strip(), "--textual-inversion needs --init-word WORD (a word close to the "
           "concept, e.g. 'dog'), the embedding's starting point")
     check(not (cfg.init_word or cfg.vectors > 1) or ti, "--init-word and --vectors go with --textual-inversion TOKEN")
+    check(not ti or not any(ch in ti for ch in ' ,:/\\<>"|?*()[]'), f"--textual-inversion {ti!r}: a token is one "
+          "word of letters, digits, '-' or '_' (it names the file too), e.g. 'sks-dog'")  # before OUT is made
     check(not ti or not (cfg.lora_rank or cfg.from_scratch),
           "--textual-inversion trains an embedding for a frozen model: drop --lora-rank / --from-scratch")
     check(not cfg.keep_tokens or cfg.shuffle_tags, "--keep-tokens goes with --shuffle-tags")

@@ -49,8 +49,6 @@ def add_token(c, token: str, init_word: str, vectors: int) -> list[nn.Parameter]
     """Add `token` (N = `vectors` tokens) to each of c's tokenizer/text encoder pairs (SDXL: both), in place;
     returns the trainable [N, D] vectors of each, initialised from `init_word`'s embeddings there."""
     check(c.family != "sdxl-refiner", "--textual-inversion: an SDXL refiner has no CLIP-L encoder; train on the base")
-    check(token and not any(ch in token for ch in ' ,:/\\<>"|?*()[]'), f"--textual-inversion {token!r}: a token "
-          "is one word of letters, digits, '-' or '_' (it names the file too), e.g. 'sks-dog'")
     pairs = [(c.tokenizer, c.text_encoder)] + ([(c.tokenizer_2, c.text_encoder_2)] if c.family == "sdxl" else [])
     return [_add_to(tokenizer, encoder, token, init_word, vectors) for tokenizer, encoder in pairs]
 
