@@ -290,24 +290,28 @@ def _run(jobs, load: LoadOptions, out: OutputOptions, procs=None):
             err.print(f"wrote {w.path}", highlight=False)
 
 
-@command(_arg("model", Optional[str], "Model to describe; default: the embedded model.", None),
+@command(_arg("model", Optional[str], "Model to describe (or a LoRA, an embedding, a picture, an ldm train run); "
+              "default: the embedded model.", None),
          *_params(LoadOptions, only=("config", "allow_unsafe_pickle")),
          *_params(OutputOptions, only=("as_json",)))
 def info(model=None, config=None, allow_unsafe_pickle=False, as_json=False):
-    """Show a model's components, parameter counts, scheduler, dtype and size on disk."""
+    """Show a model's components, parameter counts, scheduler, dtype and size on disk; or what a LoRA, an
+    embedding, a picture's recorded settings or an `ldm train` run folder holds."""
     from ldm_cli.models.info import describe
+    from ldm_cli.models.peek import peek
     from ldm_cli.sample.run import load
 
     runtime.quiet_libraries()
-    facts = describe(load(LoadOptions(model=model, config=config, device="cpu",
-                                      allow_unsafe_pickle=allow_unsafe_pickle)).components)
+    facts = peek(model) if model is not None else None
+    facts = facts or describe(load(LoadOptions(model=model, config=config, device="cpu",
+                                               allow_unsafe_pickle=allow_unsafe_pickle)).components)
     if as_json:
         print(json.dumps(facts, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=facts["model"], show_header=False)
+    table = Table(title=facts.get("model") or facts.get("run") or facts["file"], show_header=False)
     for key, value in facts.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     Console().print(table)

@@ -64,3 +64,66 @@ def test_a_bad_token_makes_no_out_folder(ldm_here, shapes, tiny_model, tmp_path)
                  "--out", tmp_path / "ti", "--device", "cpu")
     assert r.returncode == 2 and "a token is one word" in r.stderr, r.stderr
     assert not (tmp_path / "ti").exists()
+
+
+# `ldm info` on what is not a model: the facts checked against the file's own tensors, read here independently
+
+def info(ldm_here, target):
+    import json
+
+    r = ldm_here("info", target, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_info_on_a_lora_run_and_file(ldm_here, runs):
+    from safetensors.torch import load_file
+
+    file = runs / "lora" / "lora" / "pytorch_lora_weights.safetensors"
+    tensors = load_file(file)
+    downs = [k for k in tensors if k.endswith(("lora.down.weight", "lora_A.weight"))]  # ours: diffusers' form
+    facts = info(ldm_here, runs / "lora")
+    assert facts["kind"] == "LoRA" and facts["made"].startswith("lora") and facts["checkpoints"] >= 1
+    assert facts["modules"] == facts["u_net_modules"] == len(downs) > 0 and facts["text_encoder_modules"] == 0
+    assert facts["rank"] == "4" and {tensors[k].shape[0] for k in downs} == {4}
+    assert info(ldm_here, file) == {k: v for k, v in facts.items() if k not in ("run", "made", "checkpoints")}
+
+
+def test_info_on_a_kohya_lora_and_embeddings(ldm_here, runs, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    kohya = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(8, 32),
+             "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 8),
+             "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(8, 768),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 8)}
+    save_file(kohya, tmp_path / "style.safetensors")
+    facts = info(ldm_here, tmp_path / "style.safetensors")
+    assert (facts["kind"], facts["format"], facts["rank"], facts["alpha_stored"]) == ("LoRA", "kohya (A1111)", "8", True)
+    assert (facts["modules"], facts["u_net_modules"], facts["text_encoder_modules"]) == (2, 1, 1)
+    save_file({"emb_params": torch.zeros(3, 768)}, tmp_path / "my-style.safetensors")  # A1111's form
+    facts = info(ldm_here, tmp_path / "my-style.safetensors")
+    assert (facts["kind"], facts["token"], facts["vectors"]) == ("textual-inversion embedding", "my-style", 3)
+    assert facts["for"].startswith("Stable Diffusion 1.x")
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, tmp_path / "xl-cat.safetensors")
+    facts = info(ldm_here, tmp_path / "xl-cat.safetensors")
+    assert (facts["token"], facts["vectors"], facts["for"][:20]) == ("xl-cat", 2, "Stable Diffusion XL ")
+    facts = info(ldm_here, runs / "ti")  # ours: the token names its one tensor; the tiny text encoder is 32 wide
+    assert (facts["token"], facts["vectors"], facts["for"]) == ("zqx", 1, "a text encoder of width 32")
+
+
+def test_info_on_pictures_and_on_a_model_run(ldm_here, runs, tiny_model, tmp_path):
+    r = ldm_here("sample", "a red circle", "--model", tiny_model, "--steps", 2, "--seed", 9, "--device", "cpu",
+                 "--out", tmp_path, "-q")
+    assert r.returncode == 0, r.stderr
+    (png,) = tmp_path.glob("*.png")
+    facts = info(ldm_here, png)
+    assert (facts["ldm"]["prompt"], facts["ldm"]["seed"], facts["size"]) == ("a red circle", 9, "64x64")
+    assert "Seed: 9" in facts["parameters"] and facts["redo"] == f"ldm sample --from-png {png}"
+    Image.new("RGB", (8, 8)).save(tmp_path / "bare.png")
+    assert "none recorded" in info(ldm_here, tmp_path / "bare.png")["settings"]
+    model = info(ldm_here, runs / "full")  # a full fine-tune's run: its model, sized without the checkpoints
+    folder = runs / "full" / "model"
+    assert model["family"] == "sd" and model["size_on_disk_bytes"] == sum(
+        f.stat().st_size for f in folder.rglob("*") if f.is_file())

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from ldm_cli.models import runs
 from ldm_cli.models.components import Components
 
 FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sdxl-refiner": "Stable Diffusion XL refiner"}
@@ -14,7 +15,7 @@ def describe(c: Components) -> dict:
     from ldm_cli.io.metadata import EMBEDDED
     from ldm_cli.models.defaults import EMBEDDED_MODEL, model_defaults
 
-    path = EMBEDDED_MODEL if c.name == EMBEDDED else Path(c.name)
+    path = EMBEDDED_MODEL if c.name == EMBEDDED else runs.product(Path(c.name), "model")  # a run: its model/
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else (
         path.stat().st_size if path.is_file() else None)
     def encoder(te, tok):
