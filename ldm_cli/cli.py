@@ -406,7 +406,10 @@ def _main(argv: list[str] | None) -> int:
     except ClickException as e:  # typer's own parsing errors: bad option values, unknown options
         if debug:
             raise
-        print(f"ldm: error: {e.format_message()} (see 'ldm --help')", file=sys.stderr)
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `ldm`: the help itself, not an error around it
+            print(e.format_message(), file=sys.stderr)
+        else:
+            print(f"ldm: error: {e.format_message()} (see 'ldm --help')", file=sys.stderr)
         return e.exit_code if e.exit_code else USAGE
     except (RuntimeError, MemoryError) as e:  # torch's CPU allocator reports running out as a RuntimeError
         if debug or (isinstance(e, RuntimeError) and "can't allocate memory" not in str(e)):

@@ -94,6 +94,12 @@ def test_img2img_folder(ldm_here, tiny_model, tmp_path):
     assert "Denoising strength: 0.5" in Image.open(written[0]["path"]).text["parameters"]
 
 
+def test_bare_ldm_prints_its_help_not_an_error(ldm_here):
+    r = ldm_here()
+    assert r.returncode == 2 and r.stderr.startswith("Usage: ldm") and "ldm: error" not in r.stderr, r.stderr
+    assert all(name in r.stderr for name in ("sample", "img2img", "info", "train"))
+
+
 def test_info(ldm_here, tiny_model):
     r = ldm_here("info", tiny_model, "--json")
     assert r.returncode == 0, r.stderr
