@@ -38,6 +38,7 @@ def weights(path: Path) -> dict | None:
     """A LoRA's or an embedding's facts from the file's header (names and shapes), or None (a checkpoint)."""
     from safetensors import safe_open
 
+    from ldm_cli.models.embeddings import default_token
     from ldm_cli.models.lora import file_hash
 
     try:
@@ -55,16 +56,16 @@ def weights(path: Path) -> dict | None:
                 "rank": ", ".join(str(r) for r in sorted({s[0] for s in downs.values()})),
                 "alpha_stored": any(k.endswith(".alpha") for k in shapes),
                 "use": f"ldm sample PROMPT --model MODEL --lora {path}[:SCALE]", **common}
-    vectors = {k: s for k, s in shapes.items() if len(s) in (1, 2)}
-    if shapes and len(shapes) <= 2 and len(vectors) == len(shapes):
-        rows = {k: s if len(s) == 2 else (1, *s) for k, s in shapes.items()}
-        family = ("Stable Diffusion XL (clip_l 768 + clip_g 1280)" if sorted(shapes) == ["clip_g", "clip_l"]
-                  else WIDTHS.get(next(iter(rows.values()))[1], f"a text encoder of width {next(iter(rows.values()))[1]}"))
-        token = path.stem if sorted(shapes) == ["clip_g", "clip_l"] or "emb_params" in shapes else next(iter(shapes))
-        return {"kind": "textual-inversion embedding", "token": token,
-                "vectors": next(iter(rows.values()))[0], "for": family,
-                "use": f"ldm sample \"a photo of {token}\" --model MODEL --embedding {path}", **common}
-    return None
+    sdxl = sorted(shapes) == ["clip_g", "clip_l"]
+    if not (len(shapes) == 1 or sdxl) or any(len(s) not in (1, 2) for s in shapes.values()):
+        return None  # a checkpoint, or no file of ours
+    shape = next(iter(shapes.values()))
+    vectors, width = shape if len(shape) == 2 else (1, shape[0])
+    token = default_token(path)  # as --embedding names it
+    family = "Stable Diffusion XL (clip_l 768 + clip_g 1280)" if sdxl else WIDTHS.get(
+        width, f"a text encoder of width {width}")
+    return {"kind": "textual-inversion embedding", "token": token, "vectors": vectors, "for": family,
+            "use": f"ldm sample \"a photo of {token}\" --model MODEL --embedding {path}", **common}
 
 
 def picture(path: Path) -> dict:
