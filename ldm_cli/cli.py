@@ -23,7 +23,7 @@ from typing import Annotated, Optional
 import typer
 
 from ldm_cli import runtime
-from ldm_cli.errors import USAGE, LdmError
+from ldm_cli.errors import USAGE, LdmError, check
 from ldm_cli.jobs import Request, Settings
 from ldm_cli.models.options import LoadOptions
 from ldm_cli.options import spec_of
@@ -383,6 +383,27 @@ def _train(cfg, resume, quiet):
 _ARGV: list[str] = []  # this process's arguments, for `train --gpus N` to hand on to accelerate's launcher
 
 
+def _value_missing(argv: list[str]) -> str | None:
+    """An option that takes a value followed by another of the command's options (`--buckets --lora-rank 4`):
+    click takes '--lora-rank' for the value, then reports an extra '4', or, where a command takes several
+    arguments (`sample "x" --negative --steps 3`), runs with '3' as a prompt. What is missing, or None."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    at = next((i for i, a in enumerate(argv) if a in group.commands), None)
+    if at is None:
+        return None
+    params = group.commands[argv[at]].params
+    names = {n for p in params for n in p.opts + p.secondary_opts}
+    takes = {n for p in params if p.param_type_name == "option" and not (p.is_flag or p.count) for n in p.opts}
+    for a, b in zip(argv[at + 1:], argv[at + 2:]):
+        if a == "--":
+            break
+        if a in takes and b.split("=")[0] in names:
+            return f"{a} needs a value, but the next argument is the option {b}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     runtime.leave(_main(argv))
 
@@ -395,6 +416,8 @@ def _main(argv: list[str] | None) -> int:
     debug = "--debug" in argv or os.environ.get("LDM_DEBUG", "") not in ("", "0")
     runtime.setup(quiet="-q" in argv or "--quiet" in argv, debug=debug, libraries=False)
     try:
+        missing = _value_missing(argv)  # else click takes the next option for the value, often silently
+        check(missing is None, str(missing))
         code = app(args=argv, prog_name="ldm", standalone_mode=False)
     except LdmError as e:
         if debug:

@@ -147,6 +147,10 @@ def cases(tmp, tiny_model, shapes):
         ("height not multiple of 8", ("sample", "x", *tm, "--height", 100), 2, "height must be a multiple of 8"),
         ("steps < 1", ("sample", "x", *tm, "--steps", 0), 2, "steps must be >= 1"),
         ("steps not a number", ("sample", "x", *tm, "--steps", "many"), 2, "--steps"),
+        ("value missing, an option next", ("sample", "x", *tm, "--negative", "--steps", 1), 2,
+         "--negative needs a value, but the next argument is the option --steps"),  # else '1' became a prompt
+        ("value missing before a train option", (*tr, "--buckets", "--lora-rank", 4), 2,
+         "--buckets needs a value, but the next argument is the option --lora-rank"),
         ("strength 0", ("img2img", x / "notimage.png", "x", *tm, "--strength", 0), 2, "strength must be in (0, 1]"),
         ("strength > 1", ("img2img", x / "notimage.png", "x", *tm, "--strength", 1.5), 2, "strength must be in (0, 1]"),
         ("cfg nan", ("sample", "x", *tm, "--cfg", "nan"), 2, "--cfg must be in [0, 100], got nan"),
