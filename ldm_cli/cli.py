@@ -390,6 +390,7 @@ def _value_missing(argv: list[str]) -> str | None:
     import typer.main
 
     group = typer.main.get_command(app)
+    argv = [str(a) for a in argv]  # cli.main([...]) from Python may hand numbers
     at = next((i for i, a in enumerate(argv) if a in group.commands), None)
     if at is None:
         return None
