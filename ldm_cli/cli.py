@@ -28,6 +28,7 @@ from ldm_cli.jobs import Request, Settings
 from ldm_cli.models.options import LoadOptions
 from ldm_cli.options import spec_of
 from ldm_cli.sample.options import OutputOptions
+from ldm_cli.sample.options import validate as validate_output
 from ldm_cli.train.config import TrainConfig
 
 try:  # typer >= 0.26 carries its own copy of click
@@ -158,6 +159,7 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
     gpus, launch = kw.pop("gpus"), kw.pop("launch")
     settings, request = _take(Settings, kw), _take(Request, kw)
     load, out = _take(LoadOptions, kw), _take(OutputOptions, kw)
+    validate_output(out)
     if from_png is not None:
         if prompt or request.prompt_file:
             raise LdmError("--from-png redoes one image: give no PROMPT or --prompt-file with it")

@@ -7,6 +7,7 @@ Run in-process through `cli.main` (the same code path as the console script, min
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +165,8 @@ def cases(tmp, tiny_model, shapes):
          "output folder is not writable"),
         ("output is a file", ("sample", "x", *tm, "--steps", 1, "--out", x / "notimage.png"), 2,
          "notimage.png: is a file; --out takes a folder"),
+        ("output named as an image", ("sample", "x", *tm, "--steps", 1, "--out", x / "cat.png"), 2,
+         "--out is a folder (images are named NNNNN-SEED-PROMPT.png in it), not an image file"),  # made cat.png/
         ("cuda absent", ("sample", "x", *tm, "--device", "cuda"), 2, "CUDA is not available"),
         ("from-png not ldm", ("sample", "--from-png", x / "notimage.png"), 2, "cannot read PNG"),
         ("unknown sampler", (*s, "--sampler", "plms"), 2, "--sampler must be ddim, ddpm, euler"),
@@ -344,6 +347,8 @@ def test_bad_input(name, table, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     if args[0] != "info" and "--out" not in args:
         args = (*args, "--out", str(out))
+    given_out = Path(args[args.index("--out") + 1]) if "--out" in args else out
+    existed = given_out.exists()
     with pytest.raises(SystemExit) as e:
         cli.main([str(a) for a in args])
     err = capsys.readouterr().err
@@ -356,6 +361,7 @@ def test_bad_input(name, table, tmp_path, capsys, monkeypatch):
     assert lines[0].startswith("ldm: error: ") and text in lines[0], lines[0]
     assert "Traceback" not in err
     assert not out.exists() or not any(out.rglob("*.png")) and not any(out.rglob("model_index.json"))
+    assert existed or not given_out.exists(), f"{given_out} was made"  # e.g. a folder named cat.png
 
 
 def test_debug_shows_traceback(ldm, tmp_path):

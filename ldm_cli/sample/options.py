@@ -4,7 +4,8 @@ so that the CLI declares its options without importing the pipeline."""
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm_cli.options import option
+from ldm_cli.errors import check
+from ldm_cli.options import check_ranges, option
 
 
 @dataclass(frozen=True)
@@ -20,3 +21,11 @@ class OutputOptions:
     yes: bool = option(False, "Start jobs above 2048x2048 pixels on a CPU (they take hours).")
     # a job is done when a PNG in --out records it (model, prompt, seed, settings): resumes a killed run
     skip_existing: bool = option(False, "Make only the images --out does not hold yet.")
+
+
+def validate(out: OutputOptions) -> None:
+    """Checked before the model loads. --out names a folder: `-o cat.png` made a folder called cat.png."""
+    check_ranges(out)
+    check(out.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp") or out.out.exists(),
+          f"--out {out.out}: --out is a folder (images are named NNNNN-SEED-PROMPT.png in it), not an image file; "
+          f"give a folder, e.g. --out {out.out.parent / out.out.stem}")

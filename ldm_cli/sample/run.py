@@ -11,9 +11,9 @@ from ldm_cli.io.files import ensure_dir
 from ldm_cli.jobs import Job
 from ldm_cli.models.components import Components
 from ldm_cli.models.options import LoadOptions, validate
-from ldm_cli.options import check_ranges
 from ldm_cli.sample import pipeline
 from ldm_cli.sample.options import OutputOptions
+from ldm_cli.sample.options import validate as validate_output
 
 log = logging.getLogger("ldm")
 CPU_PIXELS = 2048 * 2048
@@ -99,7 +99,7 @@ def generate(model: Loaded, jobs: list[Job], out: OutputOptions, on_image=None, 
     returns the Written records (on the first process, everyone's, in the run's order; the grid last)."""
     from ldm_cli.sample import spread
 
-    check_ranges(out)
+    validate_output(out)
     c = model.components
     out_dir = ensure_dir(out.out)
     first = procs is None or procs.is_main_process
