@@ -392,3 +392,26 @@ def test_warmup_steps_ramp_the_default_constant_schedule():
     assert rates(warmup_steps=4, lr_scheduler="linear")[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
     with pytest.raises(LdmError, match="piecewise_constant"):
         rates(warmup_steps=4, lr_scheduler="piecewise_constant")
+
+
+def test_the_models_own_learning_rate_per_kind_of_run(ldm_here, shapes, tiny_model, tmp_path):
+    """ldm_defaults.json's "train" sets the lr of a fine-tune and of a LoRA when --lr is not given (and says so);
+    --lr still wins, a new U-Net (--from-scratch) is not the model's, and a bad value is one line."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "ldm_defaults.json").write_text(json.dumps({"cfg": 3.0, "train": {"full": {"lr": 2e-3},
+                                                                              "lora": {"lr": 3e-3}}}))
+    base = ("train", shapes, "--model", model, "--max-steps", 1, "--batch-size", 2, "--device", "cpu",
+            "--cache-dir", tmp_path / "c")
+    for name, extra, lr in (("full", (), 2e-3), ("lora", ("--lora-rank", 2), 3e-3), ("given", ("--lr", 5e-4), 5e-4),
+                            ("scratch", ("--from-scratch",), 1e-4)):
+        r = ldm_here(*base, *extra, "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        assert [json.loads(line)["lr"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()] == [lr]
+        assert ("this model's own" in r.stderr) == (name in ("full", "lora")), r.stderr
+        assert f"lr = {lr}" in (tmp_path / name / "config.toml").read_text()  # the run repeats with its lr
+    (model / "ldm_defaults.json").write_text(json.dumps({"train": {"lora": {"lr": "fast"}}}))
+    r = ldm_here(*base, "--lora-rank", 2, "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "lora's lr must be a number in (0, 1), got 'fast'" in r.stderr, r.stderr

@@ -79,9 +79,10 @@ class TrainConfig:
     max_steps: int | None = option(None, f"Optimizer steps (default {DEFAULT_MAX_STEPS}).", min=1)
     epochs: float | None = option(None, "Passes over the data, instead of --max-steps.", min=0.0, min_open=True,
                                   finite=True)
-    # None: 1e-4, or 5e-3 with --textual-inversion (A1111's default there: one vector learns slowly)
-    lr: float | None = option(None, "Learning rate (default 1e-4; 5e-3 with --textual-inversion).", min=0.0,
-                              min_open=True, finite=True)
+    # None: the model's own for this kind of run (its ldm_defaults.json: the embedded model's), else 1e-4, or
+    # 5e-3 with --textual-inversion (A1111's default there: one vector learns slowly)
+    lr: float | None = option(None, "Learning rate (default: the model's own, else 1e-4; 5e-3 with "
+                              "--textual-inversion).", min=0.0, min_open=True, finite=True)
     lr_scheduler: str = option("constant", "constant, cosine, linear, ... (diffusers').")
     warmup_steps: int = option(0, "Learning-rate warm-up steps.", min=0)
     optimizer: str = option("adamw", "adamw, or adamw8bit (needs bitsandbytes).", choices=("adamw", "adamw8bit"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import RUNTIME, LdmError, check
-from ldm_cli.models.defaults import default_model
+from ldm_cli.models.defaults import FILE, default_model, train_lr
 from ldm_cli.models.load import load_components
 from ldm_cli.train import cache, checkpoints, data, fast, folders
 from ldm_cli.train.batches import Batches, Encoders
@@ -155,8 +155,14 @@ def resolved_for(cfg: TrainConfig, c) -> TrainConfig:
     """The config with what the model decides filled in (as saved in checkpoints: nothing left implicit),
     checked against the model."""
     native = c.unet.config.sample_size * c.vae_scale
-    cfg = replace(cfg, model=cfg.model or default_model(), resolution=cfg.resolution or native,
-                  lr=cfg.lr or (5e-3 if cfg.textual_inversion else 1e-4))
+    cfg = replace(cfg, model=cfg.model or default_model(), resolution=cfg.resolution or native)
+    if cfg.lr is None:  # the model's own (ldm_defaults.json), else 1e-4, or 5e-3 for an embedding (A1111's)
+        kind = "textual_inversion" if cfg.textual_inversion else "lora" if cfg.lora_rank else "full"
+        own = None if cfg.from_scratch else train_lr(cfg.model, kind)
+        if own is not None:
+            log.info(f"lr {own:g}: this model's own for {kind.replace('_', ' ')} runs ({cfg.model}/{FILE}); "
+                     "--lr sets another")
+        cfg = replace(cfg, lr=own or (5e-3 if cfg.textual_inversion else 1e-4))
     validate_for_model(cfg, c.schedule.num_train_timesteps)
     check(c.family != "sdxl-refiner", f"{cfg.model}: an SDXL refiner; ldm trains SD 1.x/2.x and SDXL base models")
     check(c.family == "sd" or not cfg.from_scratch, "--from-scratch builds an SD-1.x-shaped U-Net; with an SDXL "
