@@ -412,6 +412,8 @@ def test_the_models_own_learning_rate_per_kind_of_run(ldm_here, shapes, tiny_mod
         assert [json.loads(line)["lr"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()] == [lr]
         assert ("this model's own" in r.stderr) == (name in ("full", "lora")), r.stderr
         assert f"lr = {lr}" in (tmp_path / name / "config.toml").read_text()  # the run repeats with its lr
+    r = ldm_here("info", model, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["training_lr"] == {"full": 2e-3, "lora": 3e-3}, r.stderr
     (model / "ldm_defaults.json").write_text(json.dumps({"train": {"lora": {"lr": "fast"}}}))
     r = ldm_here(*base, "--lora-rank", 2, "--out", tmp_path / "bad")
     assert r.returncode == 2 and "lora's lr must be a number in (0, 1), got 'fast'" in r.stderr, r.stderr

@@ -13,7 +13,7 @@ def describe(c: Components) -> dict:
         return sum(p.numel() for p in m.parameters())
 
     from ldm_cli.io.metadata import EMBEDDED
-    from ldm_cli.models.defaults import EMBEDDED_MODEL, model_defaults
+    from ldm_cli.models.defaults import EMBEDDED_MODEL, TRAIN_KINDS, model_defaults, train_lr
 
     path = EMBEDDED_MODEL if c.name == EMBEDDED else runs.product(Path(c.name), "model")  # a run: its model/
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else (
@@ -41,4 +41,5 @@ def describe(c: Components) -> dict:
         "dtype": str(c.unet.dtype).replace("torch.", ""),
         "size_on_disk_bytes": size,
         "sampling_defaults": model_defaults(str(path)) or None,  # ldm_defaults.json: what sample/img2img start from
+        "training_lr": {k: lr for k in TRAIN_KINDS if (lr := train_lr(str(path), k))} or None,  # and ldm train
     }
