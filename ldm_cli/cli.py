@@ -168,7 +168,7 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
         from ldm_cli.models.defaults import default_model, with_model_defaults
 
         settings = with_model_defaults(settings, load.model or default_model(), given)
-        jobs = _jobs(prompt, settings, request, init_images)
+        jobs = _jobs(prompt, settings, request, init_images, out.skip_existing)
     load = _with_prompt_loras(jobs, load, from_png)
     if gpus > 1 or launch:  # the jobs are valid: the same command again, a process per GPU
         _relaunch(gpus, "no", load.device, launch)
@@ -228,7 +228,7 @@ def _redo(from_png, settings, request, load, given):
     return jobs, load if keep else replace(load, model=png_model)
 
 
-def _jobs(prompt, settings, request, init_images):
+def _jobs(prompt, settings, request, init_images, skip_existing=False):
     from ldm_cli.io.prompts import read_prompt_file
     from ldm_cli.jobs import build_jobs
 
@@ -237,6 +237,10 @@ def _jobs(prompt, settings, request, init_images):
         lines += read_prompt_file(request.prompt_file)
     if not lines:
         raise LdmError("no prompt: give PROMPT arguments or --prompt-file FILE")
+    # an image is already made when a PNG records its seed: seeds drawn anew each run never match one
+    if skip_existing and request.seed is None and not all("seed" in over for _, over, _ in lines):
+        raise LdmError("--skip-existing needs --seed N (the seed of the run it completes): without it each run "
+                       "draws new seeds, so no image is ever already made")
     seed = secrets.randbelow(2**32) if request.seed is None else request.seed
     return build_jobs(lines, settings, seed, request.num_images, init_images)
 

@@ -165,6 +165,8 @@ def cases(tmp, tiny_model, shapes):
          "output folder is not writable"),
         ("output is a file", ("sample", "x", *tm, "--steps", 1, "--out", x / "notimage.png"), 2,
          "notimage.png: is a file; --out takes a folder"),
+        ("skip-existing without a seed", ("sample", "x", *tm, "--steps", 1, "--skip-existing"), 2,
+         "--skip-existing needs --seed N"),  # else every run drew new seeds and remade every image
         ("output named as an image", ("sample", "x", *tm, "--steps", 1, "--out", x / "cat.png"), 2,
          "--out is a folder (images are named NNNNN-SEED-PROMPT.png in it), not an image file"),  # made cat.png/
         ("cuda absent", ("sample", "x", *tm, "--device", "cuda"), 2, "CUDA is not available"),
@@ -345,10 +347,10 @@ def test_bad_input(name, table, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
     args, code, text = table[name]
     out = tmp_path / "out"
+    given_out = Path(args[args.index("--out") + 1]) if "--out" in args else None  # a case about --out itself
+    existed = given_out is not None and given_out.exists()
     if args[0] != "info" and "--out" not in args:
         args = (*args, "--out", str(out))
-    given_out = Path(args[args.index("--out") + 1]) if "--out" in args else out
-    existed = given_out.exists()
     with pytest.raises(SystemExit) as e:
         cli.main([str(a) for a in args])
     err = capsys.readouterr().err
@@ -361,7 +363,7 @@ def test_bad_input(name, table, tmp_path, capsys, monkeypatch):
     assert lines[0].startswith("ldm: error: ") and text in lines[0], lines[0]
     assert "Traceback" not in err
     assert not out.exists() or not any(out.rglob("*.png")) and not any(out.rglob("model_index.json"))
-    assert existed or not given_out.exists(), f"{given_out} was made"  # e.g. a folder named cat.png
+    assert given_out is None or existed or not given_out.exists(), f"{given_out} was made"  # a folder cat.png
 
 
 def test_debug_shows_traceback(ldm, tmp_path):

@@ -20,7 +20,7 @@ class OutputOptions:
     # a typo like --width 8192 on a CPU starts a job of hours: asked for once, not started silently
     yes: bool = option(False, "Start jobs above 2048x2048 pixels on a CPU (they take hours).")
     # a job is done when a PNG in --out records it (model, prompt, seed, settings): resumes a killed run
-    skip_existing: bool = option(False, "Make only the images --out does not hold yet.")
+    skip_existing: bool = option(False, "With --seed: make only the images --out does not hold yet.")
 
 
 def validate(out: OutputOptions) -> None:
