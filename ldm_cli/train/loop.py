@@ -160,7 +160,8 @@ def resolved_for(cfg: TrainConfig, c) -> TrainConfig:
         kind = "textual_inversion" if cfg.textual_inversion else "lora" if cfg.lora_rank else "full"
         own = None if cfg.from_scratch else train_lr(cfg.model, kind)
         if own is not None:
-            log.info(f"lr {own:g}: this model's own for {kind.replace('_', ' ')} runs ({cfg.model}/{FILE}); "
+            named = {"full": "a full fine-tune", "lora": "a LoRA", "textual_inversion": "an embedding"}[kind]
+            log.info(f"lr {own:g}: this model's own for {named} ({cfg.model}/{FILE}); "
                      "--lr sets another")
         cfg = replace(cfg, lr=own or (5e-3 if cfg.textual_inversion else 1e-4))
     validate_for_model(cfg, c.schedule.num_train_timesteps)
