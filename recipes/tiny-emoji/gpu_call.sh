@@ -43,6 +43,10 @@
 # ~9,000 images/s; `start 585` then `finish 330` (a 600-s call, which ended 480 s in) trained 3,491 steps and
 # returned the model. Keep SINGLE_BACKGROUNDS=6: at 2 the old caption form (NAME, STYLE style, on a COLOUR
 # background) got a sixteenth of the images and drew worse (tests/test_embedded.py failed until a CPU sitting).
+# The shipped weights, from scratch (MORE_WEARERS=1 SCENES_PER_KIND=20000 SINGLE_BACKGROUNDS=6 BATCH=1024 LR=3e-4
+# VAE_SECONDS=60 CLIP_SECONDS=60 JUDGE_PROMPTS=0): `start 555` (558 s: data, VAE, CLIP, base16 returned; the U-Net's
+# latent cache of 201,370 entries in 96 s, first step 205 s after its start) then `stop 400` (408 s): 9,916 steps
+# x 1024 at ~19,600 images/s; the folder assembled here with assemble.py from-ema (README, "The embedded model").
 set -uo pipefail
 START=$(date +%s)
 SITE=${SITE:-/tmp/site}  # installed once: the running U-Net imports from there
