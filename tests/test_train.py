@@ -396,7 +396,8 @@ def test_warmup_steps_ramp_the_default_constant_schedule():
 
 def test_the_models_own_learning_rate_per_kind_of_run(ldm_here, shapes, tiny_model, tmp_path):
     """ldm_defaults.json's "train" sets the lr of a fine-tune and of a LoRA when --lr is not given (and says so);
-    --lr still wins, a new U-Net (--from-scratch) is not the model's, and a bad value is one line."""
+    --lr still wins, a new U-Net (--from-scratch) is not the model's, and a bad value is one line. A fine-tuned
+    model folder carries the file on."""
     import shutil
 
     model = tmp_path / "model"
@@ -412,6 +413,9 @@ def test_the_models_own_learning_rate_per_kind_of_run(ldm_here, shapes, tiny_mod
         assert [json.loads(line)["lr"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()] == [lr]
         assert ("this model's own" in r.stderr) == (name in ("full", "lora")), r.stderr
         assert f"lr = {lr}" in (tmp_path / name / "config.toml").read_text()  # the run repeats with its lr
+    # a fine-tune keeps the model's defaults (sample starts from its cfg too); a new U-Net does not
+    assert (tmp_path / "full" / "model" / "ldm_defaults.json").read_text() == (model / "ldm_defaults.json").read_text()
+    assert not (tmp_path / "scratch" / "model" / "ldm_defaults.json").exists()
     r = ldm_here("info", model, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["training_lr"] == {"full": 2e-3, "lora": 3e-3}, r.stderr
     (model / "ldm_defaults.json").write_text(json.dumps({"train": {"lora": {"lr": "fast"}}}))

@@ -85,9 +85,23 @@ def write_model(c: Components, params, cfg: TrainConfig, out: Path, name: str) -
                 save_lora(unet, tmp, sdxl=c.family != "sd")
             else:
                 save_components(c, tmp)
+                _keep_model_defaults(cfg, tmp)
     except WRITE_ERRORS as e:
         raise write_failed(final, e) from None
     return final
+
+
+def _keep_model_defaults(cfg: TrainConfig, folder: Path) -> None:
+    """A fine-tune keeps its model's ldm_defaults.json (sampling defaults, training lr: the embedded model's
+    cfg 5), so `ldm sample --model OUT/model` starts where the model it came from did; a new U-Net does not."""
+    import shutil
+
+    from ldm_cli.models import runs
+    from ldm_cli.models.defaults import FILE
+
+    source = runs.product(Path(cfg.model), "model") / FILE if cfg.model and not cfg.from_scratch else None
+    if source is not None and source.is_file():
+        shutil.copyfile(source, folder / FILE)
 
 
 def write_models(c: Components, params, ema, cfg: TrainConfig, out: Path) -> Path:
