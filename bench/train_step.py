@@ -5,6 +5,7 @@
     python bench/train_step.py --part plain        # the plain loop eager and compiled at batch 32
     python bench/train_step.py --part memory --batch 32 --checkpointing   # one peak-memory row (own process)
     python bench/train_step.py --part memory --batch 32 --optimizer adamw8bit   # with bitsandbytes installed
+    python bench/train_step.py --part levers       # batch 32: compiled layout, cudnn.benchmark; losses; kernels
     python bench/train_step.py --part kernels      # batch 32: GPU time by kernel kind, ldm vs plain compiled
     python bench/train_step.py --part attention    # batch 32, eager: each SDPA backend's attention time
     python bench/train_step.py --part small        # the embedded model's U-Net at batch 256 (none, full, graphs), 1024
@@ -150,7 +151,7 @@ def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, check
         add_lora(unet, lora)
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    fast.speed_up(unet, compile_mode, acc.device, fast.CHANNELS_LAST if channels_last is None else channels_last)
+    fast.speed_up(unet, compile_mode, acc.device, channels_last)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
     sched = build_schedule(cfg, opt, 10_000)
@@ -187,12 +188,14 @@ def ldm_step(batch: int, compile_mode: str, channels_last: bool | None = None):
     return step
 
 
-def kernels(batch: int, compile_mode: str) -> list[dict]:
+def kernels(batch: int, compile_mode: str, channels_last: bool | None = None) -> list[dict]:
     """GPU time by kernel kind of one step, ldm's and the plain compiled loop's (after 3 steps of compiling)."""
     from common import kernel_breakdown
 
     rows = []
-    for name, step in ((f"kernels ldm compile={compile_mode}", lambda: ldm_step(batch, compile_mode)),
+    layout = "" if channels_last is None else f" channels_last={channels_last}"
+    for name, step in ((f"kernels ldm compile={compile_mode}{layout}",
+                        lambda: ldm_step(batch, compile_mode, channels_last)),
                        ("kernels plain compiled", lambda: plain_step(batch, True))):
         fn = step()
         for _ in range(3):
@@ -223,6 +226,25 @@ def attention_backends(batch: int) -> list[dict]:
     return rows
 
 
+def levers(batch: int, steps: int, warmup: int):
+    """The compiled step's layout and cuDNN's autotuning, one lever at a time, beside the plain compiled loop:
+    each step built (compiled) once and timed with torch.backends.cudnn.benchmark off, then on (a flag read at
+    each convolution: no recompile; the second run's first step holds cuDNN's autotuning)."""
+    import gc
+
+    for name, build in (("ldm compile=full channels_last=True", lambda: ldm_step(batch, "full", True)),
+                        ("plain compiled", lambda: plain_step(batch, True)),
+                        ("ldm compile=full channels_last=False", lambda: ldm_step(batch, "full", False))):
+        step = build()
+        for tuned in (False, True):
+            torch.backends.cudnn.benchmark = tuned
+            yield timed_run(f"{name} cudnn.benchmark={tuned}", batch, step, steps, warmup)
+        step = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    torch.backends.cudnn.benchmark = False
+
+
 def timed_run(name: str, batch: int, step, steps: int, warmup: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -246,14 +268,14 @@ def timed_run(name: str, batch: int, step, steps: int, warmup: int) -> dict:
     return row
 
 
-def losses_agree(batch: int, fast_mode: str, n: int = 20) -> dict:
+def losses_agree(batch: int, fast_mode: str, n: int = 20, channels_last: bool | None = None) -> dict:
     """The first n losses of the fast path (compiled) and the plain one (none), same seed."""
     from ldm_cli.train import fast
     from ldm_cli.train.loop import train_step
 
     out = {}
     for mode in ("none", fast_mode):
-        cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, mode, seed=7)
+        cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, mode, seed=7, channels_last=channels_last)
         t0 = time.perf_counter()
         with fast.compile_limits():
             out[mode] = []
@@ -369,6 +391,12 @@ def run_part(args, report) -> None:
         emit(ldm_run(32, args.compile, args.steps, args.warmup))
         emit(profile(32, args.compile))
         emit(plain_run(32, True, args.steps, args.warmup))
+    elif args.part == "levers":
+        for row in levers(32, args.steps, args.warmup):
+            emit(row)
+        emit(losses_agree(32, "full"))  # the compiled path as ldm now runs it, the plain (eager) one
+        for row in kernels(32, "full"):
+            emit(row)
     elif args.part == "memory":  # one row per process: nothing of an earlier run counts in its peak
         emit(peak_memory(args.batch, args.checkpointing, args.lora, args.optimizer))
     elif args.part == "kernels":
@@ -387,7 +415,7 @@ def run_part(args, report) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels", "attention", "small"),
+    ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels", "attention", "small", "levers"),
                     default="speed")
     ap.add_argument("--batch", type=int, default=8, help="--part memory: batch size")
     ap.add_argument("--checkpointing", action="store_true", help="--part memory: gradient checkpointing")

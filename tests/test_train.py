@@ -66,6 +66,34 @@ def test_from_scratch_and_resume_is_bitwise(shapes, tiny_model, tmp_path):
     assert not same_weights(unet_weights(straight), unet_weights(tmp_path / "straight" / "model-ema"))
 
 
+
+def test_a_channels_last_unet_trains_saves_and_resumes(shapes, tiny_model, tmp_path, monkeypatch):
+    """Compiled CUDA runs train the U-Net in channels_last (train/fast.py): its checkpoints, EMA and saved
+    folder must hold plain weights and resume exactly. The layout forced here on the CPU: the same losses as
+    the contiguous run up to the convolutions' rounding, a resumed run bitwise the unbroken one."""
+    from ldm_cli.train import fast
+
+    laid_out = []
+
+    def channels_last(unet, mode, device, channels_last=None):
+        unet.to(memory_format=torch.channels_last)
+        laid_out.append(unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
+
+    base = dict(data_dir=str(shapes), model=str(tiny_model), max_steps=6, batch_size=2, lr=1e-3, seed=4,
+                device="cpu", cache_dir=str(tmp_path / "c"), ema=True, checkpoint_every=3)
+    plain = train(TrainConfig(out_dir=str(tmp_path / "plain"), **base))
+    monkeypatch.setattr(fast, "speed_up", channels_last)
+    straight = train(TrainConfig(out_dir=str(tmp_path / "straight"), **base))
+    train(TrainConfig(out_dir=str(tmp_path / "resumed"), **{**base, "max_steps": 3}))
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "resumed"), **base), resume="latest")
+    assert laid_out == [True] * 3
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    assert same_weights(unet_weights(straight), unet_weights(resumed))
+    assert np.allclose(losses(tmp_path / "plain"), losses(tmp_path / "straight"), rtol=1e-4)
+    a, b = unet_weights(plain), unet_weights(straight)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert all(w.is_contiguous() for w in unet_weights(tmp_path / "straight" / "model-ema").values())
+
 @pytest.mark.slow
 def test_train_cli(ldm, shapes, tiny_model, tmp_path):
     r = ldm("train", shapes, "--model", tiny_model, "--out", tmp_path / "run", "--resolution", 64,

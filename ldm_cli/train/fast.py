@@ -8,7 +8,10 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   ~150 s to compile cold, ~7 s from inductor's warm cache); `regional` compiles each repeated block
   (ResNet and transformer blocks) alone: measured slower to run (110 images/s) and not quicker to
   compile (174 s: ~20 distinct block shapes, each compiled forward and backward);
-- channels_last: measured 6% slower (GroupNorm runs NCHW), so off;
+- channels_last: eager, measured 6% slower (89.3 vs 95.2 images/s: eager GroupNorm has no fast NHWC
+  kernel), so off; compiled, inductor writes the GroupNorms itself in either layout, and NHWC spares cuDNN's
+  convolutions the layout transposes around each of them (with the sampling path's inductor options and
+  graph pass, accel/inductor.py): CHANNELS_LAST says per mode what was measured;
 - `graphs`: `full` with CUDA graphs (torch.compile's reduce-overhead): each step's forward and backward
   replayed with one launch each, for steps the host cannot keep fed (small U-Nets at large batch, where
   Python's kernel launches outlast the GPU's work). One process, one micro-batch a step (graphs replay
@@ -21,9 +24,12 @@ from contextlib import contextmanager
 
 import torch
 
+from ldm_cli.accel.inductor import compile_options
+
 REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")  # the U-Net's repeated blocks
 COMPILE_MODES = ("auto", "none", "regional", "full", "graphs")
-CHANNELS_LAST = False  # measured 6% slower in training (89.3 vs 95.2 images/s eager at batch 32)
+# the layout per kind of run: eager measured 6% slower in channels_last (89.3 vs 95.2 images/s at batch 32)
+CHANNELS_LAST = {"eager": False, "compiled": True}
 # break-even of `full` at batch 32: 147 s cold compile / (336 - 253 ms saved per step) ~ 1800 steps; with a
 # warm inductor cache (~7 s) ~ 100 steps. auto compiles for runs of at least this many steps:
 AUTO_COMPILE_MIN_STEPS = 2000
@@ -41,20 +47,25 @@ def compile_mode(mode: str, device: torch.device, max_steps: int, world: int = 1
     return "full" if max_steps >= AUTO_COMPILE_MIN_STEPS else "none"
 
 
-def speed_up(unet, mode: str, device: torch.device, channels_last: bool = CHANNELS_LAST) -> None:
-    """Apply the CUDA levers to the U-Net to train, in place (nothing on other devices)."""
+def speed_up(unet, mode: str, device: torch.device, channels_last: bool | None = None) -> None:
+    """Apply the CUDA levers to the U-Net to train, in place (nothing on other devices). channels_last:
+    None takes CHANNELS_LAST's choice for the mode."""
     if device.type != "cuda":
         return
+    if channels_last is None:
+        channels_last = CHANNELS_LAST["eager" if mode == "none" else "compiled"]
     if channels_last:
         unet.to(memory_format=torch.channels_last)
+    options = {"options": compile_options()} if channels_last else {}
     if mode == "regional":
         for m in unet.modules():
             if type(m).__name__ in REGIONS:
-                m.compile()
+                m.compile(**options)
     elif mode == "full":
-        unet.compile()
+        unet.compile(**options)
     elif mode == "graphs":
-        unet.compile(mode="reduce-overhead")
+        unet.compile(**({"options": {**compile_options(), "triton.cudagraphs": True}} if channels_last
+                        else {"mode": "reduce-overhead"}))
 
 
 def step_begins(mode: str) -> None:
