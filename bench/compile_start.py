@@ -3,6 +3,7 @@ second `ldm train` is): inductor's cache empty, then filled, then the same with 
 traced frames (TORCH_CACHING_PRECOMPILE=1, experimental in torch), so that a warm start skips tracing.
 
     python bench/compile_start.py                        # on a GPU: SD-1.5's U-Net, batch 32, bf16
+    python bench/compile_start.py --precompile off --cache /tmp/inductor   # two starts over a kept cache
     python bench/compile_start.py --device cpu --width 0.1 --batch 1 --latent 16   # SD-1.5's blocks, a tenth
         of the channels (~5 minutes on 2 cores; bench/results/cpu/compile_start.jsonl)
 
@@ -37,7 +38,12 @@ def child(args) -> None:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     unet = sd15_unet(args.width).to(dev).train()
-    unet.compile()
+    if dev.type == "cuda":  # as `ldm train --compile full` lays it out and compiles it
+        from ldm_cli.train import fast
+
+        fast.speed_up(unet, "full", dev)
+    else:
+        unet.compile()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=dev.type == "cuda")
     n, side = args.batch, args.latent
     latents, noise = torch.randn(2, n, 4, side, side, device=dev)
@@ -86,17 +92,21 @@ def main():
     ap.add_argument("--width", type=float, default=1.0, help="share of SD-1.5's channels (1: SD-1.5 itself)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--latent", type=int, default=64, help="latent side (64: 512-px images)")
+    ap.add_argument("--precompile", default="off,on", help="dynamo's cache: off, on or both (off,on)")
+    ap.add_argument("--cache", type=Path, help="inductor's cache folder to use (kept; a filled one makes the first "
+                    "start warm); default: a new empty one per --precompile setting")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     add_out_option(ap)
     args = ap.parse_args()
     if args.child:
         return child(args)
     report = Report(out_folder(args.out), "compile_start")
-    for precompile in (False, True):
+    for precompile in [{"off": False, "on": True}[x] for x in args.precompile.split(",")]:
         with tempfile.TemporaryDirectory() as d:
-            for state in ("cold", "warm"):
+            cache = args.cache or Path(d)
+            for state in ("cold" if args.cache is None else "first", "warm"):
                 row = {"start": state, "dynamo cache": precompile, "width": args.width,
-                       "batch": args.batch, **start(args, Path(d), precompile)}
+                       "batch": args.batch, **start(args, cache, precompile)}
                 if state == "warm" or precompile:
                     row.pop("keys", None)  # the timers' names, once
                 report.emit(row)
