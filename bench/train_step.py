@@ -234,6 +234,7 @@ def levers(batch: int, steps: int, warmup: int):
 
     for name, build in (("ldm compile=full channels_last=True", lambda: ldm_step(batch, "full", True)),
                         ("plain compiled", lambda: plain_step(batch, True)),
+                        ("ldm compile=none", lambda: ldm_step(batch, "none")),
                         ("ldm compile=full channels_last=False", lambda: ldm_step(batch, "full", False))):
         step = build()
         for tuned in (False, True):
