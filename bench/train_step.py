@@ -226,17 +226,20 @@ def attention_backends(batch: int) -> list[dict]:
     return rows
 
 
-def levers(batch: int, steps: int, warmup: int):
+LEVER_RUNS = {"ldm compile=full channels_last=True": lambda batch: ldm_step(batch, "full", True),
+              "plain compiled": lambda batch: plain_step(batch, True),
+              "ldm compile=none": lambda batch: ldm_step(batch, "none"),
+              "ldm compile=full channels_last=False": lambda batch: ldm_step(batch, "full", False)}
+
+
+def levers(batch: int, steps: int, warmup: int, names):
     """The compiled step's layout and cuDNN's autotuning, one lever at a time, beside the plain compiled loop:
     each step built (compiled) once and timed with torch.backends.cudnn.benchmark off, then on (a flag read at
     each convolution: no recompile; the second run's first step holds cuDNN's autotuning)."""
     import gc
 
-    for name, build in (("ldm compile=full channels_last=True", lambda: ldm_step(batch, "full", True)),
-                        ("plain compiled", lambda: plain_step(batch, True)),
-                        ("ldm compile=none", lambda: ldm_step(batch, "none")),
-                        ("ldm compile=full channels_last=False", lambda: ldm_step(batch, "full", False))):
-        step = build()
+    for name in names:
+        step = LEVER_RUNS[name](batch)
         for tuned in (False, True):
             torch.backends.cudnn.benchmark = tuned
             yield timed_run(f"{name} cudnn.benchmark={tuned}", batch, step, steps, warmup)
@@ -393,11 +396,13 @@ def run_part(args, report) -> None:
         emit(profile(32, args.compile))
         emit(plain_run(32, True, args.steps, args.warmup))
     elif args.part == "levers":
-        for row in levers(32, args.steps, args.warmup):
+        for row in levers(32, args.steps, args.warmup, list(LEVER_RUNS)[:3]):
             emit(row)
         emit(losses_agree(32, "full"))  # the compiled path as ldm now runs it, the plain (eager) one
         for row in kernels(32, "full"):
             emit(row)
+        for row in levers(32, args.steps, args.warmup, list(LEVER_RUNS)[3:]):  # the layout before, last: a
+            emit(row)  # third cold compile
     elif args.part == "memory":  # one row per process: nothing of an earlier run counts in its peak
         emit(peak_memory(args.batch, args.checkpointing, args.lora, args.optimizer))
     elif args.part == "kernels":
