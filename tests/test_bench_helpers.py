@@ -169,3 +169,22 @@ def test_top_kernels_largest_first_names_cut():
     long = "void at::native::" + "x" * 200
     top = common.top_kernels({"a": 1.0, long: 3.256, "b": 2.0, "c": 0.5}, n=3)
     assert top == [[long[:100], 3.26], ["b", 2.0], ["a", 1.0]]
+
+
+def test_kernel_times_leave_out_user_annotations():
+    """The profiler puts record_function's ranges (AdamW's "Optimizer.step#AdamW.step") on the GPU's timeline,
+    spanning the kernels they launched: counted as kernels, AdamW's time was counted twice."""
+    common = pytest.importorskip("common")
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    ev = types.SimpleNamespace
+    events = [ev(name="Optimizer.step#AdamW.step", device_type=cuda, device_time_total=9000.0, is_user_annotation=True),
+              ev(name="multi_tensor_apply_kernel<AdamW>", device_type=cuda, device_time_total=8960.0,
+                 is_user_annotation=False),
+              ev(name="sm90_xmma_fprop_implicit_gemm_bf16", device_type=cuda, device_time_total=4000.0,
+                 is_user_annotation=False),
+              ev(name="aten::add", device_type=cpu, device_time_total=500.0, is_user_annotation=False)]
+    by_kind, unnamed = common.kernel_times(events, calls=2)
+    assert by_kind == {"other": 4.48, "convolution": 2.0}
+    assert unnamed == {"multi_tensor_apply_kernel<AdamW>": 4.48}

@@ -38,7 +38,7 @@ def cache_folder(cache_dir: str | None, resolution: int, c: Components) -> Path:
     for module in (m for m in (c.vae, c.text_encoder, c.text_encoder_2) if m is not None):
         for name, p in module.state_dict().items():
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())  # its buffer: no copy to bytes
     for tok in (t for t in (c.tokenizer, c.tokenizer_2) if t is not None):
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
         h.update(f"maxlen={tok.model_max_length}".encode())

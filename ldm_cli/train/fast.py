@@ -8,10 +8,12 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   ~150 s to compile cold, ~7 s from inductor's warm cache); `regional` compiles each repeated block
   (ResNet and transformer blocks) alone: measured slower to run (110 images/s) and not quicker to
   compile (174 s: ~20 distinct block shapes, each compiled forward and backward);
-- channels_last: eager, measured 6% slower (89.3 vs 95.2 images/s: eager GroupNorm has no fast NHWC
-  kernel), so off; compiled, inductor writes the GroupNorms itself in either layout, and NHWC spares cuDNN's
-  convolutions the layout transposes around each of them (with the sampling path's inductor options and
-  graph pass, accel/inductor.py): CHANNELS_LAST says per mode what was measured;
+- channels_last: off. Eager, measured 6% slower (89.3 vs 95.2 images/s: eager GroupNorm has no fast NHWC
+  kernel). Compiled (with the sampling path's inductor options and graph pass, accel/inductor.py), measured
+  level (125.6 vs 125.5 images/s on an H100) and 0.9 GiB more: it spares cuDNN's convolutions their layout
+  transposes (-20 ms a step) but inductor's NHWC GroupNorm and pointwise kernels take 19 ms more and the
+  convolutions 4 ms more;
+- cuDNN's autotuning (torch.backends.cudnn.benchmark): measured no change, eager or compiled, so not set;
 - `graphs`: `full` with CUDA graphs (torch.compile's reduce-overhead): each step's forward and backward
   replayed with one launch each, for steps the host cannot keep fed (small U-Nets at large batch, where
   Python's kernel launches outlast the GPU's work). One process, one micro-batch a step (graphs replay
@@ -28,8 +30,8 @@ from ldm_cli.accel.inductor import compile_options
 
 REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")  # the U-Net's repeated blocks
 COMPILE_MODES = ("auto", "none", "regional", "full", "graphs")
-# the layout per kind of run: eager measured 6% slower in channels_last (89.3 vs 95.2 images/s at batch 32)
-CHANNELS_LAST = {"eager": False, "compiled": True}
+# the layout per kind of run, batch 32: eager 6% slower in channels_last; compiled level, 0.9 GiB more
+CHANNELS_LAST = {"eager": False, "compiled": False}
 # break-even of `full` at batch 32: 147 s cold compile / (336 - 253 ms saved per step) ~ 1800 steps; with a
 # warm inductor cache (~7 s) ~ 100 steps. auto compiles for runs of at least this many steps:
 AUTO_COMPILE_MIN_STEPS = 2000
