@@ -366,6 +366,7 @@ def _train(cfg, resume, quiet):
     from ldm_cli.train.loop import train as run_training
 
     runtime.quiet_libraries()
+    runtime.keep_compile_cache()  # --compile's kernels, kept for the next run
     err = Console(stderr=True, quiet=quiet)
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeRemainingColumn()]

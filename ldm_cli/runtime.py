@@ -68,10 +68,16 @@ def configure_torch(accel: str = "auto") -> None:
     # one-image run never earns back. Worth it only where the process is long anyway (compile).
     torch.backends.cudnn.benchmark = accel == "compile"
     if accel == "compile":
-        # Inductor's caches on disk make the second process compile from cache, not from scratch.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        keep_compile_cache()
+
+
+def keep_compile_cache() -> None:
+    """Inductor's caches on disk, under ldm's cache folder (torch's default is /tmp, emptied at a reboot):
+    a second process compiles from cache, not from scratch (a compiled SD-1.5 training step: ~30 s to its
+    first step instead of ~260 s, docs/performance.md). A user's own TORCHINDUCTOR_* settings win."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
 _INTERRUPT = {"interrupted": False}

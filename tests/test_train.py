@@ -89,9 +89,12 @@ def test_a_channels_last_unet_trains_saves_and_resumes(shapes, tiny_model, tmp_p
     assert laid_out == [True] * 3
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     assert same_weights(unet_weights(straight), unet_weights(resumed))
-    assert np.allclose(losses(tmp_path / "plain"), losses(tmp_path / "straight"), rtol=1e-4)
-    a, b = unet_weights(plain), unet_weights(straight)
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert np.allclose(losses(tmp_path / "plain"), losses(tmp_path / "straight"), rtol=1e-3)
+    a, b, start = unet_weights(plain), unet_weights(straight), unet_weights(tiny_model)
+    assert a.keys() == b.keys()
+    apart = sum((a[k] - b[k]).double().square().sum() for k in a).sqrt()  # Adam's steps turn the rounding of
+    moved = sum((a[k] - start[k]).double().square().sum() for k in a).sqrt()  # near-zero gradients into whole ones:
+    assert apart < 1e-2 * moved, (apart, moved)  # measured against how far training moved the weights
     assert all(w.is_contiguous() for w in unet_weights(tmp_path / "straight" / "model-ema").values())
 
 @pytest.mark.slow
@@ -449,3 +452,19 @@ def test_the_models_own_learning_rate_per_kind_of_run(ldm_here, shapes, tiny_mod
     (model / "ldm_defaults.json").write_text(json.dumps({"train": {"lora": {"lr": "fast"}}}))
     r = ldm_here(*base, "--lora-rank", 2, "--out", tmp_path / "bad")
     assert r.returncode == 2 and "lora's lr must be a number in (0, 1), got 'fast'" in r.stderr, r.stderr
+
+
+def test_compiled_training_keeps_inductors_cache_under_ldms(monkeypatch, tmp_path):
+    """`ldm train --compile` kernels go where `ldm sample --accel compile` keeps them (torch's default, /tmp, is
+    emptied at a reboot: a cold compile again, ~4 minutes for SD-1.5); a user's own setting wins."""
+    from ldm_cli import runtime
+
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path))
+    runtime.keep_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    runtime.keep_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
