@@ -401,6 +401,7 @@ def test_compile_graphs_on_a_cpu_is_the_plain_step(shapes, tiny_model, tmp_path)
     train(TrainConfig(out_dir=str(tmp_path / "graphs"), compile="graphs", **base), say=notes.append)
     train(TrainConfig(out_dir=str(tmp_path / "none"), compile="none", **base))
     assert any("(compile: none;" in n for n in notes)  # said as it is: nothing compiled on a CPU
+    assert "--compile graphs applies on CUDA only: this run on cpu is not compiled" in notes
     assert len(losses(tmp_path / "graphs")) == 2 and losses(tmp_path / "graphs") == losses(tmp_path / "none")
 
 

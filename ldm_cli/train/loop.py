@@ -82,9 +82,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if cfg.textual_inversion:
         check_token_used(cfg, examples, say)
     unet.to(accelerator.device).train()
-    compiled = fast.compile_mode(cfg.compile, accelerator.device, max_steps, world, cfg.gradient_accumulation)
-    if compiled != cfg.compile and cfg.compile == "graphs":
-        say("--compile graphs needs one process and one micro-batch a step: compiling full instead")
+    compiled = compile_mode(cfg, accelerator.device, max_steps, world, say)
     fast.speed_up(unet, compiled, accelerator.device)
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
@@ -210,6 +208,16 @@ def zero_terminal_snr(c, say):
         say(f"note: --zero-terminal-snr: the model predicts {c.schedule.prediction_type}; it is fine-tuned to "
             "predict v")
     return replace(c, scheduler_config=config, schedule=schedule_from_config(config))
+
+
+def compile_mode(cfg: TrainConfig, device, max_steps: int, world: int, say) -> str:
+    """The --compile mode this run gets (train/fast.py's rule), saying why where it is not the one asked for."""
+    compiled = fast.compile_mode(cfg.compile, device, max_steps, world, cfg.gradient_accumulation)
+    if compiled == "none" and cfg.compile not in ("auto", "none"):
+        say(f"--compile {cfg.compile} applies on CUDA only: this run on {device.type} is not compiled")
+    elif compiled != cfg.compile and cfg.compile == "graphs":
+        say("--compile graphs needs one process and one micro-batch a step: compiling full instead")
+    return compiled
 
 
 def first_step_note(marks: dict[str, float], compiled: str, device) -> str:
