@@ -394,6 +394,22 @@ def test_compile_modes_resolve_by_device_length_and_layout():
     assert compile_mode("graphs", cuda, 10, accumulation=2) == "full"  # gradients kept across micro-batches
 
 
+def test_compile_auto_says_its_choice_on_cuda_only():
+    from ldm_cli.train.loop import compile_mode
+
+    def said(mode, device, steps):
+        notes = []
+        chosen = compile_mode(TrainConfig(data_dir="-", compile=mode), torch.device(device), steps, 1, notes.append)
+        return chosen, notes
+
+    assert said("auto", "cuda", 5000) == ("full", ["--compile auto: full for 5000 steps (at least 2000, where a first "
+                                                   "compile, ~2.5 min for SD-1.5, pays back; --compile none to choose "
+                                                   "otherwise)"])
+    assert said("auto", "cuda", 300)[0] == "none" and "fewer than 2000" in said("auto", "cuda", 300)[1][0]
+    assert said("auto", "cpu", 5000) == ("none", [])  # nothing compiles on a CPU: nothing to say
+    assert said("full", "cuda", 10) == ("full", [])
+
+
 def test_compile_graphs_on_a_cpu_is_the_plain_step(shapes, tiny_model, tmp_path):
     notes = []
     base = dict(data_dir=str(shapes), model=str(tiny_model), max_steps=2, batch_size=2, lr=1e-3, seed=2,

@@ -82,7 +82,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if cfg.textual_inversion:
         check_token_used(cfg, examples, say)
     unet.to(accelerator.device).train()
-    compiled = compile_mode(cfg, accelerator.device, max_steps, world, say)
+    compiled = compile_mode(cfg, accelerator.device, max_steps, world, say if main else lambda _: None)
     fast.speed_up(unet, compiled, accelerator.device)
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
@@ -213,7 +213,12 @@ def zero_terminal_snr(c, say):
 def compile_mode(cfg: TrainConfig, device, max_steps: int, world: int, say) -> str:
     """The --compile mode this run gets (train/fast.py's rule), saying why where it is not the one asked for."""
     compiled = fast.compile_mode(cfg.compile, device, max_steps, world, cfg.gradient_accumulation)
-    if compiled == "none" and cfg.compile not in ("auto", "none"):
+    if cfg.compile == "auto" and device.type == "cuda":
+        enough = max_steps >= fast.AUTO_COMPILE_MIN_STEPS
+        say(f"--compile auto: {compiled} for {max_steps} steps ({'at least' if enough else 'fewer than'} "
+            f"{fast.AUTO_COMPILE_MIN_STEPS}, where a first compile, ~2.5 min for SD-1.5, pays back; "
+            f"--compile {'none' if enough else 'full'} to choose otherwise)")
+    elif compiled == "none" and cfg.compile not in ("auto", "none"):
         say(f"--compile {cfg.compile} applies on CUDA only: this run on {device.type} is not compiled")
     elif compiled != cfg.compile and cfg.compile == "graphs":
         say("--compile graphs needs one process and one micro-batch a step: compiling full instead")
