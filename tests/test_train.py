@@ -395,11 +395,11 @@ def test_compile_modes_resolve_by_device_length_and_layout():
 
 
 def test_compile_auto_says_its_choice_on_cuda_only():
-    from ldm_cli.train.loop import compile_mode
+    from ldm_cli.train.loop import chosen_compile
 
     def said(mode, device, steps):
         notes = []
-        chosen = compile_mode(TrainConfig(data_dir="-", compile=mode), torch.device(device), steps, 1, notes.append)
+        chosen = chosen_compile(TrainConfig(data_dir="-", compile=mode), torch.device(device), steps, 1, notes.append)
         return chosen, notes
 
     assert said("auto", "cuda", 5000) == ("full", ["--compile auto: full for 5000 steps (at least 2000, where a first "

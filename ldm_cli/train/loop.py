@@ -82,7 +82,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     if cfg.textual_inversion:
         check_token_used(cfg, examples, say)
     unet.to(accelerator.device).train()
-    compiled = compile_mode(cfg, accelerator.device, max_steps, world, say if main else lambda _: None)
+    compiled = chosen_compile(cfg, accelerator.device, max_steps, world, say if main else lambda _: None)
     fast.speed_up(unet, compiled, accelerator.device)
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
@@ -210,8 +210,9 @@ def zero_terminal_snr(c, say):
     return replace(c, scheduler_config=config, schedule=schedule_from_config(config))
 
 
-def compile_mode(cfg: TrainConfig, device, max_steps: int, world: int, say) -> str:
-    """The --compile mode this run gets (train/fast.py's rule), saying why where it is not the one asked for."""
+def chosen_compile(cfg: TrainConfig, device, max_steps: int, world: int, say) -> str:
+    """The --compile mode this run gets (train/fast.py's rule), said in one line where `auto` chose it or where it
+    is not the one asked for."""
     compiled = fast.compile_mode(cfg.compile, device, max_steps, world, cfg.gradient_accumulation)
     if cfg.compile == "auto" and device.type == "cuda":
         enough = max_steps >= fast.AUTO_COMPILE_MIN_STEPS
