@@ -382,6 +382,40 @@ def test_batches_gathered_from_a_device_store_equal_the_stacked_ones():
     assert stored._device_store(cached, free_bytes=10**9) is None  # moments of two shapes (buckets)
 
 
+def test_pinned_staging_reuses_its_buffers_only_after_the_gpu_read_them():
+    """The step's host->GPU copies go through `depth` reused buffers per shape: no new pinned allocation once
+    the ring is full, each buffer written again only after waiting on the event recorded after its last copy,
+    and every copy its own tensor (a reused buffer never shows through an earlier step's batch). The CUDA
+    parts (pinned memory, events) are stand-ins here; the copy's order of operations is the real one."""
+    from ldm_cli.train.loss import PinnedStaging
+
+    log, made = [], []
+
+    class Event:
+        def record(self, stream):
+            assert stream == "the copy's stream"
+            log.append(("record", id(self)))
+
+        def synchronize(self):
+            log.append(("wait", id(self)))
+
+    def pinned(shape, dtype):
+        made.append(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    staging = PinnedStaging(depth=3, pinned=pinned, event=Event, stream=lambda device: "the copy's stream")
+    cpu = torch.device("cpu")
+    sent = [torch.randn(2, 4) for _ in range(10)] + [torch.arange(5)]
+    got = [staging.copy(t, cpu) for t in sent]
+    assert all(torch.equal(a, b) for a, b in zip(sent, got))  # earlier copies unchanged by the buffers' reuse
+    assert made == [torch.Size([2, 4])] * 3 + [torch.Size([5])]  # one ring per shape, filled once
+    events = [e for kind, e in log if kind == "record"][:3]
+    waits = [e for kind, e in log if kind == "wait"]
+    assert waits == (events * 3)[:7]  # the 4th..10th copies each waited on the oldest buffer's event
+    for k, (kind, e) in enumerate(log):  # ... recorded before that wait
+        assert kind == "record" or ("record", e) in log[:k]
+
+
 def test_compile_modes_resolve_by_device_length_and_layout():
     from ldm_cli.train.fast import AUTO_COMPILE_MIN_STEPS, compile_mode
 
