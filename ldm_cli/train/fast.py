@@ -33,8 +33,10 @@ REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")  # the U-Net's repeated blo
 COMPILE_MODES = ("auto", "none", "regional", "full", "graphs")
 # the layout per kind of run, batch 32: eager 6% slower in channels_last; compiled level, 0.9 GiB more
 CHANNELS_LAST = {"eager": False, "compiled": False}
-# break-even of `full` at batch 32: 147 s cold compile / (336 - 253 ms saved per step) ~ 1800 steps; with a
-# warm inductor cache (~7 s) ~ 100 steps. auto compiles for runs of at least this many steps:
+# break-even of `full` against eager, SD-1.5 at batch 32, cold starts from the command: ~1,330 steps on an H200
+# (131 s against 17 s; 251 against 337 ms a step), ~2,320 on an H100 whose host compiled twice as slowly; with a
+# warm inductor cache ~140. (`regional` is fastest only in a ~170-step band, by under 1% on the H200: not chosen.)
+# auto compiles for runs of at least this many steps:
 AUTO_COMPILE_MIN_STEPS = 2000
 
 
