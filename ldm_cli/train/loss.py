@@ -19,9 +19,10 @@ class PinnedStaging:
 
     Why: a pageable copy to CUDA waits for all queued GPU work, so the host could not queue the next step's
     kernels ahead; a pinned copy is asynchronous. But `t.pin_memory()` per copy (torch's caching host
-    allocator) cost 1.6 ms a call on an H200 once the host ran ahead of the GPU (CUDA-graphed steps of the
-    embedded U-Net: 11 ms of a 25 ms step, 7 copies; docs/performance.md). Here a buffer is written again only
-    once the GPU has read it (its copy's event), so the host waits only when it is `depth` uses ahead."""
+    allocator) cost 1.6 ms a call on an H200 in the embedded U-Net's CUDA-graphed steps, where the host runs
+    ahead of the GPU (7 copies, 11 ms a step under the profiler; the step 25 ms without it; docs/performance.md).
+    Here a buffer is written again only once the GPU has read it (its copy's event), so the host waits only
+    when it is `depth` uses ahead."""
 
     def __init__(self, depth: int = 8, pinned=None, event=None, stream=None):
         self.depth = depth  # (the tests stand in for CUDA's pinned memory, events and streams)
