@@ -382,6 +382,35 @@ def test_batches_gathered_from_a_device_store_equal_the_stacked_ones():
     assert stored._device_store(cached, free_bytes=10**9) is None  # moments of two shapes (buckets)
 
 
+def test_the_step_clips_the_gradients_of_what_trains_to_max_grad_norm(monkeypatch):
+    """train_step clips the norm of the trained parameters' gradients (the optimizer's own lists) to
+    --max-grad-norm before the step, and leaves them alone with 0; frozen parameters get no gradient."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from ldm_cli.train import loop
+
+    monkeypatch.setattr(loop, "diffusion_loss", lambda unet, schedule, latents, *a, **k: 100 * unet(latents).square().sum())
+    seen = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(float(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]).norm()))
+            return super().step(closure)
+
+    for clip in (0.01, 0.0):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).requires_grad_(False))
+        optimizer = Recording(model[0].parameters(), lr=0.1)
+        feeds = (SimpleNamespace(batch=lambda step, micro, gen: (torch.ones(3, 4), None), share=None), None)
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        cfg = TrainConfig(data_dir="x", max_grad_norm=clip)
+        loss = loop.train_step(cfg, model, model, None, feeds, optimizer, lr_sched, Accelerator(cpu=True), 0)
+        assert float(loss) > 0 and model[1].weight.grad is None
+    assert seen[0] == pytest.approx(0.01, rel=1e-4) and seen[1] > 1  # clipped; then unclipped, far above it
+
+
 def test_pinned_staging_reuses_its_buffers_only_after_the_gpu_read_them():
     """The step's host->GPU copies go through `depth` reused buffers per shape: no new pinned allocation once
     the ring is full, each buffer written again only after waiting on the event recorded after its last copy,

@@ -355,8 +355,8 @@ def train_step(cfg: TrainConfig, model, unet, schedule, feeds: tuple, optimizer,
                     loss = loss + cfg.prior_loss_weight * prior
             accelerator.backward(loss / cfg.gradient_accumulation)
         total += loss.detach() / cfg.gradient_accumulation
-    if cfg.max_grad_norm:
-        accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    if cfg.max_grad_norm:  # what the optimizer steps is what trains: its lists, not a walk of the modules a step
+        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
     optimizer.step()
     lr_sched.step()
     optimizer.zero_grad(set_to_none=True)
