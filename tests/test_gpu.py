@@ -120,5 +120,11 @@ def test_training_with_cuda_graphs_equals_eager_training(shapes, tiny_model, tmp
     (eager, w_eager), (graphed, w_graphed) = runs["none"], runs["graphs"]
     assert len(eager) == len(graphed) == 12
     assert torch.allclose(graphed, eager, rtol=1e-3, atol=1e-4), (graphed - eager).abs().max()
-    worst = max((w_graphed[k] - w_eager[k]).abs().max().item() for k in w_eager)
-    assert worst < 1e-3, worst
+    # Weights: Adam moves a weight whose gradient is ~0 by up to lr a step whatever its sign, so a sign the
+    # kernels round differently shows as a max-abs gap of a few lr (2.0e-3 at lr 1e-3 on an H100); what must
+    # agree is where training took the weights: the gap's norm against the distance they moved
+    start = load_components(str(tiny_model), device="cpu").unet.state_dict()
+    gap = sum((w_graphed[k].float() - w_eager[k].float()).square().sum() for k in w_eager).sqrt()
+    moved = sum((w_eager[k].float() - start[k].float()).square().sum() for k in w_eager).sqrt()
+    print(f"weights: gap {gap:.3e}, moved {moved:.3e}, ratio {gap / moved:.3e}")
+    assert gap < 0.02 * moved, (gap, moved)

@@ -18,8 +18,10 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   replayed with one launch each, for steps the host cannot keep fed (small U-Nets at large batch, where
   Python's kernel launches outlast the GPU's work). One process, one micro-batch a step (graphs replay
   into fixed buffers: gradients kept across micro-batches or all-reduced by DDP mid-backward are not
-  theirs to own); otherwise `full`. The embedded U-Net at batch 256 on an H200: 51.7 -> 24.7 ms a step
-  (2.1x; the GPU busy ~14 ms of it), losses within bf16 noise of the eager step.
+  theirs to own); otherwise `full`. The embedded U-Net at batch 256: 51.7 -> 24.7 ms a step on an H200
+  (2.1x; the GPU busy ~14 ms of it), 52-56 -> 16.5-17.7 ms on an H100 (3.2x; 1.06x at batch 1024), losses
+  within bf16 noise of the eager step; its recipe's run (EMA, validation, checkpoints, resume) measured under
+  it. `auto` does not choose it: SD-sized steps, GPU-bound, have not been measured graphed.
 On the CPU none applies: the CPU path stays bitwise as before (exact-resume tests run there).
 """
 

@@ -8,7 +8,7 @@
 #       --compile none, full and graphs, and full at batch 1024 (bench/train_step.py --part small), CUDA-graphed
 #       training against eager (tests/test_gpu.py); it fills inductor's cache, so the run's own compile is quick;
 #       pick COMPILE and BATCH from it
-#   [COMPILE=graphs] VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh start 560
+#   [COMPILE=full] VAE_SECONDS=60 CLIP_SECONDS=60 bash recipes/tiny-emoji/gpu_call.sh start 560
 #       data, tokenizer, VAE, CLIP, base model; then the U-Net in its own process session (it outlives the
 #       call), this call watching it until 560 s have passed. The settings given here hold for the later calls.
 #       From scratch (no FROM) the base model comes back (base16.tar.part-*: VAE, tokenizer, text encoder, image

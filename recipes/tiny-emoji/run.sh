@@ -10,7 +10,9 @@
 # every training emoji on K plain colours, half of them in the full caption form (export_folder.py).
 # MORE_WEARERS=1: wearing scenes also of 24 smiley faces (scenes.py --more-wearers): every accessory on twice the
 # wearers, a lever against memorising each (wearer, accessory) pair; the judge's prompts stay the same.
-# COMPILE=none|regional|full|graphs: ldm train's --compile for the U-Net (default auto: full on CUDA for long runs).
+# COMPILE=auto|none|regional|full|graphs: ldm train's --compile for the U-Net (default graphs: this U-Net's steps at
+# batch 256 are 3.2x faster than with full on an H100, its EMA, validation grids, checkpoints and resume run under
+# it, docs/performance.md; on a CPU it is the plain step).
 # BATCH, LR, WARMUP, EMA_DECAY, PRECISION (no on a CPU: bf16 is no faster there), CHECKPOINT_EVERY, LOG_EVERY: ldm
 # train's settings for the U-Net (defaults: the GPU run's).
 # UNET_CONFIG=FILE trains another U-Net shape than unet.json (the shipped weights must stay <= 60 MB in all).
@@ -59,7 +61,7 @@ ARGS=("$W/data" --model "${FROM:-$W/base}" --out "$W/unet-run" "${NEW[@]}"
       --resolution 64 --batch-size "${BATCH:-256}" --lr "${LR:-4e-4}" --warmup-steps "${WARMUP:-200}" --min-snr-gamma 5
       --ema --ema-decay "${EMA_DECAY:-0.999}" --mixed-precision "${PRECISION:-bf16}" --log-every "${LOG_EVERY:-100}"
       --checkpoint-every "${CHECKPOINT_EVERY:-2000}" --cache-dir "$W/cache"
-      --compile "${COMPILE:-auto}"
+      --compile "${COMPILE:-graphs}"
       --validate-every 1000 --validation-prompt "a cat wearing a top hat"
       --validation-prompt "an apple on the left and a banana on the right")
 GO_ON=(); ls "$W/unet-run/checkpoints" 2>/dev/null | grep -q step- && GO_ON=(--resume latest)
