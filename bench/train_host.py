@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=5, help="steps before the timed span (compilation)")
     ap.add_argument("--modes", default="graphs,full", help="ldm train --compile modes to time, comma-separated")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each variant, in turn")
-    ap.add_argument("--profile", action="store_true", help="also the first and the shipped variant's cProfile of the graphed step")
+    ap.add_argument("--profile", action="store_true", help="also the graphed step's cProfile, first and shipped variant")
     add_out_option(ap)
     args = ap.parse_args()
     random.seed(0)
