@@ -406,7 +406,7 @@ def test_the_step_clips_the_gradients_of_what_trains_to_max_grad_norm(monkeypatc
         feeds = (SimpleNamespace(batch=lambda step, micro, gen: (torch.ones(3, 4), None), share=None), None)
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         cfg = TrainConfig(data_dir="x", max_grad_norm=clip)
-        loss = loop.train_step(cfg, model, model, None, feeds, optimizer, lr_sched, Accelerator(cpu=True), 0)
+        loss = loop.train_step(cfg, model, model, None, feeds, optimizer, lr_sched, Accelerator(), 0)
         assert float(loss) > 0 and model[1].weight.grad is None
     assert seen[0] == pytest.approx(0.01, rel=1e-4) and seen[1] > 1  # clipped; then unclipped, far above it
 
