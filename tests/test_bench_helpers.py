@@ -188,3 +188,26 @@ def test_kernel_times_leave_out_user_annotations():
     by_kind, unnamed = common.kernel_times(events, calls=2)
     assert by_kind == {"other": 4.48, "convolution": 2.0}
     assert unnamed == {"multi_tensor_apply_kernel<AdamW>": 4.48}
+
+
+def test_tuning_bench_compiles_ldms_step_with_the_runs_inductor_options_and_puts_the_shipped_levers_back():
+    """bench/train_tuning.py times ldm's own step with inductor's tuning options added: inside `tuned`, the
+    speed_up that ldm's set-up calls compiles the U-Net with exactly those options; outside it, the shipped
+    speed_up is back (the next run, and `full`, time what users get)."""
+    train_tuning = pytest.importorskip("train_tuning")
+    from ldm_cli.train import fast
+
+    shipped = fast.speed_up
+
+    class Unet:
+        def compile(self, **kw):
+            self.compiled_with = kw
+
+    unet = Unet()
+    with train_tuning.tuned(train_tuning.INDUCTOR["autotune"]):
+        fast.speed_up(unet, "full", "cuda")
+    assert unet.compiled_with == {"options": {"max_autotune": True}}
+    assert fast.speed_up is shipped
+    with train_tuning.tuned(None):
+        assert fast.speed_up is shipped
+    assert set(train_tuning.INDUCTOR) < set(train_tuning.RUNS)

@@ -1,0 +1,90 @@
+"""The compiler's own tuning levers on SD-1.5's training step, one GPU, one process: ldm's step as shipped beside
+the same step with inductor's autotuning, with CUDA graphs, and beside the plain loop at its default and its
+tuned torch.compile setting.
+
+    python bench/train_tuning.py                                   # batch 32: full, graphs, plain compiled
+    python bench/train_tuning.py --runs full,autotune,plain-autotune   # the GEMM/convolution templates' autotuning
+    python bench/train_tuning.py --runs full,cdt                   # coordinate-descent tuning of the fused kernels
+
+SD-1.5-shaped random U-Net, 512px (64x64 latents), bf16, timed as bench/train_step.py times it (images/s over
+--steps steps after --warmup; `first_s`, the first step's time, holds the compile and any autotuning).
+What each run is (RUNS):
+- `full`: `ldm train --compile full` as shipped (torch.compile of the whole U-Net, inductor's defaults);
+- `graphs`: `--compile graphs` (the same, each step's forward and backward replayed as CUDA graphs);
+- `autotune`: `full` with inductor's `max_autotune`: each matmul and convolution benchmarked against Triton
+  templates at compile time and the fastest kept (cuBLAS/cuDNN among them, so never slower by design);
+- `cdt`: `full` with inductor's `coordinate_descent_tuning`: the block sizes of its own fused kernels (GroupNorm,
+  the pointwise work) tuned one by one;
+- `max`: both (torch.compile's mode "max-autotune-no-cudagraphs");
+- `plain`, `plain-autotune`: the reference loop of bench/train_step.py (autocast bf16, fused AdamW, no clipping)
+  under `torch.compile(unet)` and `torch.compile(unet, mode="max-autotune-no-cudagraphs")`: the peer at its
+  default and at its best setting.
+A run cut short by a time limit (SIGTERM) still writes the rows it has.
+"""
+
+import argparse
+import random
+import signal
+import sys
+from contextlib import contextmanager
+
+import train_step as ts
+from common import Report, add_out_option, out_folder
+
+INDUCTOR = {"autotune": {"max_autotune": True}, "cdt": {"coordinate_descent_tuning": True},
+            "max": {"max_autotune": True, "coordinate_descent_tuning": True}}
+RUNS = ("full", "graphs", "autotune", "cdt", "max", "plain", "plain-autotune")
+
+
+@contextmanager
+def tuned(options: dict | None):
+    """ldm's `fast.speed_up` with inductor options added to its `full` compile (None: as shipped)."""
+    from ldm_cli.train import fast
+
+    shipped = fast.speed_up
+
+    def speed_up(unet, mode, device, channels_last=None):
+        unet.compile(options=options)
+
+    try:
+        fast.speed_up = speed_up if options else shipped
+        yield
+    finally:
+        fast.speed_up = shipped
+
+
+def run(name: str, batch: int, steps: int, warmup: int) -> dict:
+    if name.startswith("plain"):
+        mode = "max-autotune-no-cudagraphs" if name == "plain-autotune" else None
+        return ts.plain_run(batch, True, steps, warmup, mode=mode)
+    with tuned(INDUCTOR.get(name)):
+        step = ts.ldm_step(batch, "graphs" if name == "graphs" else "full")
+        return ts.timed_run(f"ldm {name}", batch, step, steps, warmup)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default="full,graphs,plain", help=f"comma-separated, in order, of: {', '.join(RUNS)}")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
+    add_out_option(ap)
+    args = ap.parse_args()
+    names = args.runs.split(",")
+    if unknown := set(names) - set(RUNS):
+        sys.exit(f"--runs: unknown {sorted(unknown)}; choose from {', '.join(RUNS)}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a time limit still saves what was measured
+    random.seed(0)
+    report = Report(out_folder(args.out), "train_tuning")
+    try:
+        for name in names:
+            report.emit(run(name, args.batch, args.steps, args.warmup))
+    finally:
+        report.table(("run", "batch", "images/s", "MFU", "step ms", "first step s", "peak GiB"),
+                     lambda r: [r["run"], r["batch"], r["images_per_s"], f"{r['mfu_pct']}%", r["step_ms"],
+                                r["first_s"], r["peak_gib"]] if "mfu_pct" in r else None)
+        report.save()
+
+
+if __name__ == "__main__":
+    main()
