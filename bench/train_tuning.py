@@ -5,6 +5,7 @@ tuned torch.compile setting.
     python bench/train_tuning.py                                   # batch 32: full, graphs, plain compiled
     python bench/train_tuning.py --runs full,autotune,plain-autotune   # the GEMM/convolution templates' autotuning
     python bench/train_tuning.py --runs full,cdt                   # coordinate-descent tuning of the fused kernels
+    python bench/train_tuning.py --runs autotune --losses          # and its first 20 losses against eager's
 
 SD-1.5-shaped random U-Net, 512px (64x64 latents), bf16, timed as bench/train_step.py times it (images/s over
 --steps steps after --warmup; `first_s`, the first step's time, holds the compile and any autotuning).
@@ -44,6 +45,8 @@ def tuned(options: dict | None):
     shipped = fast.speed_up
 
     def speed_up(unet, mode, device, channels_last=None):
+        if mode == "none":  # the eager step losses are compared with stays eager
+            return shipped(unet, mode, device, channels_last)
         unet.compile(options=options)
 
     try:
@@ -53,13 +56,18 @@ def tuned(options: dict | None):
         fast.speed_up = shipped
 
 
-def run(name: str, batch: int, steps: int, warmup: int) -> dict:
+def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False):
+    """The run's timing row, then (`losses`, ldm's runs) its first 20 losses against ldm's eager step's, same
+    seed: a lever is kept only if they agree to bf16 noise."""
     if name.startswith("plain"):
         mode = "max-autotune-no-cudagraphs" if name == "plain-autotune" else None
-        return ts.plain_run(batch, True, steps, warmup, mode=mode)
+        yield ts.plain_run(batch, True, steps, warmup, mode=mode)
+        return
+    mode = "graphs" if name == "graphs" else "full"
     with tuned(INDUCTOR.get(name)):
-        step = ts.ldm_step(batch, "graphs" if name == "graphs" else "full")
-        return ts.timed_run(f"ldm {name}", batch, step, steps, warmup)
+        yield ts.timed_run(f"ldm {name}", batch, ts.ldm_step(batch, mode), steps, warmup)
+        if losses:
+            yield {**ts.losses_agree(batch, mode), "run": f"losses ldm {name} vs eager"}
 
 
 def main():
@@ -68,6 +76,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
+    ap.add_argument("--losses", action="store_true", help="each ldm run's first 20 losses against the eager step's")
     add_out_option(ap)
     args = ap.parse_args()
     names = args.runs.split(",")
@@ -78,7 +87,8 @@ def main():
     report = Report(out_folder(args.out), "train_tuning")
     try:
         for name in names:
-            report.emit(run(name, args.batch, args.steps, args.warmup))
+            for row in run(name, args.batch, args.steps, args.warmup, args.losses):
+                report.emit(row)
     finally:
         report.table(("run", "batch", "images/s", "MFU", "step ms", "first step s", "peak GiB"),
                      lambda r: [r["run"], r["batch"], r["images_per_s"], f"{r['mfu_pct']}%", r["step_ms"],

@@ -192,8 +192,11 @@ def test_kernel_times_leave_out_user_annotations():
 
 def test_tuning_bench_compiles_ldms_step_with_the_runs_inductor_options_and_puts_the_shipped_levers_back():
     """bench/train_tuning.py times ldm's own step with inductor's tuning options added: inside `tuned`, the
-    speed_up that ldm's set-up calls compiles the U-Net with exactly those options; outside it, the shipped
+    speed_up that ldm's set-up calls compiles the U-Net with exactly those options (the eager step, `none`,
+    left eager); outside it, the shipped
     speed_up is back (the next run, and `full`, time what users get)."""
+    import torch
+
     train_tuning = pytest.importorskip("train_tuning")
     from ldm_cli.train import fast
 
@@ -203,10 +206,12 @@ def test_tuning_bench_compiles_ldms_step_with_the_runs_inductor_options_and_puts
         def compile(self, **kw):
             self.compiled_with = kw
 
-    unet = Unet()
+    unet, eager = Unet(), Unet()
     with train_tuning.tuned(train_tuning.INDUCTOR["autotune"]):
         fast.speed_up(unet, "full", "cuda")
+        fast.speed_up(eager, "none", torch.device("cuda"))  # the eager step losses are compared with
     assert unet.compiled_with == {"options": {"max_autotune": True}}
+    assert not hasattr(eager, "compiled_with")
     assert fast.speed_up is shipped
     with train_tuning.tuned(None):
         assert fast.speed_up is shipped
