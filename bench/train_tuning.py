@@ -17,6 +17,9 @@ What each run is (RUNS):
 - `cdt`: `full` with inductor's `coordinate_descent_tuning`: the block sizes of its own fused kernels (GroupNorm,
   the pointwise work) tuned one by one;
 - `max`: both (torch.compile's mode "max-autotune-no-cudagraphs");
+- `cl-cdt`: `cdt` over the U-Net in channels_last with the layout's inductor options (accel/inductor.py), as
+  `--part levers` of bench/train_step.py timed the layout: whether tuned NHWC GroupNorm kernels win the layout
+  back its transposes (channels_last untuned: level, its GroupNorm 19 ms slower, the transposes 20 ms gone);
 - `plain`, `plain-autotune`: the reference loop of bench/train_step.py (autocast bf16, fused AdamW, no clipping)
   under `torch.compile(unet)` and `torch.compile(unet, mode="max-autotune-no-cudagraphs")`: the peer at its
   default and at its best setting.
@@ -33,21 +36,29 @@ import train_step as ts
 from common import Report, add_out_option, out_folder
 
 INDUCTOR = {"autotune": {"max_autotune": True}, "cdt": {"coordinate_descent_tuning": True},
-            "max": {"max_autotune": True, "coordinate_descent_tuning": True}}
-RUNS = ("full", "graphs", "autotune", "cdt", "max", "plain", "plain-autotune")
+            "max": {"max_autotune": True, "coordinate_descent_tuning": True},
+            "cl-cdt": {"coordinate_descent_tuning": True}}
+CHANNELS_LAST = {"cl-cdt"}
+RUNS = ("full", "graphs", "autotune", "cdt", "max", "cl-cdt", "plain", "plain-autotune")
 
 
 @contextmanager
-def tuned(options: dict | None):
-    """ldm's `fast.speed_up` with inductor options added to its `full` compile (None: as shipped)."""
+def tuned(options: dict | None, channels_last: bool = False):
+    """ldm's `fast.speed_up` with inductor options added to its `full` compile (None: as shipped); channels_last:
+    the U-Net in that layout, compiled with the layout's options (accel/inductor.py) as well."""
+    import torch
+
+    from ldm_cli.accel.inductor import compile_options
     from ldm_cli.train import fast
 
     shipped = fast.speed_up
 
-    def speed_up(unet, mode, device, channels_last=None):
+    def speed_up(unet, mode, device, _=None):
         if mode == "none":  # the eager step losses are compared with stays eager
-            return shipped(unet, mode, device, channels_last)
-        unet.compile(options=options)
+            return shipped(unet, mode, device, False)
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        unet.compile(options={**compile_options(), **options} if channels_last else options)
 
     try:
         fast.speed_up = speed_up if options else shipped
@@ -64,7 +75,7 @@ def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False):
         yield ts.plain_run(batch, True, steps, warmup, mode=mode)
         return
     mode = "graphs" if name == "graphs" else "full"
-    with tuned(INDUCTOR.get(name)):
+    with tuned(INDUCTOR.get(name), name in CHANNELS_LAST):
         yield ts.timed_run(f"ldm {name}", batch, ts.ldm_step(batch, mode), steps, warmup)
         if losses:
             yield {**ts.losses_agree(batch, mode), "run": f"losses ldm {name} vs eager"}

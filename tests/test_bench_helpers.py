@@ -213,6 +213,16 @@ def test_tuning_bench_compiles_ldms_step_with_the_runs_inductor_options_and_puts
     assert unet.compiled_with == {"options": {"max_autotune": True}}
     assert not hasattr(eager, "compiled_with")
     assert fast.speed_up is shipped
+    class Conv(torch.nn.Conv2d):
+        def compile(self, **kw):
+            self.compiled_with = kw
+
+    layout = Conv(4, 4, 3)
+    with train_tuning.tuned(train_tuning.INDUCTOR["cl-cdt"], channels_last=True):
+        fast.speed_up(layout, "full", torch.device("cuda"))
+    assert layout.weight.is_contiguous(memory_format=torch.channels_last)
+    options = layout.compiled_with["options"]
+    assert options["coordinate_descent_tuning"] and options["conv_1x1_as_mm"] and "post_grad_custom_post_pass" in options
     with train_tuning.tuned(None):
         assert fast.speed_up is shipped
     assert set(train_tuning.INDUCTOR) < set(train_tuning.RUNS)
