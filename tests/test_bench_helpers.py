@@ -192,34 +192,28 @@ def test_kernel_times_leave_out_user_annotations():
 
 def test_tuning_bench_compiles_ldms_step_with_the_runs_inductor_options_and_puts_the_shipped_levers_back():
     """bench/train_tuning.py times ldm's own step with inductor's tuning options added: inside `tuned`, the
-    speed_up that ldm's set-up calls compiles the U-Net with exactly those options (the eager step, `none`,
-    left eager); outside it, the shipped
-    speed_up is back (the next run, and `full`, time what users get)."""
+    speed_up that ldm's set-up calls compiles the U-Net with exactly those options (the eager step, `none`, left
+    eager; `cl-cdt` in channels_last with the layout's options too); outside it, the shipped speed_up is back (the
+    next run, and `full`, time what users get)."""
     import torch
 
     train_tuning = pytest.importorskip("train_tuning")
     from ldm_cli.train import fast
 
-    shipped = fast.speed_up
-
-    class Unet:
+    class Recording(torch.nn.Conv2d):  # a U-Net stand-in that records how it was compiled
         def compile(self, **kw):
             self.compiled_with = kw
 
-    unet, eager = Unet(), Unet()
+    shipped, cuda = fast.speed_up, torch.device("cuda")
+    unet, eager, layout = Recording(4, 4, 3), Recording(4, 4, 3), Recording(4, 4, 3)
     with train_tuning.tuned(train_tuning.INDUCTOR["autotune"]):
-        fast.speed_up(unet, "full", "cuda")
-        fast.speed_up(eager, "none", torch.device("cuda"))  # the eager step losses are compared with
+        fast.speed_up(unet, "full", cuda)
+        fast.speed_up(eager, "none", cuda)  # the eager step losses are compared with
     assert unet.compiled_with == {"options": {"max_autotune": True}}
-    assert not hasattr(eager, "compiled_with")
-    assert fast.speed_up is shipped
-    class Conv(torch.nn.Conv2d):
-        def compile(self, **kw):
-            self.compiled_with = kw
-
-    layout = Conv(4, 4, 3)
+    assert not hasattr(eager, "compiled_with") and fast.speed_up is shipped
+    assert not unet.weight.is_contiguous(memory_format=torch.channels_last)
     with train_tuning.tuned(train_tuning.INDUCTOR["cl-cdt"], channels_last=True):
-        fast.speed_up(layout, "full", torch.device("cuda"))
+        fast.speed_up(layout, "full", cuda)
     assert layout.weight.is_contiguous(memory_format=torch.channels_last)
     options = layout.compiled_with["options"]
     assert options["coordinate_descent_tuning"] and options["conv_1x1_as_mm"] and "post_grad_custom_post_pass" in options
