@@ -56,7 +56,7 @@ def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path
     root = out / "checkpoints"
     args = train_args(shapes, tiny_model, out, tmp_path / "c") + ["--checkpoint-every", "1", "--keep-checkpoints", "2"]
     rng = random.Random(0)
-    trials, during_save, lost, best = 8, 0, 0, 0  # half of them mid-save; each costs a process start
+    trials, during_save, lost, best = 6, 0, 0, 0  # half of them mid-save; each costs a process start
     for trial in range(trials):
         proc = start(args + (["--resume", "latest"] if saved_steps(root) else []))
         deadline = time.monotonic() + 60
@@ -87,7 +87,7 @@ def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path
     assert final.returncode == 0, err
     print(f"SIGKILL trials {trials}, during a checkpoint write {during_save}, checkpoints lost {lost}, "
           f"last checkpoint before the final resume: step {best}/{STEPS}")
-    assert lost == 0 and during_save >= trials // 2 - 2
+    assert lost == 0 and during_save >= trials // 2 - 1
     assert same_weights(unet_weights(tmp_path / "straight" / "model"), unet_weights(out / "model"))
 
 
