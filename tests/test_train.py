@@ -455,14 +455,21 @@ def test_compile_modes_resolve_by_device_length_and_layout():
     assert compile_mode("graphs", cuda, 10) == "graphs"
     assert compile_mode("graphs", cuda, 10, world=2) == "full"  # DDP all-reduces mid-backward
     assert compile_mode("graphs", cuda, 10, accumulation=2) == "full"  # gradients kept across micro-batches
+    # a small U-Net's step, paced by the host's launches, is graphed; still full where graphs cannot own the step
+    assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS, small=True) == "graphs"
+    assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS - 1, small=True) == "none"
+    assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS, world=2, small=True) == "full"
+    assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS, accumulation=4, small=True) == "full"
+    assert compile_mode("auto", cpu, 10**6, small=True) == "none"
 
 
 def test_compile_auto_says_its_choice_on_cuda_only():
     from ldm_cli.train.loop import chosen_compile
 
-    def said(mode, device, steps):
+    def said(mode, device, steps, params=860_000_000, **options):
         notes = []
-        chosen = chosen_compile(TrainConfig(data_dir="-", compile=mode), torch.device(device), steps, 1, notes.append)
+        chosen = chosen_compile(TrainConfig(data_dir="-", compile=mode, **options), torch.device(device), steps, 1,
+                                notes.append, params)
         return chosen, notes
 
     assert said("auto", "cuda", 5000) == ("full", ["--compile auto: full for 5000 steps (at least 2000, where a first "
@@ -471,6 +478,16 @@ def test_compile_auto_says_its_choice_on_cuda_only():
     assert said("auto", "cuda", 300)[0] == "none" and "fewer than 2000" in said("auto", "cuda", 300)[1][0]
     assert said("auto", "cpu", 5000) == ("none", [])  # nothing compiles on a CPU: nothing to say
     assert said("full", "cuda", 10) == ("full", [])
+    # the embedded model's U-Net (12M parameters): graphed, and said why; not with LoRA or checkpointing (not
+    # measured graphed), nor a U-Net of GRAPHS_MAX_PARAMS
+    assert said("auto", "cuda", 5000, 12_228_772) == ("graphs", [
+        "--compile auto: graphs for 5000 steps (at least 2000, where a first compile, ~2.5 min for SD-1.5, pays back; "
+        "graphs: a U-Net of 12M parameters, whose steps CUDA graphs replay 2-3x faster; --compile none to choose "
+        "otherwise)"])
+    assert said("auto", "cuda", 5000, 12_228_772, lora_rank=8)[0] == "full"
+    assert said("auto", "cuda", 5000, 12_228_772, gradient_checkpointing=True)[0] == "full"
+    assert said("auto", "cuda", 5000, 100_000_000)[0] == "full"
+    assert said("auto", "cuda", 300, 12_228_772)[0] == "none"
 
 
 def test_compile_graphs_on_a_cpu_is_the_plain_step(shapes, tiny_model, tmp_path):

@@ -21,7 +21,10 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   theirs to own); otherwise `full`. The embedded U-Net at batch 256: 51.7 -> 24.7 ms a step on an H200
   (2.1x; the GPU busy ~14 ms of it), 52-56 -> 16.5-17.7 ms on an H100 (3.2x; 1.06x at batch 1024), losses
   within bf16 noise of the eager step; its recipe's run (EMA, validation, checkpoints, resume) measured under
-  it. `auto` does not choose it: SD-sized steps, GPU-bound, have not been measured graphed.
+  it; with aspect-ratio buckets, DreamBooth's two forwards and textual inversion it trains as eager does (GPU
+  test). SD-1.5 at batch 32, GPU-bound: level with `full` (124.5 vs 124.1 images/s on an H100). So `auto` picks it
+  for small U-Nets (under GRAPHS_MAX_PARAMS), where it pays, unless LoRA or gradient checkpointing (not measured
+  graphed) or several processes or micro-batches; `full` for the rest.
 On the CPU none applies: the CPU path stays bitwise as before (exact-resume tests run there).
 """
 
@@ -40,18 +43,22 @@ CHANNELS_LAST = {"eager": False, "compiled": False}
 # warm inductor cache ~140. (`regional` is fastest only in a ~170-step band, by under 1% on the H200: not chosen.)
 # auto compiles for runs of at least this many steps:
 AUTO_COMPILE_MIN_STEPS = 2000
+# auto graphs U-Nets below this size: the embedded one (12M) steps 2.1-3.2x faster graphed; SD-1.5's (860M) level
+GRAPHS_MAX_PARAMS = 100_000_000
 
 
-def compile_mode(mode: str, device: torch.device, max_steps: int, world: int = 1, accumulation: int = 1) -> str:
-    """`auto`: full on CUDA for runs long enough to pay a cold compile back, else none. `graphs` is `full`
-    with more than one process or micro-batch a step. Off CUDA, none: the levers are CUDA's."""
+def compile_mode(mode: str, device: torch.device, max_steps: int, world: int = 1, accumulation: int = 1,
+                 small: bool = False) -> str:
+    """`auto`: on CUDA for runs long enough to pay a cold compile back, `graphs` for a `small` U-Net (one whose
+    step the host's launches pace), else `full`; none for shorter runs. `graphs` is `full` with more than one
+    process or micro-batch a step. Off CUDA, none: the levers are CUDA's."""
     if device.type != "cuda":
         return "none"
+    if mode == "auto":
+        mode = "none" if max_steps < AUTO_COMPILE_MIN_STEPS else "graphs" if small else "full"
     if mode == "graphs" and (world > 1 or accumulation > 1):
         return "full"
-    if mode != "auto":
-        return mode
-    return "full" if max_steps >= AUTO_COMPILE_MIN_STEPS else "none"
+    return mode
 
 
 def speed_up(unet, mode: str, device: torch.device, channels_last: bool | None = None) -> None:
