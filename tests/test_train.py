@@ -482,8 +482,8 @@ def test_compile_auto_says_its_choice_on_cuda_only():
     # measured graphed), nor a U-Net of GRAPHS_MAX_PARAMS
     assert said("auto", "cuda", 5000, 12_228_772) == ("graphs", [
         "--compile auto: graphs for 5000 steps (at least 2000, where a first compile, ~2.5 min for SD-1.5, pays back; "
-        "graphs: a U-Net of 12M parameters, whose steps CUDA graphs replay 2-3x faster; --compile none to choose "
-        "otherwise)"])
+        "graphs: a U-Net of 12M parameters, whose steps CUDA graphs replay 2-3x faster; --compile full or none to "
+        "choose otherwise)"])
     assert said("auto", "cuda", 5000, 12_228_772, lora_rank=8)[0] == "full"
     assert said("auto", "cuda", 5000, 12_228_772, gradient_checkpointing=True)[0] == "full"
     assert said("auto", "cuda", 5000, 100_000_000)[0] == "full"

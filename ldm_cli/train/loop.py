@@ -222,7 +222,8 @@ def chosen_compile(cfg: TrainConfig, device, max_steps: int, world: int, say, un
                "faster" if compiled == "graphs" else "")
         say(f"--compile auto: {compiled} for {max_steps} steps ({'at least' if enough else 'fewer than'} "
             f"{fast.AUTO_COMPILE_MIN_STEPS}, where a first compile, ~2.5 min for SD-1.5, pays back{why}; "
-            f"--compile {'none' if enough else 'full'} to choose otherwise)")
+            f"--compile {'full or none' if compiled == 'graphs' else 'none' if enough else 'full'} to choose "
+            "otherwise)")
     elif compiled == "none" and cfg.compile not in ("auto", "none"):
         say(f"--compile {cfg.compile} applies on CUDA only: this run on {device.type} is not compiled")
     elif compiled != cfg.compile and cfg.compile == "graphs":
