@@ -133,13 +133,14 @@ def test_training_with_cuda_graphs_equals_eager_training(shapes, tiny_model, tmp
     assert gap < 0.02 * moved, (gap, moved)
 
 
-@pytest.mark.parametrize("case", ["buckets", "dreambooth", "textual inversion"])
-def test_graphed_training_equals_eager_with_buckets_dreambooth_and_textual_inversion(case, photos, stars, tiny_model,
-                                                                                     tmp_path):
+@pytest.mark.parametrize("case", ["buckets", "dreambooth", "textual inversion", "lora", "checkpointing"])
+def test_graphed_training_equals_eager_in_each_kind_of_run(case, photos, stars, tiny_model, tmp_path):
     """`--compile graphs` where a step is not one shape and one forward: aspect-ratio buckets (a graph per latent
     shape), DreamBooth (two forwards, the data's and the class images', before one backward), textual inversion
-    (the frozen U-Net graphed, the gradient flowing out of it into the new token's vectors). The losses equal the
-    eager run's up to the compiled kernels' rounding, with graphs recorded and none skipped."""
+    (the frozen U-Net graphed, the gradient flowing out of it into the new token's vectors); and where the graphed
+    U-Net is not plain: LoRA's adapters, gradient checkpointing's recomputed blocks (the two `--compile auto`
+    leaves at `full` until these pass). The losses equal the eager run's up to the compiled kernels' rounding, with
+    graphs recorded and none skipped."""
     from torch._dynamo.utils import counters
 
     from ldm_cli.train.config import TrainConfig
@@ -156,6 +157,10 @@ def test_graphed_training_equals_eager_with_buckets_dreambooth_and_textual_inver
                     class_prompt="a red circle", num_class_images=2, validation_steps=2)  # drawn once, by the first
     elif case == "textual inversion":
         base.update(data_dir=str(stars), textual_inversion="zqx", init_word="square", vectors=2, lr=5e-3)
+    elif case == "lora":
+        base.update(lora_rank=4)
+    elif case == "checkpointing":
+        base.update(gradient_checkpointing=True)
     runs = {}
     counters.clear()
     for mode in ("none", "graphs"):
