@@ -9,9 +9,7 @@ code (2: bad input, 1: the work failed). `--debug` (or LDM_DEBUG=1) shows the tr
 
 import inspect
 import json
-import logging
 import os
-import secrets
 import sys
 import types
 import typing
@@ -29,6 +27,7 @@ from ldm_cli.models.options import LoadOptions
 from ldm_cli.options import spec_of
 from ldm_cli.sample.options import OutputOptions
 from ldm_cli.sample.options import validate as validate_output
+from ldm_cli.sample.requests import prompt_jobs, redo_png, with_prompt_loras
 from ldm_cli.train.config import TrainConfig
 
 try:  # typer >= 0.26 carries its own copy of click
@@ -163,13 +162,13 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
     if from_png is not None:
         if prompt or request.prompt_file:
             raise LdmError("--from-png redoes one image: give no PROMPT or --prompt-file with it")
-        jobs, load = _redo(from_png, settings, request, load, given)
+        jobs, load = redo_png(from_png, settings, request, load, given)
     else:  # the model's own defaults (ldm_defaults.json) under what the command line gives
         from ldm_cli.models.defaults import default_model, with_model_defaults
 
         settings = with_model_defaults(settings, load.model or default_model(), given)
-        jobs = _jobs(prompt, settings, request, init_images, out.skip_existing)
-    load = _with_prompt_loras(jobs, load, from_png)
+        jobs = prompt_jobs(prompt, settings, request, init_images, out.skip_existing)
+    load = with_prompt_loras(jobs, load, from_png)
     if gpus > 1 or launch:  # the jobs are valid: the same command again, a process per GPU
         _relaunch(gpus, "no", load.device, launch)
     from ldm_cli.sample.spread import processes
@@ -184,65 +183,6 @@ def _make(prompt, from_png, kw, init_images=(None,), given=frozenset()):
     if procs is not None:  # a process group left to the interpreter's exit can abort it ("terminate called")
         procs.wait_for_everyone()
         procs.destroy_process_group()
-
-
-def _with_prompt_loras(jobs, load, from_png):
-    """The LoRAs the prompts' <lora:NAME:WEIGHT> tags name, found in --lora-dir, added to what is loaded;
-    redoing a PNG, each LoRA file is checked against the hash it recorded (a different file: a warning)."""
-    from ldm_cli.models.lora import file_hash, lora_file, parse_spec, prompt_loras
-
-    found = prompt_loras([j.prompt for j in jobs if j.settings.prompt_syntax == "a1111"], load.lora_dir)
-    load = replace(load, prompt_loras=found)
-    if from_png is None:
-        return load
-    from ldm_cli.io.metadata import png_lora_hashes
-
-    recorded = png_lora_hashes(from_png)
-    given = [parse_spec(spec, 1.0)[0] for spec in load.lora]
-    for path, name in [(p, Path(p).stem) for p in given] + [(path, name) for path, name, _ in found]:
-        now = file_hash(lora_file(path, load.allow_unsafe_pickle))
-        if name in recorded and recorded[name] != now:
-            logging.getLogger("ldm").warning(f"warning: {path} (sha256 {now}...) is not the LoRA {name} {from_png} "
-                                             f"was made with (sha256 {recorded[name]}...): the image will differ")
-    return load
-
-
-def _redo(from_png, settings, request, load, given):
-    """The job a PNG records, with the options given on the command line applied over it (and so
-    recorded in the new PNG); its model unless --model is given. A LoRA it names must be given again."""
-    from ldm_cli.io.metadata import NOT_RECORDED, png_embeddings, read_png_job
-    from ldm_cli.jobs import build_jobs
-
-    job, png_model, png_lora = read_png_job(from_png)
-    if png_lora and not load.lora:
-        raise LdmError(f"{from_png}: made with the LoRA(s) {png_lora}; paths in a PNG are not followed: pass "
-                       f"--lora FILE:SCALE (once per LoRA) to redo it")
-    named = png_embeddings(from_png) if png_model != NOT_RECORDED else ""
-    if named and not load.embedding:
-        raise LdmError(f"{from_png}: made with the embedding(s) {named}; paths in a PNG are not followed: pass "
-                       "--embedding FILE:TOKEN (once each) to redo it")
-    over = {f: getattr(settings, f) for f in settings.__dataclass_fields__ if f in given}
-    seed = request.seed if "seed" in given else job.seed
-    jobs = build_jobs([(job.prompt, over, "")], job.settings, seed, request.num_images)
-    keep = "model" in given or png_model == NOT_RECORDED  # another tool's PNG names no model we can load
-    return jobs, load if keep else replace(load, model=png_model)
-
-
-def _jobs(prompt, settings, request, init_images, skip_existing=False):
-    from ldm_cli.io.prompts import read_prompt_file
-    from ldm_cli.jobs import build_jobs
-
-    lines = [(p, {}, "") for p in prompt or []]
-    if request.prompt_file is not None:
-        lines += read_prompt_file(request.prompt_file)
-    if not lines:
-        raise LdmError("no prompt: give PROMPT arguments or --prompt-file FILE")
-    # an image is already made when a PNG records its seed: seeds drawn anew each run never match one
-    if skip_existing and request.seed is None and not all("seed" in over for _, over, _ in lines):
-        raise LdmError("--skip-existing needs --seed N (the seed of the run it completes): without it each run "
-                       "draws new seeds, so no image is ever already made")
-    seed = secrets.randbelow(2**32) if request.seed is None else request.seed
-    return build_jobs(lines, settings, seed, request.num_images, init_images)
 
 
 def _run(jobs, load: LoadOptions, out: OutputOptions, procs=None):

@@ -89,7 +89,7 @@ def test_no_unsafe_loading_in_source():
 
     import ldm_cli
 
-    for path in Path(ldm_cli.__file__).parent.glob("*.py"):
+    for path in Path(ldm_cli.__file__).parent.rglob("*.py"):
         text = path.read_text()
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path.name}: {call}"
