@@ -75,13 +75,19 @@ def ldm_here(capsys):
     from ldm_cli import cli
 
     def run(*args, cwd=None):
+        import torch
+
         capsys.readouterr()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as run_ldm's OMP_NUM_THREADS=1: results bitwise those of a subprocess
         try:
             with contextlib.chdir(cwd) if cwd else contextlib.nullcontext():
                 cli.main([str(a) for a in args])
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            torch.set_num_threads(threads)
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out, err)
 

@@ -48,9 +48,8 @@ def saved_steps(root):
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_then_resume_loses_nothing(shapes, tiny_model, tmp_path):
-    straight = subprocess.run([LDM, *train_args(shapes, tiny_model, tmp_path / "straight", tmp_path / "c")],
-                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def test_sigkill_anywhere_then_resume_loses_nothing(ldm_here, shapes, tiny_model, tmp_path):
+    straight = ldm_here(*train_args(shapes, tiny_model, tmp_path / "straight", tmp_path / "c"))
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "killed"
     root = out / "checkpoints"

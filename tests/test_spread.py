@@ -39,9 +39,10 @@ def recorded(folder):
 
 
 @pytest.mark.slow
-def test_sample_on_two_and_three_processes_makes_the_single_process_files(ldm, tiny_model, prompt_file, tmp_path):
+def test_sample_on_two_and_three_processes_makes_the_single_process_files(ldm, ldm_here, tiny_model, prompt_file,
+                                                                      tmp_path):
     common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 2, "--device", "cpu", "--batch-size", 2)
-    one = ldm("sample", *common, "--seed", 1, "-o", tmp_path / "one", "-q")
+    one = ldm_here("sample", *common, "--seed", 1, "-o", tmp_path / "one", "-q")
     three = ldm("sample", *common, "--seed", 1, "-o", tmp_path / "three", "--gpus", 3, "--json")
     assert one.returncode == 0 and three.returncode == 0, (one.stderr, three.stderr)
     assert len(pngs(tmp_path / "one")) == 7 and pngs(tmp_path / "three") == pngs(tmp_path / "one")
@@ -78,7 +79,7 @@ def kill_tree(pid: int) -> None:
 
 
 @pytest.mark.slow
-def test_killed_sampling_on_two_processes_resumes_without_duplicates(ldm, tiny_model, prompt_file, tmp_path):
+def test_killed_sampling_on_two_processes_resumes_without_duplicates(ldm, ldm_here, tiny_model, prompt_file, tmp_path):
     common = ("--prompt-file", prompt_file, "--model", tiny_model, "--steps", 40, "--device", "cpu", "--seed", 2)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -94,13 +95,13 @@ def test_killed_sampling_on_two_processes_resumes_without_duplicates(ldm, tiny_m
     again = ldm("sample", *common, "-o", out, "--gpus", 2, "--skip-existing")
     assert again.returncode == 0, again.stderr
     assert f"{before} of 7 image(s) already in" in again.stderr
-    want = ldm("sample", *common, "-o", tmp_path / "one", "-q")
+    want = ldm_here("sample", *common, "-o", tmp_path / "one", "-q")
     assert want.returncode == 0, want.stderr
     assert recorded(out) == recorded(tmp_path / "one")  # every job once, no duplicate
     pixels = {json.loads(Image.open(p).text["ldm"])["prompt"]: np.asarray(Image.open(p)) for p in out.glob("*.png")}
     for p in (tmp_path / "one").glob("*.png"):
         assert np.array_equal(pixels[json.loads(Image.open(p).text["ldm"])["prompt"]], np.asarray(Image.open(p)))
-    done = ldm("sample", *common, "-o", out, "--skip-existing", "-q")
+    done = ldm_here("sample", *common, "-o", out, "--skip-existing", "-q")
     assert done.returncode == 0 and len(list(out.glob("*.png"))) == 7  # nothing left to make
 
 
@@ -228,10 +229,10 @@ def test_ctrl_c_under_the_launcher_saves_a_checkpoint_and_says_so(shapes, tiny_m
 
 
 @pytest.mark.slow
-def test_train_on_two_processes_equals_one_of_twice_the_batch_and_resumes(ldm, shapes, tiny_model, tmp_path):
+def test_train_on_two_processes_equals_one_of_twice_the_batch_and_resumes(ldm, ldm_here, shapes, tiny_model, tmp_path):
     common = ("--model", tiny_model, "--from-scratch", "--lr", 1e-3, "--device", "cpu", "-q", "--seed", 3,
               "--cache-dir", tmp_path / "c", "--log-every", 1)
-    one = ldm("train", shapes, *common, "--batch-size", 4, "--max-steps", 4, "--out", tmp_path / "one")
+    one = ldm_here("train", shapes, *common, "--batch-size", 4, "--max-steps", 4, "--out", tmp_path / "one")
     two = ldm("train", shapes, *common, "--batch-size", 2, "--max-steps", 4, "--out", tmp_path / "two", "--gpus", 2)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
     assert two.stdout.strip() == str(tmp_path / "two" / "model")  # said once
