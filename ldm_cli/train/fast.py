@@ -21,10 +21,10 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   theirs to own); otherwise `full`. The embedded U-Net at batch 256: 51.7 -> 24.7 ms a step on an H200
   (2.1x; the GPU busy ~14 ms of it), 52-56 -> 16.5-17.7 ms on an H100 (3.2x; 1.06x at batch 1024), losses
   within bf16 noise of the eager step; its recipe's run (EMA, validation, checkpoints, resume) measured under
-  it; with aspect-ratio buckets, DreamBooth's two forwards and textual inversion it trains as eager does (GPU
-  test). SD-1.5 at batch 32, GPU-bound: level with `full` (124.5 vs 124.1 images/s on an H100). So `auto` picks it
-  for small U-Nets (under GRAPHS_MAX_PARAMS), where it pays, unless LoRA or gradient checkpointing (not measured
-  graphed) or several processes or micro-batches; `full` for the rest.
+  it; with aspect-ratio buckets, DreamBooth's two forwards, textual inversion, LoRA and gradient checkpointing it
+  trains as eager does (GPU tests). SD-1.5 at batch 32, GPU-bound: level with `full` (124.5 vs 124.1 images/s on
+  an H100). So `auto` picks it for small U-Nets (under GRAPHS_MAX_PARAMS), where it pays, unless several processes
+  or micro-batches; `full` for the rest.
 On the CPU none applies: the CPU path stays bitwise as before (exact-resume tests run there).
 """
 

@@ -214,7 +214,7 @@ def zero_terminal_snr(c, say):
 def chosen_compile(cfg: TrainConfig, device, max_steps: int, world: int, say, unet_params: int) -> str:
     """The --compile mode this run gets (train/fast.py's rule), said in one line where `auto` chose it or where it
     is not the one asked for."""
-    small = unet_params < fast.GRAPHS_MAX_PARAMS and not cfg.lora_rank and not cfg.gradient_checkpointing
+    small = unet_params < fast.GRAPHS_MAX_PARAMS  # LoRA and gradient checkpointing too: both train graphed as eager
     compiled = fast.compile_mode(cfg.compile, device, max_steps, world, cfg.gradient_accumulation, small)
     if cfg.compile == "auto" and device.type == "cuda":
         enough = max_steps >= fast.AUTO_COMPILE_MIN_STEPS
