@@ -6,6 +6,7 @@ tuned torch.compile setting.
     python bench/train_tuning.py --runs full,autotune,plain-autotune   # the GEMM/convolution templates' autotuning
     python bench/train_tuning.py --runs full,cdt                   # coordinate-descent tuning of the fused kernels
     python bench/train_tuning.py --runs autotune --losses          # and its first 20 losses against eager's
+    python bench/train_tuning.py --runs full,cl-gn,gn --losses     # GroupNorm from per-channel statistics
 
 SD-1.5-shaped random U-Net, 512px (64x64 latents), bf16, timed as bench/train_step.py times it (images/s over
 --steps steps after --warmup; `first_s`, the first step's time, holds the compile and any autotuning).
@@ -20,6 +21,9 @@ What each run is (RUNS):
 - `cl-cdt`: `cdt` over the U-Net in channels_last with the layout's inductor options (accel/inductor.py), as
   `--part levers` of bench/train_step.py timed the layout: whether tuned NHWC GroupNorm kernels win the layout
   back its transposes (channels_last untuned: level, its GroupNorm 19 ms slower, the transposes 20 ms gone);
+- `gn`, `cl-gn`: `full` with the U-Net's GroupNorms computed from per-channel statistics (accel/groupnorm.py), in
+  NCHW and in channels_last with the layout's inductor options: whether inductor's NHWC GroupNorm, read a channel
+  row at a time, stops costing channels_last the transposes it spares the convolutions;
 - `plain`, `plain-autotune`: the reference loop of bench/train_step.py (autocast bf16, fused AdamW, no clipping)
   under `torch.compile(unet)` and `torch.compile(unet, mode="max-autotune-no-cudagraphs")`: the peer at its
   default and at its best setting.
@@ -38,16 +42,19 @@ from common import Report, add_out_option, out_folder
 INDUCTOR = {"autotune": {"max_autotune": True}, "cdt": {"coordinate_descent_tuning": True},
             "max": {"max_autotune": True, "coordinate_descent_tuning": True},
             "cl-cdt": {"coordinate_descent_tuning": True}}
-CHANNELS_LAST = {"cl-cdt"}
-RUNS = ("full", "graphs", "autotune", "cdt", "max", "cl-cdt", "plain", "plain-autotune")
+CHANNELS_LAST = {"cl-cdt", "cl-gn"}
+BY_CHANNEL = {"gn", "cl-gn"}
+RUNS = ("full", "graphs", "autotune", "cdt", "max", "cl-cdt", "gn", "cl-gn", "plain", "plain-autotune")
 
 
 @contextmanager
-def tuned(options: dict | None, channels_last: bool = False):
-    """ldm's `fast.speed_up` with inductor options added to its `full` compile (None: as shipped); channels_last:
-    the U-Net in that layout, compiled with the layout's options (accel/inductor.py) as well."""
+def tuned(options: dict | None, channels_last: bool = False, by_channel: bool = False):
+    """ldm's `fast.speed_up` with inductor options added to its `full` compile (None: inductor's defaults);
+    channels_last: the U-Net in that layout, compiled with the layout's options (accel/inductor.py) as well;
+    by_channel: its GroupNorms from per-channel statistics (accel/groupnorm.py). All off: as shipped."""
     import torch
 
+    from ldm_cli.accel.groupnorm import use_channel_stats
     from ldm_cli.accel.inductor import compile_options
     from ldm_cli.train import fast
 
@@ -58,25 +65,36 @@ def tuned(options: dict | None, channels_last: bool = False):
             return shipped(unet, mode, device, False)
         if channels_last:
             unet.to(memory_format=torch.channels_last)
-        unet.compile(options={**compile_options(), **options} if channels_last else options)
+        if by_channel:
+            use_channel_stats(unet)
+        unet.compile(options={**compile_options(), **(options or {})} if channels_last else options)
 
     try:
-        fast.speed_up = speed_up if options else shipped
+        fast.speed_up = speed_up if options or channels_last or by_channel else shipped
         yield
     finally:
         fast.speed_up = shipped
 
 
-def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False):
-    """The run's timing row, then (`losses`, ldm's runs) its first 20 losses against ldm's eager step's, same
-    seed: a lever is kept only if they agree to bf16 noise."""
+def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False, kernels: bool = False):
+    """The run's timing row, then (`kernels`) its step's GPU time by kind of kernel, and (`losses`, ldm's runs)
+    its first 20 losses against ldm's eager step's, same seed: a lever is kept only if they agree to bf16 noise."""
+    from common import kernel_breakdown
+
     if name.startswith("plain"):
         mode = "max-autotune-no-cudagraphs" if name == "plain-autotune" else None
-        yield ts.plain_run(batch, True, steps, warmup, mode=mode)
+        step = ts.plain_step(batch, True, mode=mode)
+        yield ts.timed_run("plain compiled" + (f" {mode}" if mode else ""), batch, step, steps, warmup)
+        if kernels:
+            yield {"run": f"kernels {name}", "batch": batch, **kernel_breakdown(step, calls=3)}
         return
     mode = "graphs" if name == "graphs" else "full"
-    with tuned(INDUCTOR.get(name), name in CHANNELS_LAST):
-        yield ts.timed_run(f"ldm {name}", batch, ts.ldm_step(batch, mode), steps, warmup)
+    with tuned(INDUCTOR.get(name), name in CHANNELS_LAST, name in BY_CHANNEL):
+        step = ts.ldm_step(batch, mode)
+        yield ts.timed_run(f"ldm {name}", batch, step, steps, warmup)
+        if kernels:
+            yield {"run": f"kernels ldm {name}", "batch": batch, **kernel_breakdown(step, calls=3)}
+        del step
         if losses:
             yield {**ts.losses_agree(batch, mode), "run": f"losses ldm {name} vs eager"}
 
@@ -88,6 +106,7 @@ def main():
     ap.add_argument("--steps", type=int, default=15, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
     ap.add_argument("--losses", action="store_true", help="each ldm run's first 20 losses against the eager step's")
+    ap.add_argument("--kernels", action="store_true", help="each run's step: GPU time by kind of kernel (profiler)")
     add_out_option(ap)
     args = ap.parse_args()
     names = args.runs.split(",")
@@ -98,7 +117,7 @@ def main():
     report = Report(out_folder(args.out), "train_tuning")
     try:
         for name in names:
-            for row in run(name, args.batch, args.steps, args.warmup, args.losses):
+            for row in run(name, args.batch, args.steps, args.warmup, args.losses, args.kernels):
                 report.emit(row)
     finally:
         report.table(("run", "batch", "images/s", "MFU", "step ms", "first step s", "peak GiB"),

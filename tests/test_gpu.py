@@ -170,3 +170,24 @@ def test_graphed_training_equals_eager_in_each_kind_of_run(case, photos, stars, 
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0  # graphs were recorded
     assert len(runs["none"]) == len(runs["graphs"]) == 8
     assert torch.allclose(runs["graphs"], runs["none"], rtol=1e-3, atol=1e-4), (runs["graphs"] - runs["none"]).abs().max()
+
+
+def test_group_norm_by_channel_under_cuda_autocast_compiled_channels_last():
+    """As autocast runs torch's group_norm (in float32, a float32 result) and to float rounding of it, forward
+    and backward, compiled over a channels_last bf16 input as a compiled U-Net's training step gives it."""
+    import torch.nn.functional as F
+
+    from ldm_cli.accel.groupnorm import group_norm_by_channel
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x = (torch.randn(8, 320, 64, 64, device="cuda", generator=g) + 3).to(torch.bfloat16)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    w, b = (torch.randn(320, device="cuda", generator=g).requires_grad_() for _ in range(2))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = F.group_norm(x, 32, w, b, 1e-5)
+        got = torch.compile(group_norm_by_channel)(x, 32, w, b, 1e-5)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(got, (x, w, b), grad), torch.autograd.grad(want, (x, w, b), grad)):
+        torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)  # x's gradient in bf16

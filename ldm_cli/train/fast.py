@@ -12,7 +12,8 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   kernel). Compiled (with the sampling path's inductor options and graph pass, accel/inductor.py), measured
   level (125.6 vs 125.5 images/s on an H100) and 0.9 GiB more: it spares cuDNN's convolutions their layout
   transposes (-20 ms a step) but inductor's NHWC GroupNorm and pointwise kernels take 19 ms more and the
-  convolutions 4 ms more;
+  convolutions 4 ms more. GroupNorm from per-channel statistics (accel/groupnorm.py, GROUPNORM_BY_CHANNEL)
+  is built to take that 19 ms back: predicted ~+8% in channels_last, not yet measured, so off;
 - cuDNN's autotuning (torch.backends.cudnn.benchmark): measured no change, eager or compiled, so not set;
 - `graphs`: `full` with CUDA graphs (torch.compile's reduce-overhead): each step's forward and backward
   replayed with one launch each, for steps the host cannot keep fed (small U-Nets at large batch, where
@@ -32,12 +33,16 @@ from contextlib import contextmanager
 
 import torch
 
+from ldm_cli.accel.groupnorm import use_channel_stats
 from ldm_cli.accel.inductor import compile_options
 
 REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")  # the U-Net's repeated blocks
 COMPILE_MODES = ("auto", "none", "regional", "full", "graphs")
 # the layout per kind of run, batch 32: eager 6% slower in channels_last; compiled level, 0.9 GiB more
 CHANNELS_LAST = {"eager": False, "compiled": False}
+# compiled U-Nets' GroupNorms from per-channel statistics (accel/groupnorm.py), for channels_last's sake:
+# predicted to win that layout back its transposes (~-20 ms a step, SD-1.5 at batch 32); off until measured
+GROUPNORM_BY_CHANNEL = False
 # break-even of `full` against eager, SD-1.5 at batch 32, cold starts from the command: ~1,330 steps on an H200
 # (131 s against 17 s; 251 against 337 ms a step), ~2,320 on an H100 whose host compiled twice as slowly; with a
 # warm inductor cache ~140. (`regional` is fastest only in a ~170-step band, by under 1% on the H200: not chosen.)
@@ -70,6 +75,8 @@ def speed_up(unet, mode: str, device: torch.device, channels_last: bool | None =
         channels_last = CHANNELS_LAST["eager" if mode == "none" else "compiled"]
     if channels_last:
         unet.to(memory_format=torch.channels_last)
+    if GROUPNORM_BY_CHANNEL and mode != "none":
+        use_channel_stats(unet)
     options = {"options": compile_options()} if channels_last else {}
     if mode == "regional":
         for m in unet.modules():
