@@ -13,7 +13,7 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   level (125.6 vs 125.5 images/s on an H100) and 0.9 GiB more: it spares cuDNN's convolutions their layout
   transposes (-20 ms a step) but inductor's NHWC GroupNorm and pointwise kernels take 19 ms more and the
   convolutions 4 ms more. GroupNorm from per-channel statistics (accel/groupnorm.py, GROUPNORM_BY_CHANNEL)
-  is built to take that 19 ms back: predicted ~+8% in channels_last, not yet measured, so off;
+  is built to take that 19 ms back: predicted 0 to +8% in channels_last, not yet measured, so off;
 - cuDNN's autotuning (torch.backends.cudnn.benchmark): measured no change, eager or compiled, so not set;
 - `graphs`: `full` with CUDA graphs (torch.compile's reduce-overhead): each step's forward and backward
   replayed with one launch each, for steps the host cannot keep fed (small U-Nets at large batch, where
@@ -41,7 +41,7 @@ COMPILE_MODES = ("auto", "none", "regional", "full", "graphs")
 # the layout per kind of run, batch 32: eager 6% slower in channels_last; compiled level, 0.9 GiB more
 CHANNELS_LAST = {"eager": False, "compiled": False}
 # compiled U-Nets' GroupNorms from per-channel statistics (accel/groupnorm.py), for channels_last's sake:
-# predicted to win that layout back its transposes (~-20 ms a step, SD-1.5 at batch 32); off until measured
+# predicted to win that layout back its transposes (0 to -20 ms a step, SD-1.5 at batch 32); off until measured
 GROUPNORM_BY_CHANNEL = False
 # break-even of `full` against eager, SD-1.5 at batch 32, cold starts from the command: ~1,330 steps on an H200
 # (131 s against 17 s; 251 against 337 ms a step), ~2,320 on an H100 whose host compiled twice as slowly; with a
