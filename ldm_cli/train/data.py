@@ -81,9 +81,10 @@ def _read_metadata(meta: Path) -> dict[Path, str]:
         else:
             rows = list(csv.DictReader(text.splitlines()))
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, OSError) as e:
-        raise LdmError(f"{meta}: cannot read ({type(e).__name__}: {str(e)[:160]})") from None
+        raise LdmError(f"{meta}: cannot read ({type(e).__name__}: {str(e)[:160]}); fix it, or move it out of the "
+                       "data folder") from None
     except RecursionError:  # "[[[[..." nested thousands deep
-        raise LdmError(f"{meta}: JSON nested too deeply") from None
+        raise LdmError(f"{meta}: JSON nested too deeply; fix it, or move it out of the data folder") from None
     for row in rows:
         name, text = (row.get("file_name"), row.get("text")) if isinstance(row, dict) else (None, None)
         if isinstance(name, str) and name and "\x00" not in name and isinstance(text, str):
