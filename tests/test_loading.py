@@ -73,7 +73,7 @@ def test_pickle_only_folder_needs_consent(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_hub_id_from_offline_cache(ldm, tiny_model, tmp_path):
+def test_hub_id_from_offline_cache(ldm, ldm_here, tiny_model, tmp_path):
     """A populated HF cache (the layout huggingface_hub writes) serves `org/name` with HF_HUB_OFFLINE=1."""
     repo = tmp_path / "hub" / "models--tiny-org--tiny-sd"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -84,7 +84,7 @@ def test_hub_id_from_offline_cache(ldm, tiny_model, tmp_path):
     r = ldm("sample", "x", "--model", "tiny-org/tiny-sd", "--steps", 2, "--seed", 1, "--out", tmp_path / "a", "-q",
             env=env)
     assert r.returncode == 0, r.stderr
-    r2 = ldm("sample", "x", "--model", tiny_model, "--steps", 2, "--seed", 1, "--out", tmp_path / "b", "-q")
+    r2 = ldm_here("sample", "x", "--model", tiny_model, "--steps", 2, "--seed", 1, "--out", tmp_path / "b", "-q")
     assert r2.returncode == 0, r2.stderr
     a = np.asarray(Image.open(next((tmp_path / "a").glob("*.png"))))
     assert np.array_equal(a, np.asarray(Image.open(next((tmp_path / "b").glob("*.png")))))

@@ -105,14 +105,14 @@ def test_textual_inversion_resume_is_bitwise(stars, tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_textual_inversion_cli_then_sample_records_it(stars, tiny_model, tmp_path, ldm):
+def test_textual_inversion_cli_then_sample_records_it(stars, tiny_model, tmp_path, ldm, ldm_here):
     r = ldm("train", stars, "--model", tiny_model, "--textual-inversion", "zqx", "--init-word", "square",
             "--max-steps", 4, "--batch-size", 2, "--device", "cpu", "--out", tmp_path / "run", "-q",
             "--cache-dir", tmp_path / "cache")
     assert r.returncode == 0, r.stderr
     file = tmp_path / "run" / "embedding" / "zqx.safetensors"
     assert r.stdout.strip() == str(file.parent)
-    r = ldm("sample", "a zqx", "--model", tiny_model, "--embedding", file, "--steps", 2, "--out", tmp_path / "img")
+    r = ldm_here("sample", "a zqx", "--model", tiny_model, "--embedding", file, "--steps", 2, "--out", tmp_path / "img")
     assert r.returncode == 0, r.stderr
     png = next((tmp_path / "img").glob("*.png"))
     meta = Image.open(png).text

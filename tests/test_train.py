@@ -98,15 +98,16 @@ def test_a_channels_last_unet_trains_saves_and_resumes(shapes, tiny_model, tmp_p
     assert all(w.is_contiguous() for w in unet_weights(tmp_path / "straight" / "model-ema").values())
 
 @pytest.mark.slow
-def test_train_cli(ldm, shapes, tiny_model, tmp_path):
+def test_train_cli(ldm, ldm_here, shapes, tiny_model, tmp_path):
     r = ldm("train", shapes, "--model", tiny_model, "--out", tmp_path / "run", "--resolution", 64,
             "--epochs", 0.25, "--batch-size", 2, "--device", "cpu", "-q", "--cache-dir", tmp_path / "c")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run" / "model")
     assert len(losses(tmp_path / "run")) == 4  # a quarter of 32 examples in steps of 2
-    s = ldm("sample", "a red circle", "--model", tmp_path / "run" / "model", "--steps", 2, "--out", tmp_path / "o", "-q")
-    assert s.returncode == 0, s.stderr
-    bad = ldm("train", tmp_path / "nothing", "--model", tiny_model, "--out", tmp_path / "run2")
+    s = ldm_here("sample", "a red circle", "--model", tmp_path / "run" / "model", "--steps", 2, "--out",
+                 tmp_path / "o", "-q")
+    assert s.returncode == 0 and len(list((tmp_path / "o").glob("*.png"))) == 1, s.stderr
+    bad = ldm_here("train", tmp_path / "nothing", "--model", tiny_model, "--out", tmp_path / "run2")
     expected = f"ldm: error: {tmp_path / 'nothing'}: data folder not found"
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "run2").exists()
@@ -238,13 +239,13 @@ def test_cache_threads_give_the_same_entries_in_order(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_one_process_equals_plain_run(shapes, tiny_model, tmp_path, ldm):
+def test_accelerate_launch_one_process_equals_plain_run(shapes, tiny_model, tmp_path, ldm_here):
     import subprocess
     import sys
 
     args = [str(shapes), "--model", str(tiny_model), "--resolution", "64", "--max-steps", "3", "--batch-size", "2",
             "--device", "cpu", "-q", "--cache-dir", str(tmp_path / "c")]
-    plain = ldm("train", *args, "--out", tmp_path / "plain")
+    plain = ldm_here("train", *args, "--out", tmp_path / "plain")
     assert plain.returncode == 0, plain.stderr
     launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
                                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
