@@ -185,7 +185,7 @@ json.dump({"rc": proc.returncode, "stderr": err, "filled": filled}, open(copy_to
 
 
 @pytest.mark.slow
-def test_a_real_full_disk_keeps_the_previous_checkpoints(shapes, tiny_model, tmp_path):
+def test_a_real_full_disk_keeps_the_previous_checkpoints(ldm_here, shapes, tiny_model, tmp_path):
     """The output folder is a 64 MB tmpfs that another writer fills up mid-run (in a private mount
     namespace, so no root is needed where user namespaces are allowed)."""
     import shutil
@@ -211,8 +211,7 @@ def test_a_real_full_disk_keeps_the_previous_checkpoints(shapes, tiny_model, tmp
     assert all(checkpoints.verify(root / f"step-{s:07d}") is None for s in steps)
     # On a disk with room again, the run continues from the last checkpoint and ends where an
     # uninterrupted run ends, bit for bit.
-    resumed = subprocess.run([LDM, *train_args(shapes, tiny_model, tmp_path / "after", tmp_path / "c"),
-                              "--resume", "latest"], capture_output=True, text=True, env=env)
+    resumed = ldm_here(*train_args(shapes, tiny_model, tmp_path / "after", tmp_path / "c"), "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr
     straight = subprocess.run([LDM, *train_args(shapes, tiny_model, tmp_path / "straight", tmp_path / "c")],
                               capture_output=True, text=True, env=env)
