@@ -53,6 +53,8 @@ def redo_png(from_png, settings, request, load, given):
 
 
 def prompt_jobs(prompt, settings, request, init_images, skip_existing=False):
+    """The jobs of the PROMPT arguments and the prompt file's lines, each with its own options over `settings`;
+    seeds from --seed, else one drawn for the run."""
     from ldm_cli.io.prompts import read_prompt_file
     from ldm_cli.jobs import build_jobs
 
