@@ -77,8 +77,9 @@ def tuned(options: dict | None, channels_last: bool = False, by_channel: bool = 
 
 
 def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False, kernels: bool = False):
-    """The run's timing row, then (`kernels`) its step's GPU time by kind of kernel, and (`losses`, ldm's runs)
-    its first 20 losses against ldm's eager step's, same seed: a lever is kept only if they agree to bf16 noise."""
+    """The run's timing row, then (`kernels`) its step's GPU time by kind of kernel, and (`losses`, ldm's runs but
+    `full`, whose losses docs/performance.md gives) its first 20 losses against ldm's eager step's, same seed: a
+    lever is kept only if they agree to bf16 noise."""
     from common import kernel_breakdown
 
     if name.startswith("plain"):
@@ -95,7 +96,7 @@ def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False, ke
         if kernels:
             yield {"run": f"kernels ldm {name}", "batch": batch, **kernel_breakdown(step, calls=3)}
         del step
-        if losses:
+        if losses and name != "full":
             yield {**ts.losses_agree(batch, mode), "run": f"losses ldm {name} vs eager"}
 
 
@@ -105,7 +106,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
-    ap.add_argument("--losses", action="store_true", help="each ldm run's first 20 losses against the eager step's")
+    ap.add_argument("--losses", action="store_true", help="each ldm run's (not `full`'s) first 20 losses against eager's")
     ap.add_argument("--kernels", action="store_true", help="each run's step: GPU time by kind of kernel (profiler)")
     add_out_option(ap)
     args = ap.parse_args()
