@@ -83,6 +83,23 @@ def build_optimizer(cfg: TrainConfig, params: list):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=True if params[0].is_cuda else None)
 
 
+def laid_out_as(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t (p's shape) on p's device, in p's memory layout (its strides), keeping t's dtype."""
+    t = t.to(p.device)
+    return t if t.stride() == p.stride() else torch.empty_like(p, dtype=t.dtype).copy_(t)
+
+
+def moments_laid_out_as_params(optimizer) -> None:
+    """Each parameter's optimizer state in the parameter's own memory layout, in place. Why: fused AdamW walks a
+    parameter, its gradient and its moments as flat arrays, so moments saved by a run in another layout (NCHW
+    against channels_last: train/fast.py's choice differs by --compile, and `auto`'s by --max-steps) would be
+    read permuted, and the update silently wrong. load_state_dict keeps the saved tensors' strides."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = laid_out_as(p, v)
+
+
 def build_schedule(cfg: TrainConfig, optimizer, max_steps: int):
     """diffusers' schedule of that name. Its `constant` and `piecewise_constant` ignore num_warmup_steps
     silently, so `--warmup-steps N` turns `constant` into `constant_with_warmup` and is refused with
@@ -127,8 +144,9 @@ def restore(ckpt: Path, named: dict, optimizer, lr_sched, ema, cfg: TrainConfig,
     except RuntimeError as e:
         raise LdmError(f"{ckpt}: checkpoint of a different model shape ({str(e).splitlines()[0][:160]})") from None
     if ema is not None and ema_saved is not None:
-        ema = [ema_saved[n].to(p.device) for n, p in named.items()]
+        ema = [laid_out_as(p, ema_saved[n]) for n, p in named.items()]
     optimizer.load_state_dict(state["optimizer"])
+    moments_laid_out_as_params(optimizer)
     lr_sched.load_state_dict(state["lr_scheduler"])
     if schedule_changed and hasattr(lr_sched, "lr_lambdas"):  # all of diffusers' schedules are LambdaLR
         lr_sched.base_lrs = [cfg.lr for _ in optimizer.param_groups]
