@@ -2,26 +2,28 @@
 the same step with inductor's autotuning, with CUDA graphs, and beside the plain loop at its default and its
 tuned torch.compile setting.
 
-    python bench/train_tuning.py                                   # batch 32: full, graphs, plain compiled
-    python bench/train_tuning.py --runs full,autotune,plain-autotune   # the GEMM/convolution templates' autotuning
-    python bench/train_tuning.py --runs full,cdt                   # coordinate-descent tuning of the fused kernels
+    python bench/train_tuning.py                                   # batch 32: full, nchw, plain compiled
+    python bench/train_tuning.py --runs nchw,autotune,plain-autotune   # the GEMM/convolution templates' autotuning
+    python bench/train_tuning.py --runs nchw,cdt                   # coordinate-descent tuning of the fused kernels
     python bench/train_tuning.py --runs autotune --losses          # and its first 20 losses against eager's
-    python bench/train_tuning.py --runs full,cl-gn,gn --losses     # GroupNorm from per-channel statistics
+    python bench/train_tuning.py --runs nchw,cl-gn,gn --losses     # GroupNorm from per-channel statistics
 
 SD-1.5-shaped random U-Net, 512px (64x64 latents), bf16, timed as bench/train_step.py times it (images/s over
 --steps steps after --warmup; `first_s`, the first step's time, holds the compile and any autotuning).
 What each run is (RUNS):
-- `full`: `ldm train --compile full` as shipped (torch.compile of the whole U-Net, inductor's defaults);
+- `full`: `ldm train --compile full` as shipped (torch.compile of the whole U-Net in channels_last, its GroupNorms
+  from per-channel statistics: `cl-gn` below, measured +8.2% over `nchw` on an H100);
+- `nchw`: `full` as it shipped before: NCHW, torch's GroupNorm, inductor's defaults;
 - `graphs`: `--compile graphs` (the same, each step's forward and backward replayed as CUDA graphs);
-- `autotune`: `full` with inductor's `max_autotune`: each matmul and convolution benchmarked against Triton
+- `autotune`: `nchw` with inductor's `max_autotune`: each matmul and convolution benchmarked against Triton
   templates at compile time and the fastest kept (cuBLAS/cuDNN among them, so never slower by design);
-- `cdt`: `full` with inductor's `coordinate_descent_tuning`: the block sizes of its own fused kernels (GroupNorm,
+- `cdt`: `nchw` with inductor's `coordinate_descent_tuning`: the block sizes of its own fused kernels (GroupNorm,
   the pointwise work) tuned one by one;
 - `max`: both (torch.compile's mode "max-autotune-no-cudagraphs");
 - `cl-cdt`: `cdt` over the U-Net in channels_last with the layout's inductor options (accel/inductor.py), as
   `--part levers` of bench/train_step.py timed the layout: whether tuned NHWC GroupNorm kernels win the layout
   back its transposes (channels_last untuned: level, its GroupNorm 19 ms slower, the transposes 20 ms gone);
-- `gn`, `cl-gn`: `full` with the U-Net's GroupNorms computed from per-channel statistics (accel/groupnorm.py), in
+- `gn`, `cl-gn`: `nchw` with the U-Net's GroupNorms computed from per-channel statistics (accel/groupnorm.py), in
   NCHW and in channels_last with the layout's inductor options: whether inductor's NHWC GroupNorm, read a channel
   row at a time, stops costing channels_last the transposes it spares the convolutions;
 - `plain`, `plain-autotune`: the reference loop of bench/train_step.py (autocast bf16, fused AdamW, no clipping)
@@ -44,14 +46,15 @@ INDUCTOR = {"autotune": {"max_autotune": True}, "cdt": {"coordinate_descent_tuni
             "cl-cdt": {"coordinate_descent_tuning": True}}
 CHANNELS_LAST = {"cl-cdt", "cl-gn"}
 BY_CHANNEL = {"gn", "cl-gn"}
-RUNS = ("full", "graphs", "autotune", "cdt", "max", "cl-cdt", "gn", "cl-gn", "plain", "plain-autotune")
+SHIPPED = {"full", "graphs"}
+RUNS = ("full", "graphs", "nchw", "autotune", "cdt", "max", "cl-cdt", "gn", "cl-gn", "plain", "plain-autotune")
 
 
 @contextmanager
-def tuned(options: dict | None, channels_last: bool = False, by_channel: bool = False):
-    """ldm's `fast.speed_up` with inductor options added to its `full` compile (None: inductor's defaults);
+def tuned(options: dict | None, channels_last: bool = False, by_channel: bool = False, as_shipped: bool = False):
+    """ldm's `fast.speed_up` with its `full` compile in NCHW, inductor options added (None: inductor's defaults);
     channels_last: the U-Net in that layout, compiled with the layout's options (accel/inductor.py) as well;
-    by_channel: its GroupNorms from per-channel statistics (accel/groupnorm.py). All off: as shipped."""
+    by_channel: its GroupNorms from per-channel statistics (accel/groupnorm.py). as_shipped: speed_up untouched."""
     import torch
 
     from ldm_cli.accel.groupnorm import use_channel_stats
@@ -70,7 +73,7 @@ def tuned(options: dict | None, channels_last: bool = False, by_channel: bool = 
         unet.compile(options={**compile_options(), **(options or {})} if channels_last else options)
 
     try:
-        fast.speed_up = speed_up if options or channels_last or by_channel else shipped
+        fast.speed_up = shipped if as_shipped else speed_up
         yield
     finally:
         fast.speed_up = shipped
@@ -78,7 +81,7 @@ def tuned(options: dict | None, channels_last: bool = False, by_channel: bool = 
 
 def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False, kernels: bool = False):
     """The run's timing row, then (`kernels`) its step's GPU time by kind of kernel, and (`losses`, ldm's runs but
-    `full`, whose losses docs/performance.md gives) its first 20 losses against ldm's eager step's, same seed: a
+    `nchw`, whose losses docs/performance.md gives) its first 20 losses against ldm's eager step's, same seed: a
     lever is kept only if they agree to bf16 noise."""
     from common import kernel_breakdown
 
@@ -90,23 +93,23 @@ def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False, ke
             yield {"run": f"kernels {name}", "batch": batch, **kernel_breakdown(step, calls=3)}
         return
     mode = "graphs" if name == "graphs" else "full"
-    with tuned(INDUCTOR.get(name), name in CHANNELS_LAST, name in BY_CHANNEL):
+    with tuned(INDUCTOR.get(name), name in CHANNELS_LAST, name in BY_CHANNEL, as_shipped=name in SHIPPED):
         step = ts.ldm_step(batch, mode)
         yield ts.timed_run(f"ldm {name}", batch, step, steps, warmup)
         if kernels:
             yield {"run": f"kernels ldm {name}", "batch": batch, **kernel_breakdown(step, calls=3)}
         del step
-        if losses and name != "full":
+        if losses and name != "nchw":
             yield {**ts.losses_agree(batch, mode), "run": f"losses ldm {name} vs eager"}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", default="full,graphs,plain", help=f"comma-separated, in order, of: {', '.join(RUNS)}")
+    ap.add_argument("--runs", default="full,nchw,plain", help=f"comma-separated, in order, of: {', '.join(RUNS)}")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=4, help="steps before the timed span (compilation)")
-    ap.add_argument("--losses", action="store_true", help="each ldm run's (not `full`'s) first 20 losses against eager's")
+    ap.add_argument("--losses", action="store_true", help="each ldm run's (not `nchw`'s) first 20 losses against eager's")
     ap.add_argument("--kernels", action="store_true", help="each run's step: GPU time by kind of kernel (profiler)")
     add_out_option(ap)
     args = ap.parse_args()

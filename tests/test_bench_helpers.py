@@ -217,6 +217,10 @@ def test_tuning_bench_compiles_ldms_step_with_the_runs_inductor_options_and_puts
     assert layout.weight.is_contiguous(memory_format=torch.channels_last)
     options = layout.compiled_with["options"]
     assert options["coordinate_descent_tuning"] and options["conv_1x1_as_mm"] and "post_grad_custom_post_pass" in options
-    with train_tuning.tuned(None):
+    with train_tuning.tuned(None, as_shipped=True):
         assert fast.speed_up is shipped
+    nchw = Recording(4, 4, 3)
+    with train_tuning.tuned(None):  # `nchw`: the layout and GroupNorm that shipped before, inductor's defaults
+        fast.speed_up(nchw, "full", cuda)
+    assert nchw.compiled_with == {"options": None} and nchw.weight.is_contiguous()
     assert set(train_tuning.INDUCTOR) < set(train_tuning.RUNS)

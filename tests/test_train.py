@@ -97,6 +97,36 @@ def test_a_channels_last_unet_trains_saves_and_resumes(shapes, tiny_model, tmp_p
     assert apart < 1e-2 * moved, (apart, moved)  # measured against how far training moved the weights
     assert all(w.is_contiguous() for w in unet_weights(tmp_path / "straight" / "model-ema").values())
 
+
+def test_a_resume_in_the_other_layout_keeps_fused_adams_moments_right(shapes, tiny_model, tmp_path, monkeypatch):
+    """A checkpoint written in NCHW resumed in channels_last (`--compile none` then `full` on CUDA, or `auto`
+    changing its mind as --max-steps grows): fused AdamW reads a parameter and its moments as flat arrays, so the
+    saved moments must take the parameter's layout, or the update is silently permuted. Fused AdamW (CUDA's) on
+    the CPU here; the resumed run against the unbroken one, up to channels_last convolutions' rounding."""
+    from ldm_cli.train import fast, optim
+
+    def fused(cfg, params):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=True)
+
+    def channels_last(unet, mode, device, channels_last=None):
+        unet.to(memory_format=torch.channels_last)
+
+    monkeypatch.setattr(optim, "build_optimizer", fused)
+    monkeypatch.setattr("ldm_cli.train.loop.build_optimizer", fused)
+    base = dict(data_dir=str(shapes), model=str(tiny_model), max_steps=6, batch_size=2, lr=1e-3, seed=4,
+                device="cpu", cache_dir=str(tmp_path / "c"), ema=True, checkpoint_every=3)
+    straight = train(TrainConfig(out_dir=str(tmp_path / "straight"), **base))
+    train(TrainConfig(out_dir=str(tmp_path / "resumed"), **{**base, "max_steps": 3}))
+    monkeypatch.setattr(fast, "speed_up", channels_last)
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "resumed"), **base), resume="latest")
+    assert np.allclose(losses(tmp_path / "straight"), losses(tmp_path / "resumed"), rtol=1e-3)
+    a, b, start = unet_weights(straight), unet_weights(resumed), unet_weights(tiny_model)
+    apart = sum((a[k] - b[k]).double().square().sum() for k in a).sqrt()
+    moved = sum((a[k] - start[k]).double().square().sum() for k in a).sqrt()
+    assert apart < 1e-2 * moved, (apart, moved)
+    ema_a, ema_b = unet_weights(tmp_path / "straight" / "model-ema"), unet_weights(tmp_path / "resumed" / "model-ema")
+    assert sum((ema_a[k] - ema_b[k]).double().square().sum() for k in a).sqrt() < 1e-2 * moved
+
 @pytest.mark.slow
 def test_train_cli(ldm, ldm_here, shapes, tiny_model, tmp_path):
     r = ldm("train", shapes, "--model", tiny_model, "--out", tmp_path / "run", "--resolution", 64,
@@ -462,6 +492,33 @@ def test_compile_modes_resolve_by_device_length_and_layout():
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS, world=2, small=True) == "full"
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS, accumulation=4, small=True) == "full"
     assert compile_mode("auto", cpu, 10**6, small=True) == "none"
+
+
+def test_on_cuda_full_compiles_in_channels_last_with_group_norm_from_channel_statistics():
+    """train/fast.py's layout lever, as shipped: `full` (measured +8.2% on an H100) trains the U-Net in
+    channels_last with its GroupNorms from per-channel statistics and the layout's inductor options; the other
+    modes keep NCHW and torch's GroupNorm; off CUDA nothing changes."""
+    from ldm_cli.accel.groupnorm import ChannelStatsGroupNorm
+    from ldm_cli.train import fast
+
+    class UNetLike(torch.nn.Module):  # records how it was compiled
+        def __init__(self):
+            super().__init__()
+            self.norm, self.conv = torch.nn.GroupNorm(2, 4), torch.nn.Conv2d(4, 4, 3)
+
+        def compile(self, **kw):
+            self.compiled_with = kw
+
+    made = {}
+    for device, mode in [("cuda", m) for m in ("none", "regional", "full", "graphs")] + [("cpu", "full")]:
+        unet = UNetLike()
+        fast.speed_up(unet, mode, torch.device(device))
+        made[device, mode] = (unet.conv.weight.is_contiguous(memory_format=torch.channels_last),
+                              type(unet.norm) is ChannelStatsGroupNorm, getattr(unet, "compiled_with", None))
+    layout, by_channel, kw = made["cuda", "full"]
+    assert layout and by_channel and kw["options"]["conv_1x1_as_mm"]
+    assert all(not cl and not gn for (device, mode), (cl, gn, _) in made.items() if (device, mode) != ("cuda", "full"))
+    assert made["cuda", "graphs"][2] == {"mode": "reduce-overhead"} and made["cpu", "full"][2] is None
 
 
 def test_compile_auto_says_its_choice_on_cuda_only():

@@ -8,12 +8,12 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
   ~150 s to compile cold, ~7 s from inductor's warm cache); `regional` compiles each repeated block
   (ResNet and transformer blocks) alone: measured slower to run (110 images/s) and not quicker to
   compile (174 s: ~20 distinct block shapes, each compiled forward and backward);
-- channels_last: off. Eager, measured 6% slower (89.3 vs 95.2 images/s: eager GroupNorm has no fast NHWC
-  kernel). Compiled (with the sampling path's inductor options and graph pass, accel/inductor.py), measured
-  level (125.6 vs 125.5 images/s on an H100) and 0.9 GiB more: it spares cuDNN's convolutions their layout
-  transposes (-20 ms a step) but inductor's NHWC GroupNorm and pointwise kernels take 19 ms more and the
-  convolutions 4 ms more. GroupNorm from per-channel statistics (accel/groupnorm.py, GROUPNORM_BY_CHANNEL)
-  is built to take that 19 ms back: predicted 0 to +8% in channels_last, not yet measured, so off;
+- channels_last, on for `full` with GroupNorm from per-channel statistics (accel/groupnorm.py): +8.2%
+  (122.3 -> 132.3 images/s on an H100, one process; 0.9 GiB more). Alone it was level (125.6 vs 125.5): it
+  spares cuDNN's convolutions their layout transposes (-20 ms a step) but inductor's NHWC GroupNorm and
+  pointwise kernels took 19 ms more; from per-channel statistics they are back at NCHW's (52.9 against 69.5
+  ms). Eager, off: 6% slower (89.3 vs 95.2: eager GroupNorm has no fast NHWC kernel). `regional` and `graphs`
+  keep NCHW: not measured in the layout (graphs' small U-Nets are paced by the host, not their kernels);
 - cuDNN's autotuning (torch.backends.cudnn.benchmark): measured no change, eager or compiled, so not set;
 - `graphs`: `full` with CUDA graphs (torch.compile's reduce-overhead): each step's forward and backward
   replayed with one launch each, for steps the host cannot keep fed (small U-Nets at large batch, where
@@ -38,11 +38,12 @@ from ldm_cli.accel.inductor import compile_options
 
 REGIONS = ("ResnetBlock2D", "BasicTransformerBlock")  # the U-Net's repeated blocks
 COMPILE_MODES = ("auto", "none", "regional", "full", "graphs")
-# the layout per kind of run, batch 32: eager 6% slower in channels_last; compiled level, 0.9 GiB more
-CHANNELS_LAST = {"eager": False, "compiled": False}
-# compiled U-Nets' GroupNorms from per-channel statistics (accel/groupnorm.py), for channels_last's sake:
-# predicted to win that layout back its transposes (0 to -20 ms a step, SD-1.5 at batch 32); off until measured
-GROUPNORM_BY_CHANNEL = False
+# the layout per --compile mode, SD-1.5 at batch 32: eager 6% slower in channels_last; `full` +8.2% with the
+# GroupNorms below (level without them); `regional` and `graphs` not measured in it
+CHANNELS_LAST = {"none": False, "regional": False, "full": True, "graphs": False}
+# a compiled channels_last U-Net's GroupNorms from per-channel statistics (accel/groupnorm.py): inductor's NHWC
+# GroupNorm and pointwise kernels 69.5 -> 52.9 ms a step (NCHW's: ~51), which is what makes the layout pay
+GROUPNORM_BY_CHANNEL = True
 # break-even of `full` against eager, SD-1.5 at batch 32, cold starts from the command: ~1,330 steps on an H200
 # (131 s against 17 s; 251 against 337 ms a step), ~2,320 on an H100 whose host compiled twice as slowly; with a
 # warm inductor cache ~140. (`regional` is fastest only in a ~170-step band, by under 1% on the H200: not chosen.)
@@ -72,10 +73,10 @@ def speed_up(unet, mode: str, device: torch.device, channels_last: bool | None =
     if device.type != "cuda":
         return
     if channels_last is None:
-        channels_last = CHANNELS_LAST["eager" if mode == "none" else "compiled"]
+        channels_last = CHANNELS_LAST[mode]
     if channels_last:
         unet.to(memory_format=torch.channels_last)
-    if GROUPNORM_BY_CHANNEL and mode != "none":
+    if GROUPNORM_BY_CHANNEL and channels_last and mode != "none":
         use_channel_stats(unet)
     options = {"options": compile_options()} if channels_last else {}
     if mode == "regional":
