@@ -494,6 +494,22 @@ def test_compile_modes_resolve_by_device_length_and_layout():
     assert compile_mode("auto", cpu, 10**6, small=True) == "none"
 
 
+def test_quantized_moments_of_another_layout_are_refused_not_permuted():
+    """8-bit AdamW's moments are quantized in blocks of the flat array: moved to another layout, each would be
+    read with another block's scale, so a resume across layouts with them is refused; float moments move."""
+    from ldm_cli.train.optim import moments_laid_out_as_params
+
+    p = torch.nn.Parameter(torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last))
+    saved = torch.randn(4, 3, 3, 3)
+    optimizer = torch.optim.AdamW([p])
+    optimizer.state[p] = {"exp_avg": saved.clone(), "step": torch.tensor(3.0)}
+    moments_laid_out_as_params(optimizer)
+    assert optimizer.state[p]["exp_avg"].stride() == p.stride() and torch.equal(optimizer.state[p]["exp_avg"], saved)
+    optimizer.state[p] = {"state1": torch.zeros(4, 3, 3, 3, dtype=torch.uint8)}
+    with pytest.raises(LdmError, match="resume with the --compile it was written with"):
+        moments_laid_out_as_params(optimizer)
+
+
 def test_on_cuda_full_compiles_in_channels_last_with_group_norm_from_channel_statistics():
     """train/fast.py's layout lever, as shipped: `full` (measured +8.2% on an H100) trains the U-Net in
     channels_last with its GroupNorms from per-channel statistics and the layout's inductor options; the other

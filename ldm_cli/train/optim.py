@@ -93,10 +93,14 @@ def moments_laid_out_as_params(optimizer) -> None:
     """Each parameter's optimizer state in the parameter's own memory layout, in place. Why: fused AdamW walks a
     parameter, its gradient and its moments as flat arrays, so moments saved by a run in another layout (NCHW
     against channels_last: train/fast.py's choice differs by --compile, and `auto`'s by --max-steps) would be
-    read permuted, and the update silently wrong. load_state_dict keeps the saved tensors' strides."""
+    read permuted, and the update silently wrong. load_state_dict keeps the saved tensors' strides. 8-bit AdamW's
+    moments are quantized in blocks of the flat array, so theirs cannot move: that resume is refused."""
     for p, state in optimizer.state.items():
         for k, v in state.items():
             if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                check(v.is_floating_point(), "this checkpoint's 8-bit optimizer state was written with the U-Net in "
+                      "another memory layout (channels_last under --compile full on CUDA, NCHW otherwise); resume "
+                      "with the --compile it was written with")
                 state[k] = laid_out_as(p, v)
 
 
