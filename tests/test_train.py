@@ -508,6 +508,9 @@ def test_quantized_moments_of_another_layout_are_refused_not_permuted():
     optimizer.state[p] = {"state1": torch.zeros(4, 3, 3, 3, dtype=torch.uint8)}
     with pytest.raises(LdmError, match="resume with the --compile it was written with"):
         moments_laid_out_as_params(optimizer)
+    one_by_one = torch.nn.Parameter(torch.randn(4, 3, 1, 1).to(memory_format=torch.channels_last))
+    optimizer.state = {one_by_one: {"state1": torch.zeros(4, 3, 1, 1, dtype=torch.uint8)}}
+    moments_laid_out_as_params(optimizer)  # a 1x1 weight is the same array in either layout: nothing to refuse
 
 
 def test_on_cuda_full_compiles_in_channels_last_with_group_norm_from_channel_statistics():

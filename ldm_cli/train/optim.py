@@ -83,10 +83,16 @@ def build_optimizer(cfg: TrainConfig, params: list):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=True if params[0].is_cuda else None)
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b (one shape) hold their elements in the same order in memory: the same strides, bar those of
+    size-1 dimensions (which order nothing: a 1x1 convolution's weight is the same array in either layout)."""
+    return [s for s, n in zip(a.stride(), a.shape) if n != 1] == [s for s, n in zip(b.stride(), b.shape) if n != 1]
+
+
 def laid_out_as(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """t (p's shape) on p's device, in p's memory layout (its strides), keeping t's dtype."""
+    """t (p's shape) on p's device, in p's memory layout, keeping t's dtype."""
     t = t.to(p.device)
-    return t if t.stride() == p.stride() else torch.empty_like(p, dtype=t.dtype).copy_(t)
+    return t if same_layout(t, p) else torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
 def moments_laid_out_as_params(optimizer) -> None:
@@ -97,7 +103,7 @@ def moments_laid_out_as_params(optimizer) -> None:
     moments are quantized in blocks of the flat array, so theirs cannot move: that resume is refused."""
     for p, state in optimizer.state.items():
         for k, v in state.items():
-            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+            if torch.is_tensor(v) and v.shape == p.shape and not same_layout(v, p):
                 check(v.is_floating_point(), "this checkpoint's 8-bit optimizer state was written with the U-Net in "
                       "another memory layout (channels_last under --compile full on CUDA, NCHW otherwise); resume "
                       "with the --compile it was written with")
