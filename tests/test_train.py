@@ -103,7 +103,7 @@ def test_a_resume_in_the_other_layout_keeps_fused_adams_moments_right(shapes, ti
     changing its mind as --max-steps grows): fused AdamW reads a parameter and its moments as flat arrays, so the
     saved moments must take the parameter's layout, or the update is silently permuted. Fused AdamW (CUDA's) on
     the CPU here; the resumed run against the unbroken one, up to channels_last convolutions' rounding."""
-    from ldm_cli.train import fast, optim
+    from ldm_cli.train import fast
 
     def fused(cfg, params):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2, fused=True)
@@ -111,7 +111,6 @@ def test_a_resume_in_the_other_layout_keeps_fused_adams_moments_right(shapes, ti
     def channels_last(unet, mode, device, channels_last=None):
         unet.to(memory_format=torch.channels_last)
 
-    monkeypatch.setattr(optim, "build_optimizer", fused)
     monkeypatch.setattr("ldm_cli.train.loop.build_optimizer", fused)
     base = dict(data_dir=str(shapes), model=str(tiny_model), max_steps=6, batch_size=2, lr=1e-3, seed=4,
                 device="cpu", cache_dir=str(tmp_path / "c"), ema=True, checkpoint_every=3)
