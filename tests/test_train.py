@@ -549,7 +549,7 @@ def test_compile_auto_says_its_choice_on_cuda_only():
         return chosen, notes
 
     assert said("auto", "cuda", 5000) == ("full", ["--compile auto: full for 5000 steps (at least 2000, where a first "
-                                                   "compile, ~2.5 min for SD-1.5, pays back; --compile none to choose "
+                                                   "compile, ~2-3.5 min for SD-1.5, pays back; --compile none to choose "
                                                    "otherwise)"])
     assert said("auto", "cuda", 300)[0] == "none" and "fewer than 2000" in said("auto", "cuda", 300)[1][0]
     assert said("auto", "cpu", 5000) == ("none", [])  # nothing compiles on a CPU: nothing to say
@@ -557,7 +557,7 @@ def test_compile_auto_says_its_choice_on_cuda_only():
     # the embedded model's U-Net (12M parameters): graphed, and said why, with LoRA and gradient checkpointing too
     # (tests/test_gpu.py: each trains graphed as eager); not a U-Net of GRAPHS_MAX_PARAMS
     assert said("auto", "cuda", 5000, 12_228_772) == ("graphs", [
-        "--compile auto: graphs for 5000 steps (at least 2000, where a first compile, ~2.5 min for SD-1.5, pays back; "
+        "--compile auto: graphs for 5000 steps (at least 2000, where a first compile, ~2-3.5 min for SD-1.5, pays back; "
         "graphs: a U-Net of 12M parameters, whose steps CUDA graphs replay 2-3x faster; --compile full or none to "
         "choose otherwise)"])
     assert said("auto", "cuda", 5000, 12_228_772, lora_rank=8)[0] == "graphs"

@@ -221,7 +221,7 @@ def chosen_compile(cfg: TrainConfig, device, max_steps: int, world: int, say, un
         why = (f"; graphs: a U-Net of {unet_params / 1e6:.0f}M parameters, whose steps CUDA graphs replay 2-3x "
                "faster" if compiled == "graphs" else "")
         say(f"--compile auto: {compiled} for {max_steps} steps ({'at least' if enough else 'fewer than'} "
-            f"{fast.AUTO_COMPILE_MIN_STEPS}, where a first compile, ~2.5 min for SD-1.5, pays back{why}; "
+            f"{fast.AUTO_COMPILE_MIN_STEPS}, where a first compile, ~2-3.5 min for SD-1.5, pays back{why}; "
             f"--compile {'full or none' if compiled == 'graphs' else 'none' if enough else 'full'} to choose "
             "otherwise)")
     elif compiled == "none" and cfg.compile not in ("auto", "none"):
