@@ -6,6 +6,8 @@ traced frames (TORCH_CACHING_PRECOMPILE=1, experimental in torch), so that a war
     python bench/compile_start.py --precompile off --cache /tmp/inductor   # two starts over a kept cache
     python bench/compile_start.py --device cpu --width 0.1 --batch 1 --latent 16   # SD-1.5's blocks, a tenth
         of the channels (~5 minutes on 2 cores; bench/results/cpu/compile_start.jsonl)
+    python bench/compile_start.py --device cpu --width 0.1 --batch 1 --latent 16 --precompile off --layout cl-gn
+        # what `full`'s layout (channels_last, per-channel GroupNorm) adds to tracing; --layout nchw beside it
 
 The U-Net is SD-1.5's layout (blocks, layers, attention) with --width of its channels: tracing and
 lowering cost follows the number of operations, not their size, so a narrow U-Net shows the start-up's
@@ -38,11 +40,16 @@ def child(args) -> None:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     unet = sd15_unet(args.width).to(dev).train()
-    if dev.type == "cuda":  # as `ldm train --compile full` lays it out and compiles it
+    if dev.type == "cuda" and args.layout == "shipped":  # as `ldm train --compile full` lays it out and compiles it
         from ldm_cli.train import fast
 
         fast.speed_up(unet, "full", dev)
     else:
+        if args.layout == "cl-gn":  # `full`'s layout: channels_last, GroupNorms from per-channel statistics
+            from ldm_cli.accel.groupnorm import use_channel_stats
+
+            unet.to(memory_format=torch.channels_last)
+            use_channel_stats(unet)
         unet.compile()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=dev.type == "cuda")
     n, side = args.batch, args.latent
@@ -74,7 +81,7 @@ def child(args) -> None:
 def start(args, cache: Path, precompile: bool) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCH_CACHING_PRECOMPILE": "1" if precompile else "0"}
     cmd = [sys.executable, __file__, "--child", "--device", args.device, "--width", str(args.width),
-           "--batch", str(args.batch), "--latent", str(args.latent)]
+           "--batch", str(args.batch), "--latent", str(args.latent), "--layout", args.layout]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -93,6 +100,9 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--latent", type=int, default=64, help="latent side (64: 512-px images)")
     ap.add_argument("--precompile", default="off,on", help="dynamo's cache: off, on or both (off,on)")
+    ap.add_argument("--layout", default="shipped", choices=("shipped", "nchw", "cl-gn"),
+                    help="shipped: as `ldm train --compile full` on CUDA (cl-gn), a plain compile (nchw) on the CPU; "
+                    "cl-gn: channels_last with GroupNorms from per-channel statistics, on any device")
     ap.add_argument("--cache", type=Path, help="inductor's cache folder to use (kept; a filled one makes the first "
                     "start warm); default: a new empty one per --precompile setting")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -105,7 +115,7 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             cache = args.cache or Path(d)
             for state in ("cold" if args.cache is None else "first", "warm"):
-                row = {"start": state, "dynamo cache": precompile, "width": args.width,
+                row = {"start": state, "layout": args.layout, "dynamo cache": precompile, "width": args.width,
                        "batch": args.batch, **start(args, cache, precompile)}
                 if state == "warm" or precompile:
                     row.pop("keys", None)  # the timers' names, once

@@ -133,6 +133,7 @@ def main():
         out = args.work / f"{args.family}-{mode}-{gpus}gpu-{k}"
         shutil.rmtree(out, ignore_errors=True)
         report.emit(run(ldm, data, model, out, mode == "cache", int(gpus), args))
+        shutil.rmtree(out, ignore_errors=True)  # its weights and checkpoint (SD-1.5: ~14 GB); its printed log is in --out
     report.table(("run", "GPUs", "images/s", "MFU", "first step s", "of it: before train / models / data / set-up / step",
                   "wall s", "cache"),
                  lambda r: [r["run"], r.get("gpus"), r.get("images_per_s"), f"{r.get('mfu_pct')}%", r.get("first_step_s"),
