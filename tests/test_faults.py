@@ -144,6 +144,32 @@ def test_damaged_latest_checkpoint_is_passed_over(shapes, tiny_model, tmp_path, 
         checkpoints.load_checkpoint(root / "step-0000005")
 
 
+def test_a_resume_reads_each_file_once_and_a_later_rewrite_is_still_caught(tmp_path, monkeypatch):
+    """--resume latest verifies the checkpoint it finds, then loads it: the digests are taken once (an SD-1.5
+    checkpoint is ~10 GB: a second reading cost 12 s), unless a file changed in between; state.pt, written
+    without torch's per-record CRC, loads back equal, and torch's setting is left as it was."""
+    root = tmp_path / "checkpoints"
+    named = {"w": torch.randn(64, 64)}
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.randn(64, 64)}}, "param_groups": []}, "step": 3}
+    ckpt = checkpoints.save_checkpoint(root, 3, named, {"w": named["w"] * 2}, state, {"train": {}}, keep=2)
+    files = sorted(p for p in ckpt.iterdir() if p.name != checkpoints.MANIFEST)
+    assert checkpoints._digests(files) == [checkpoints._digest(p) for p in files]  # in parallel, in order
+    assert torch.utils.serialization.config.save.compute_crc32
+    read, digest = [], checkpoints._digest
+    monkeypatch.setattr(checkpoints, "_digest", lambda p: read.append(p.name) or digest(p))
+    trainable, ema, loaded = checkpoints.load_checkpoint(checkpoints.find_resume(root, "latest"))
+    assert sorted(read) == [p.name for p in files]
+    assert torch.equal(trainable["w"], named["w"]) and torch.equal(ema["w"], named["w"] * 2)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    blob = ckpt / "trainable.safetensors"
+    data, before = bytearray(blob.read_bytes()), blob.stat()
+    data[-100] ^= 0xFF  # rewritten in place, the same size
+    blob.write_bytes(bytes(data))
+    os.utime(blob, ns=(before.st_atime_ns, before.st_mtime_ns + 1))  # as a rewrite's clock moves it, however coarse
+    with pytest.raises(LdmError, match="trainable.safetensors does not match the manifest"):
+        checkpoints.load_checkpoint(ckpt)
+
+
 def test_disk_full_during_save_keeps_the_previous_checkpoint(shapes, tiny_model, tmp_path, monkeypatch):
     train(small_cfg(shapes, tiny_model, tmp_path, max_steps=2))
     root = tmp_path / "run" / "checkpoints"

@@ -5,11 +5,13 @@ SD-1.5-shaped U-Net, 512px, bf16, batch 32 on one H200):
 - pinned, asynchronous host-to-device copies of each step's latents, noise and timesteps (loss.py):
   a pageable copy waits for the queued GPU work, so the host could not run ahead (+2.6%);
 - torch.compile: `full` compiles the whole U-Net as one graph (+33% over eager, 95 -> 126 images/s;
-  ~150 s to compile cold, ~7 s from inductor's warm cache); `regional` compiles each repeated block
-  (ResNet and transformer blocks) alone: measured slower to run (110 images/s) and not quicker to
-  compile (174 s: ~20 distinct block shapes, each compiled forward and backward);
+  ~150 s to compile cold, 164-196 s in channels_last on H100s, ~7-12 s from inductor's warm cache);
+  `regional` compiles each repeated block (ResNet and transformer blocks) alone: measured slower to run
+  (110 images/s) and not quicker to compile (174 s: ~20 distinct block shapes, each compiled forward and
+  backward);
 - channels_last, on for `full` with GroupNorm from per-channel statistics (accel/groupnorm.py): +8.2%
-  (122.3 -> 132.3 images/s on an H100, one process; 0.9 GiB more). Alone it was level (125.6 vs 125.5): it
+  (122.3 -> 132.3 images/s on an H100, one process; 0.9 GiB more; 1.06x the plain compiled loop side by side,
+  its first 20 losses equal to eager's to 4 decimals). Alone it was level (125.6 vs 125.5): it
   spares cuDNN's convolutions their layout transposes (-20 ms a step) but inductor's NHWC GroupNorm and
   pointwise kernels took 19 ms more; from per-channel statistics they are back at NCHW's (52.9 against 69.5
   ms). Eager, off: 6% slower (89.3 vs 95.2: eager GroupNorm has no fast NHWC kernel). `regional` and `graphs`
