@@ -170,6 +170,42 @@ def test_a_resume_reads_each_file_once_and_a_later_rewrite_is_still_caught(tmp_p
         checkpoints.load_checkpoint(ckpt)
 
 
+def as_written_on_a_gpu(state_pt):
+    """Rewrite a state.pt as torch.save writes it on a GPU: each storage tagged cuda:0 (pickle protocol 2)."""
+    import zipfile
+
+    tmp, plain = state_pt.with_suffix(".gpu"), state_pt.with_suffix(".crc")
+    torch.save(torch.load(state_pt, weights_only=True), plain)  # with the records' CRCs, which zipfile checks
+    with zipfile.ZipFile(plain) as z, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as out:
+        for info in z.infolist():
+            data = z.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert data.count(b"X\x03\x00\x00\x00cpu") == 1
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            out.writestr(info.filename, data)
+    plain.unlink()
+    tmp.replace(state_pt)
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(shapes, tiny_model, tmp_path):
+    """The optimizer's state of a GPU run is saved tagged cuda:0; a resume on a machine without CUDA loads it onto
+    the host (it read as a damaged state.pt before) and goes on as the unbroken run does."""
+    unbroken = train(small_cfg(shapes, tiny_model, tmp_path / "a", max_steps=4))
+    train(small_cfg(shapes, tiny_model, tmp_path, max_steps=2))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    as_written_on_a_gpu(ckpt / "state.pt")
+    manifest = json.loads((ckpt / checkpoints.MANIFEST).read_text())
+    manifest["state.pt"] = {"bytes": (ckpt / "state.pt").stat().st_size,
+                            "blake2b": checkpoints._digest(ckpt / "state.pt")}
+    (ckpt / checkpoints.MANIFEST).write_text(json.dumps(manifest))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(ckpt / "state.pt", weights_only=True)  # what the file now is
+    resumed = train(small_cfg(shapes, tiny_model, tmp_path, max_steps=4), resume="latest")
+    assert losses(tmp_path / "run") == losses(tmp_path / "a" / "run")
+    assert same_weights(unet_weights(resumed), unet_weights(unbroken))
+
+
 def test_disk_full_during_save_keeps_the_previous_checkpoint(shapes, tiny_model, tmp_path, monkeypatch):
     train(small_cfg(shapes, tiny_model, tmp_path, max_steps=2))
     root = tmp_path / "run" / "checkpoints"

@@ -180,7 +180,9 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, dict | None, dict]:
         raise LdmError(f"{ckpt}: damaged checkpoint ({problem}); pass an older one or --resume latest")
     ema = load_file(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").is_file() else None
     try:
-        state = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and numbers only: no code runs
+        # tensors and numbers only: no code runs; onto the host, from which the optimizer's load_state_dict puts
+        # each state on its parameter's device (a GPU's checkpoint, its tensors tagged cuda:0, resumes anywhere)
+        state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 (torch's message would advise weights_only=False: never that)
         raise LdmError(f"{ckpt}: state.pt holds more than tensors and numbers, or is damaged "
                        f"({type(e).__name__}); it is not loaded: pass an older checkpoint") from None
