@@ -3,6 +3,7 @@ machine's disk: the training loop stands still meanwhile, so a run checkpointing
 
     python bench/checkpoint_speed.py                       # SD-1.5-shaped U-Net, AdamW moments: ~10 GB
     python bench/checkpoint_speed.py --width 0.25 --dir /tmp/ck    # a smaller U-Net, elsewhere
+    python bench/checkpoint_speed.py --width 0.5 --background      # and the loop's hold: background vs synchronous
 
 The real code path (`train/checkpoints.py`: save_checkpoint, then find_resume("latest") and load_checkpoint as
 a resume runs them), timed through wrappers around its pieces: the weights' safetensors, the optimizer's
@@ -63,10 +64,31 @@ def state_of(unet) -> tuple[dict, dict]:
     return named, {"optimizer": opt.state_dict(), "step": 1}
 
 
+def background_rows(root: Path, trainable: dict, state: dict) -> list[dict]:
+    """How long `ldm train`'s loop is held by a checkpoint saved as it saves them mid-run (checkpoints.Writer,
+    background=True: copied to the host, written by a thread) against one written synchronously, same tensors."""
+    from ldm_cli.train import checkpoints as ck
+
+    rows = []
+    for step, background in ((2, False), (3, True)):
+        writer = ck.Writer()
+        t0 = time.perf_counter()
+        writer.save(root, step, trainable, None, state, {"train": {}}, keep=5, background=background)
+        held = time.perf_counter() - t0
+        writer.wait()
+        rows.append({"run": f"save, {'background' if background else 'synchronous'}", "loop_held_s": round(held, 2),
+                     "total": round(time.perf_counter() - t0, 2),
+                     "in_background": background and ck.available_memory() > 0 and held < 0.5 * (time.perf_counter() - t0)})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--width", type=float, default=1.0, help="share of SD-1.5's channels (1: SD-1.5 itself)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/ldm-checkpoint-bench"), help="where to write (removed after)")
+    ap.add_argument("--background", action="store_true", help="also: the loop's hold by a checkpoint written in the "
+                    "background (as ldm train saves mid-run) against a synchronous one; needs ~2x the checkpoint in "
+                    "free host memory, else it is written synchronously (the row says)")
     add_out_option(ap)
     args = ap.parse_args()
     from ldm_cli.io import files
@@ -90,8 +112,10 @@ def main():
     with (timed(ck, "_digests", load, "digests"), timed(ck, "load_file", load, "weights"),
           timed(ck.torch, "load", load, "state.pt")):
         found = ck.find_resume(root, "latest")
-        ck.load_checkpoint(found)
+        trainable, _, state = ck.load_checkpoint(found)
     load["total"] = time.perf_counter() - t0
+    held = background_rows(root, trainable, state) if args.background else []
+    del trainable, state
     disk = subprocess.run(["df", "--output=source", str(args.dir)], capture_output=True, text=True).stdout.split()[-1]
     shutil.rmtree(args.dir, ignore_errors=True)
     r = lambda d: {k: round(v, 2) for k, v in d.items()}  # noqa: E731
@@ -100,9 +124,11 @@ def main():
     report.emit({"run": "resume (find latest + load)", "width": args.width, "gib": round(gib, 2),
                  "page_cache": "dropped" if cold else "warm (not root)", **r(load),
                  "gib_per_s": round(gib / load["total"], 2)})
-    report.table(("run", "GiB", "total s", "weights s", "state.pt s", "digests s", "fsync s"),
-                 lambda x: [x["run"], x["gib"], x["total"], x.get("weights"), x.get("state.pt"), x.get("digests"),
-                            x.get("fsync", "")] if "gib" in x else None)
+    for row in held:
+        report.emit({**row, "width": args.width, "gib": round(gib, 2)})
+    report.table(("run", "GiB", "total s", "loop held s", "weights s", "state.pt s", "digests s", "fsync s"),
+                 lambda x: [x["run"], x["gib"], x["total"], x.get("loop_held_s", ""), x.get("weights", ""),
+                            x.get("state.pt", ""), x.get("digests", ""), x.get("fsync", "")] if "gib" in x else None)
     report.save()
 
 

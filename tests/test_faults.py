@@ -225,6 +225,62 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(shapes, tiny_model,
     assert json.loads((root / "step-0000002" / "manifest.json").read_text())
 
 
+def test_a_background_checkpoint_holds_its_step_and_a_failed_write_is_raised(tmp_path, monkeypatch):
+    """Written by a thread while training goes on: the checkpoint holds the tensors as they were when it was taken,
+    not as the next steps change them in place; a write that fails is raised by poll(); without the host memory
+    for the copy, the save is synchronous."""
+    import threading
+
+    release, real = threading.Event(), checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *a: release.wait(30) and real(*a))
+    w, moment = torch.randn(64, 64), torch.randn(64, 64)
+    before = (w.clone(), moment.clone())
+    writer = checkpoints.Writer()
+    state = {"optimizer": {"state": {0: {"exp_avg": moment}}}, "step": 3}
+    path = writer.save(tmp_path, 3, {"w": w}, None, state, {}, keep=2, background=True)
+    assert not path.exists()  # still being written: training goes on
+    w.add_(1)  # the next steps, in place
+    moment.mul_(2)
+    release.set()
+    writer.wait()
+    trainable, _, loaded = checkpoints.load_checkpoint(path)
+    assert torch.equal(trainable["w"], before[0])
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], before[1])
+
+    def full(root, step, *a):
+        raise checkpoints.write_failed(root / f"step-{step:07d}", OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", full)
+    writer.save(tmp_path, 4, {"w": w}, None, {"step": 4}, {}, keep=2, background=True)
+    with pytest.raises(checkpoints.WriteFailed, match="step-0000004: cannot write"):
+        for _ in range(3000):
+            writer.poll()
+            time.sleep(0.01)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "available_memory", lambda: 0)
+    assert writer.save(tmp_path, 5, {"w": w}, None, {"step": 5}, {}, keep=2, background=True).is_dir()
+
+
+def test_a_full_disk_under_a_background_checkpoint_stops_the_run(shapes, tiny_model, tmp_path, monkeypatch):
+    """The second checkpoint's write (in the background) fails: the run stops with the one line, exit 1, the first
+    checkpoint intact and nothing half-written."""
+    real_save, calls = torch.save, []
+
+    def full_on_the_second(obj, path, *a, **k):
+        calls.append(path)
+        real_save(obj, path, *a, **k)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_on_the_second)
+    with pytest.raises(LdmError, match="step-0000004: cannot write .No space left on device") as e:
+        train(small_cfg(shapes, tiny_model, tmp_path, max_steps=8))
+    root = tmp_path / "run" / "checkpoints"
+    assert e.value.exit_code == 1
+    assert saved_steps(root) == [2] and not list(root.glob(".tmp-*"))
+    assert checkpoints.verify(root / "step-0000002") is None
+
+
 FILL_A_REAL_DISK = r"""
 import json, os, shutil, subprocess, sys, time
 mount, copy_to, *cmd = sys.argv[1:]

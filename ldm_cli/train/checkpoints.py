@@ -135,6 +135,72 @@ def save_checkpoint(root: Path, step: int, trainable: dict, ema: dict | None, st
     return final
 
 
+def host_copy(obj):
+    """obj with every tensor copied to the host (nested dicts, lists and tuples): what training goes on changing
+    in place (weights, EMA, optimizer moments) is frozen as it is now."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj  # numbers, strings, None: never changed in place
+
+
+def tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def available_memory() -> int:
+    """The host memory available without swapping (Linux's MemAvailable), or 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Writer:
+    """Checkpoints, written one at a time. `save(..., background=True)`: the tensors are copied to the host and
+    written by a thread while training goes on (an SD-1.5 checkpoint, ~10 GB, holds the loop 2.3-34 s
+    synchronously; bench/checkpoint_speed.py); only when that copy fits in half the available host memory,
+    else as before. A write that failed is raised by the next save, by `poll()` (each step) or by `wait()`."""
+
+    def __init__(self):
+        self._pool, self._pending = None, None
+
+    def save(self, root: Path, step: int, trainable: dict, ema: dict | None, state: dict, config: dict, keep: int,
+             background: bool = False) -> Path:
+        self.wait()
+        tensors = (trainable, ema, state)
+        if background and 2 * tensor_bytes(tensors) < available_memory():
+            trainable, ema, state = host_copy(tensors)
+            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="ldm-checkpoint")
+            self._pending = self._pool.submit(save_checkpoint, root, step, trainable, ema, state, config, keep)
+            return root / f"step-{step:07d}"
+        with uninterrupted():  # a Ctrl-C during a save is delivered after it
+            return save_checkpoint(root, step, trainable, ema, state, config, keep)
+
+    def poll(self) -> None:
+        """Raise the failure of a background write that has ended in one (a full disk: stop now, not N steps on)."""
+        if self._pending is not None and self._pending.done() and self._pending.exception() is not None:
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish the write in flight, if any (its failure raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
 def checkpoints(root: Path) -> list[Path]:
     """Completed checkpoint folders, oldest first (temp folders are never listed)."""
     return sorted(p for p in root.glob("step-*") if p.is_dir())

@@ -127,11 +127,12 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
             if cfg.validate_every and done % cfg.validate_every == 0 and (cfg.validation_prompts or validation):
                 losses.flush()
                 validate(accelerator, c, unet, cfg, ema, params, validation, losses, done, say)
+            save.writer.poll()  # a background checkpoint's full disk stops the run now
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < max_steps:
                 losses.flush()
                 accelerator.wait_for_everyone()
                 if main:
-                    save(done)
+                    save(done, background=True)
     except checkpoints.WriteFailed:  # the disk that refused the save would refuse a rescue too
         raise
     except BaseException as e:  # save what was done first, whatever stopped the loop
@@ -267,17 +268,21 @@ def check_token_used(cfg: TrainConfig, examples, say) -> None:
 
 
 def saver(accelerator, optimizer, lr_sched, named: dict, ema, cfg: TrainConfig, unet_config: dict):
-    """save(step): write checkpoint `step` of this run (weights, EMA, optimizer, schedule, config)."""
-    def save(step: int) -> Path:
+    """save(step, background=False): write checkpoint `step` of this run (weights, EMA, optimizer, schedule,
+    config); `background`: copied to the host and written while training goes on, where the host has the
+    memory (checkpoints.Writer, one write at a time: each save waits for the one before). save.writer.poll()
+    raises a background write's failure."""
+    writer = checkpoints.Writer()
+
+    def save(step: int, background: bool = False) -> Path:
         state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "step": step}
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
         ema_named = dict(zip(named, ema)) if ema is not None else None
-        with checkpoints.uninterrupted():  # a Ctrl-C during a save is delivered after it
-            return checkpoints.save_checkpoint(Path(cfg.out_dir) / "checkpoints", step, named, ema_named, state,
-                                               {"train": asdict(cfg), "unet": unet_config},
-                                               cfg.keep_checkpoints)
+        return writer.save(Path(cfg.out_dir) / "checkpoints", step, named, ema_named, state,
+                           {"train": asdict(cfg), "unet": unet_config}, cfg.keep_checkpoints, background)
 
+    save.writer = writer
     return save
 
 
