@@ -261,6 +261,28 @@ def test_a_background_checkpoint_holds_its_step_and_a_failed_write_is_raised(tmp
     assert writer.save(tmp_path, 5, {"w": w}, None, {"step": 5}, {}, keep=2, background=True).is_dir()
 
 
+
+def test_the_memory_a_background_checkpoint_may_take_counts_a_containers_limit(tmp_path):
+    """MemAvailable is the host's; in a container its cgroup's limit less its usage is what a copy may take before
+    the kernel kills the run."""
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal: 134217728 kB\nMemAvailable: 67108864 kB\n")  # 64 GiB
+    assert checkpoints.available_memory(tmp_path) == 64 * 2**30
+    v2 = tmp_path / "sys/fs/cgroup"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text("max\n")  # no limit
+    (v2 / "memory.current").write_text(f"{6 * 2**30}\n")
+    assert checkpoints.available_memory(tmp_path) == 64 * 2**30
+    (v2 / "memory.max").write_text(f"{8 * 2**30}\n")
+    assert checkpoints.available_memory(tmp_path) == 2 * 2**30
+    v1 = v2 / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text(f"{7 * 2**30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{6 * 2**30}\n")
+    assert checkpoints.available_memory(tmp_path) == 1 * 2**30
+    (tmp_path / "proc/meminfo").unlink()
+    assert checkpoints.available_memory(tmp_path) == 0
+
 def test_a_full_disk_under_a_background_checkpoint_stops_the_run(shapes, tiny_model, tmp_path, monkeypatch):
     """The second checkpoint's write (in the background) fails: the run stops with the one line, exit 1, the first
     checkpoint intact and nothing half-written."""

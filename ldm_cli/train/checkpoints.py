@@ -157,15 +157,29 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def available_memory() -> int:
-    """The host memory available without swapping (Linux's MemAvailable), or 0 where it cannot be read."""
+CGROUP_MEMORY = (("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory.current"),  # v2, then v1
+                 ("sys/fs/cgroup/memory/memory.limit_in_bytes", "sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def available_memory(root: Path = Path("/")) -> int:
+    """The host memory this process can still take without swapping or being killed: Linux's MemAvailable, or
+    less where its cgroup (a container's limit) leaves less (limit - usage: its page cache counted as used,
+    so on the safe side); 0 where it cannot be read (then nothing is written in the background)."""
+    free = 0
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in (root / "proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                free = int(line.split()[1]) * 1024
     except (OSError, ValueError):
-        pass
-    return 0
+        return 0
+    for limit_file, usage_file in CGROUP_MEMORY:
+        try:
+            limit, usage = (root / limit_file).read_text().strip(), int((root / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # v2 says "max" for none
+            free = min(free, int(limit) - usage)
+    return max(free, 0)
 
 
 class Writer:
