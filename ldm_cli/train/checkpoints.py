@@ -82,7 +82,7 @@ def save_torch(obj, path: Path) -> None:
 
 
 def _no_record_crc():
-    """torch.save without a CRC-32 of each zip record (1.3 s per 2 GiB on a laptop core), restored after;
+    """torch.save without a CRC-32 of each zip record (1.3 s per 2 GiB on one CPU core), restored after;
     torch.load reads such files (they hold no CRC to check). A no-op on a torch without the setting."""
     config = getattr(getattr(torch.utils, "serialization", None), "config", None)
     if config is None or not hasattr(config.save, "compute_crc32"):
@@ -148,6 +148,7 @@ def host_copy(obj):
 
 
 def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in obj (nested as host_copy walks it)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -184,8 +185,9 @@ def available_memory(root: Path = Path("/")) -> int:
 
 class Writer:
     """Checkpoints, written one at a time. `save(..., background=True)`: the tensors are copied to the host and
-    written by a thread while training goes on (an SD-1.5 checkpoint, ~10 GB, holds the loop 2.3-34 s
-    synchronously; bench/checkpoint_speed.py); only when that copy fits in half the available host memory,
+    written by a thread while training goes on (an SD-1.5 checkpoint, ~10 GB, held the loop 15-37 s on a 2-core
+    machine's disk; half SD-1.5's width, 2.4 GB: 7.8 s, 0.66 s in the background; bench/checkpoint_speed.py);
+    only when that copy fits in half the available host memory,
     else as before. A write that failed is raised by the next save, by `poll()` (each step) or by `wait()`."""
 
     def __init__(self):
