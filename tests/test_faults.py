@@ -2,6 +2,7 @@
 latest checkpoint, a full disk. Real `ldm train` processes on the tiny model (CPU)."""
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -153,12 +154,11 @@ def test_a_resume_reads_each_file_once_and_a_later_rewrite_is_still_caught(tmp_p
     state = {"optimizer": {"state": {0: {"exp_avg": torch.randn(64, 64)}}, "param_groups": []}, "step": 3}
     ckpt = checkpoints.save_checkpoint(root, 3, named, {"w": named["w"] * 2}, state, {"train": {}}, keep=2)
     files = sorted(p for p in ckpt.iterdir() if p.name != checkpoints.MANIFEST)
-    assert checkpoints._digests(files) == [checkpoints._digest(p) for p in files]  # in parallel, in order
     assert torch.utils.serialization.config.save.compute_crc32
-    read, digest = [], checkpoints._digest
-    monkeypatch.setattr(checkpoints, "_digest", lambda p: read.append(p.name) or digest(p))
+    read, digest = [], checkpoints._hash_range
+    monkeypatch.setattr(checkpoints, "_hash_range", lambda p, *span: read.append(p.name) or digest(p, *span))
     trainable, ema, loaded = checkpoints.load_checkpoint(checkpoints.find_resume(root, "latest"))
-    assert sorted(read) == [p.name for p in files]
+    assert sorted(read) == [p.name for p in files]  # each file under 64 MiB: one piece, read once
     assert torch.equal(trainable["w"], named["w"]) and torch.equal(ema["w"], named["w"] * 2)
     assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
     blob = ckpt / "trainable.safetensors"
@@ -168,6 +168,41 @@ def test_a_resume_reads_each_file_once_and_a_later_rewrite_is_still_caught(tmp_p
     os.utime(blob, ns=(before.st_atime_ns, before.st_mtime_ns + 1))  # as a rewrite's clock moves it, however coarse
     with pytest.raises(LdmError, match="trainable.safetensors does not match the manifest"):
         checkpoints.load_checkpoint(ckpt)
+
+
+def test_checkpoint_digests_are_of_pieces_and_a_changed_piece_or_an_old_manifest_is_told(tmp_path, monkeypatch):
+    """A file's digest is BLAKE2b over its pieces' BLAKE2b digests in order (pieces hashed in parallel, so a 6 GiB
+    state.pt is not one core's work): a byte changed in any piece fails verification; a checkpoint whose manifest
+    holds whole-file digests (as written before) still verifies, and is caught the same when damaged."""
+    monkeypatch.setattr(checkpoints, "PIECE", 1000)
+    root = tmp_path / "checkpoints"
+    named = {"w": torch.randn(50, 50)}  # 10 KB: eleven pieces
+    ckpt = checkpoints.save_checkpoint(root, 1, named, None, {"step": 1}, {"train": {}}, keep=2)
+    blob = ckpt / "trainable.safetensors"
+    data = blob.read_bytes()
+    assert len(data) > 10_000
+    tree = hashlib.blake2b(digest_size=16)
+    for start in range(0, len(data), 1000):
+        tree.update(hashlib.blake2b(data[start:start + 1000], digest_size=16).digest())
+    manifest = json.loads((ckpt / checkpoints.MANIFEST).read_text())
+    assert manifest[blob.name] == {"bytes": len(data), "blake2b-pieces": tree.hexdigest()}
+    assert tree.hexdigest() != hashlib.blake2b(data, digest_size=16).hexdigest()
+    assert checkpoints.verify(ckpt) is None
+
+    old = {n: {"bytes": (ckpt / n).stat().st_size, "blake2b": hashlib.blake2b((ckpt / n).read_bytes(),
+                                                                              digest_size=16).hexdigest()}
+           for n in manifest}
+    (ckpt / checkpoints.MANIFEST).write_text(json.dumps(old))
+    checkpoints._verified.clear()
+    assert checkpoints.verify(ckpt) is None  # the manifest of an older ldm
+    for manifest_now in (old, manifest):
+        (ckpt / checkpoints.MANIFEST).write_text(json.dumps(manifest_now))
+        changed = bytearray(data)
+        changed[5500] ^= 0x01  # the sixth piece
+        blob.write_bytes(bytes(changed))
+        checkpoints._verified.clear()
+        assert checkpoints.verify(ckpt) == "trainable.safetensors does not match the manifest"
+        blob.write_bytes(data)
 
 
 def as_written_on_a_gpu(state_pt):
