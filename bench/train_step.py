@@ -4,6 +4,7 @@
     python bench/train_step.py --part more         # batch 8, fast-vs-plain losses
     python bench/train_step.py --part plain        # the plain loop eager and compiled at batch 32
     python bench/train_step.py --part memory --batch 32 --checkpointing   # one peak-memory row (own process)
+    python bench/train_step.py --part memory --batch 32 --checkpointing selective [--compiled]
     python bench/train_step.py --part memory --batch 32 --optimizer adamw8bit   # with bitsandbytes installed
     python bench/train_step.py --part levers       # batch 32: compiled layout, cudnn.benchmark; losses; kernels
     python bench/train_step.py --part kernels      # batch 32: GPU time by kernel kind, ldm vs plain compiled
@@ -127,12 +128,12 @@ def plain_step(batch: int, compiled: bool, mode: str | None = None):
     return step
 
 
-def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, checkpointing: bool = False,
+def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, checkpointing: str = "none",
               channels_last: bool | None = None, optimizer: str = "adamw"):
     """ldm's training objects as `train.loop.train` builds them, over an in-memory latent cache."""
     from accelerate import Accelerator
 
-    from ldm_cli.train import fast
+    from ldm_cli.train import fast, recompute
     from ldm_cli.train.batches import Batches, Encoders
     from ldm_cli.train.cache import EncodedData
     from ldm_cli.train.config import TrainConfig
@@ -149,8 +150,7 @@ def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, check
         from ldm_cli.models.lora import add_lora
 
         add_lora(unet, lora)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
+    recompute.enable(unet, checkpointing == "all", checkpointing == "selective")
     fast.speed_up(unet, compile_mode, acc.device, channels_last)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
@@ -335,12 +335,12 @@ def profile(batch: int, compile_mode: str, steps: int = 5) -> dict:
             **{f"{k}_pct": round(100 * v / total, 1) for k, v in phases.items()}}
 
 
-def peak_memory(batch: int, checkpointing: bool, lora: int, optimizer: str = "adamw") -> dict:
-    """Peak GPU memory of ldm's step (eager): full fine-tune or LoRA, with or without checkpointing, AdamW or
-    8-bit AdamW."""
+def peak_memory(batch: int, checkpointing: str, lora: int, optimizer: str = "adamw", compile_mode: str = "none") -> dict:
+    """Peak GPU memory of ldm's step (eager unless compile_mode): full fine-tune or LoRA, checkpointing none, all or
+    selective, AdamW or 8-bit AdamW."""
     from ldm_cli.train.loop import train_step
 
-    cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, "none", lora=lora, checkpointing=checkpointing,
+    cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, compile_mode, lora=lora, checkpointing=checkpointing,
                                                         optimizer=optimizer)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -352,9 +352,9 @@ def peak_memory(batch: int, checkpointing: bool, lora: int, optimizer: str = "ad
     float(loss)
     dt = (time.perf_counter() - t0) / 5
     row = {"run": "peak memory", "batch": batch, "what": f"LoRA r{lora}" if lora else "full fine-tune",
-           "checkpointing": checkpointing, "optimizer": optimizer,
+           "checkpointing": checkpointing, "optimizer": optimizer, "compile": compile_mode,
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-           "images_per_s_eager": round(batch / dt, 1)}
+           "images_per_s" + ("_eager" if compile_mode == "none" else ""): round(batch / dt, 1)}
     del model, opt, c, batches
     torch.cuda.empty_cache()
     return row
@@ -404,7 +404,8 @@ def run_part(args, report) -> None:
         for row in levers(32, args.steps, args.warmup, list(LEVER_RUNS)[3:]):  # the layout before, last: a
             emit(row)  # third cold compile
     elif args.part == "memory":  # one row per process: nothing of an earlier run counts in its peak
-        emit(peak_memory(args.batch, args.checkpointing, args.lora, args.optimizer))
+        emit(peak_memory(args.batch, args.checkpointing, args.lora, args.optimizer,
+                         args.compile if args.compiled else "none"))
     elif args.part == "kernels":
         for row in kernels(32, args.compile):
             emit(row)
@@ -424,7 +425,9 @@ def main():
     ap.add_argument("--part", choices=("speed", "more", "plain", "memory", "kernels", "attention", "small", "levers"),
                     default="speed")
     ap.add_argument("--batch", type=int, default=8, help="--part memory: batch size")
-    ap.add_argument("--checkpointing", action="store_true", help="--part memory: gradient checkpointing")
+    ap.add_argument("--checkpointing", nargs="?", const="all", default="none", choices=("none", "all", "selective"),
+                    help="--part memory: gradient checkpointing (alone: all; selective: train/recompute.py's)")
+    ap.add_argument("--compiled", action="store_true", help="--part memory: the step compiled as --compile says")
     ap.add_argument("--lora", type=int, default=0, help="--part memory: LoRA rank (0: full fine-tune)")
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
                     help="--part memory: adamw8bit needs bitsandbytes")

@@ -133,14 +133,15 @@ def test_training_with_cuda_graphs_equals_eager_training(shapes, tiny_model, tmp
     assert gap < 0.02 * moved, (gap, moved)
 
 
-@pytest.mark.parametrize("case", ["buckets", "dreambooth", "textual inversion", "lora", "checkpointing"])
+@pytest.mark.parametrize("case", ["buckets", "dreambooth", "textual inversion", "lora", "checkpointing",
+                                  "selective checkpointing"])
 def test_graphed_training_equals_eager_in_each_kind_of_run(case, photos, stars, tiny_model, tmp_path):
     """`--compile graphs` where a step is not one shape and one forward: aspect-ratio buckets (a graph per latent
     shape), DreamBooth (two forwards, the data's and the class images', before one backward), textual inversion
     (the frozen U-Net graphed, the gradient flowing out of it into the new token's vectors); and where the graphed
     U-Net is not plain: LoRA's adapters, gradient checkpointing's recomputed blocks (both graphed by `--compile
-    auto` for small U-Nets since these passed on an H100). The losses equal the eager run's up to the compiled
-    kernels' rounding, with graphs recorded and none skipped."""
+    auto` for small U-Nets since these passed on an H100), and selective checkpointing's (not yet run on a GPU).
+    The losses equal the eager run's up to the compiled kernels' rounding, with graphs recorded and none skipped."""
     from torch._dynamo.utils import counters
 
     from ldm_cli.train.config import TrainConfig
@@ -161,6 +162,8 @@ def test_graphed_training_equals_eager_in_each_kind_of_run(case, photos, stars, 
         base.update(lora_rank=4)
     elif case == "checkpointing":
         base.update(gradient_checkpointing=True)
+    elif case == "selective checkpointing":
+        base.update(selective_checkpointing=True)
     runs = {}
     counters.clear()
     for mode in ("none", "graphs"):

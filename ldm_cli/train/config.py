@@ -92,6 +92,9 @@ class TrainConfig:
     gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", min=1)
     # recompute activations in backward: less memory, ~30% slower
     gradient_checkpointing: bool = option(False, "Less memory, ~30% slower.")
+    # keep convolutions', matmuls' and attention's outputs, recompute the rest (train/recompute.py)
+    selective_checkpointing: bool = option(False, "About half the activation memory, recomputing only norms and "
+                                           "pointwise ops.")
     # auto: full on CUDA for runs of >= 2000 steps (train/fast.py gives the measured break-even)
     # graphs: full + CUDA graphs, for small U-Nets whose steps the host cannot keep fed (one GPU, no accumulation)
     compile: str = option("auto", "torch.compile the U-Net: auto, none, regional (its repeated blocks), full, graphs.",
@@ -144,6 +147,8 @@ def validate_config(cfg: TrainConfig) -> None:
     check(not ti or not (cfg.lora_rank or cfg.from_scratch),
           "--textual-inversion trains an embedding for a frozen model: drop --lora-rank / --from-scratch")
     check(not cfg.keep_tokens or cfg.shuffle_tags, "--keep-tokens goes with --shuffle-tags")
+    check(not (cfg.gradient_checkpointing and cfg.selective_checkpointing), "give --gradient-checkpointing (all "
+          "recomputed) or --selective-checkpointing (norms and pointwise ops recomputed), not both")
     check(cfg.ema or cfg.ema_decay == TrainConfig.ema_decay, "--ema-decay goes with --ema")
     check(cfg.lora_rank or not cfg.lora_alpha, "--lora-alpha goes with --lora-rank N")
     check(not (cfg.warmup_steps and cfg.lr_scheduler == "piecewise_constant"),  # before any caching; optim.py too
@@ -189,7 +194,7 @@ SCHEDULE = ("lr", "lr_scheduler", "warmup_steps", "max_steps")
 # Where the run is written, how often it logs, what it keeps: changes nothing in the numbers.
 FREE = ("data_dir", "out_dir", "epochs", "device", "cache", "cache_dir", "checkpoint_every", "keep_checkpoints",
         "validate_every", "validation_prompts", "validation_steps", "validation_sampler", "log_every", "strict",
-        "overwrite", "compile", "gradient_checkpointing")
+        "overwrite", "compile", "gradient_checkpointing", "selective_checkpointing")
 
 
 def _same(key: str, old, new) -> bool:

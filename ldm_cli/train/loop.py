@@ -312,7 +312,7 @@ def stopped(e: BaseException, done: int, where: Path | None) -> BaseException:
         return LdmError(f"{e} (stopped at step {done}; {tail})", e.exit_code)
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         return LdmError(f"out of memory at step {done}: try a smaller --batch-size (with --gradient-accumulation) "
-                        f"or --gradient-checkpointing; {tail}", RUNTIME)
+                        f"or --selective-checkpointing, or --gradient-checkpointing; {tail}", RUNTIME)
     if isinstance(e, OSError):
         return LdmError(f"stopped at step {done}: {e.strerror or e}; {tail}", RUNTIME)
     log.error(f"error: a bug stopped training at step {done}; {tail}")

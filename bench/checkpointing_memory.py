@@ -1,0 +1,95 @@
+"""How much of the U-Net's activations each gradient checkpointing keeps, on any machine (a CPU too): the memory a
+training forward leaves held for the backward, without checkpointing, with all of it recomputed
+(`--gradient-checkpointing`) and selective (`--selective-checkpointing`, train/recompute.py).
+
+    python bench/checkpointing_memory.py                          # SD-1.5-shaped, batch 1, 64x64 latents
+    python bench/checkpointing_memory.py --width 0.5 --batch 2    # a narrower U-Net
+
+Each mode runs in a fresh process (bf16 autocast, as `ldm train --mixed-precision bf16`): two forward and
+backward steps, the memory held after the second forward against before it. On CUDA that is the allocator's
+count; on a CPU it is the process's resident memory, with glibc told to map and unmap every block over 16 KiB
+(else freed tensors stay resident and the count reads 0). The loss and the gradients' sum of squares are
+printed too: they must be the same in all three. On a GPU, `bench/train_step.py --part memory --checkpointing
+selective` gives the step's peak and speed.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import Report, add_out_option, out_folder, sd15_unet
+
+MODES = ("none", "all", "selective")
+
+
+def held(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one(mode: str, width: float, batch: int, device: str) -> dict:
+    import torch
+
+    from ldm_cli.train import recompute
+
+    torch.manual_seed(0)
+    unet = sd15_unet(width).to(device).train()
+    recompute.enable(unet, mode == "all", mode == "selective")
+    x = torch.randn(batch, 4, 64, 64, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
+    for _ in range(2):
+        unet.zero_grad(set_to_none=True)
+        before, t0 = held(device), time.perf_counter()
+        with torch.autocast(device, torch.bfloat16):
+            y = unet(x, t, ctx).sample
+        after, t1 = held(device), time.perf_counter()
+        loss = y.float().square().mean()
+        loss.backward()
+        t2 = time.perf_counter()
+        del y
+    gradsq = sum(float(p.grad.float().square().sum()) for p in unet.parameters() if p.grad is not None)
+    return {"run": f"checkpointing {mode}", "width": width, "batch": batch, "latent": 64, "device": device,
+            "held_mib": round((after - before) / 2**20), "forward_s": round(t1 - t0, 2),
+            "backward_s": round(t2 - t1, 2), "loss": round(float(loss), 6), "gradsq": round(gradsq, 6)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--width", type=float, default=1.0, help="share of SD-1.5's channels")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if "--device" not in sys.argv and _has_cuda() else "cpu")
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in its own process
+    add_out_option(ap)
+    args = ap.parse_args()
+    if args.mode:
+        print(json.dumps(one(args.mode, args.width, args.batch, args.device)))
+        return
+    report = Report(out_folder(args.out), "checkpointing_memory")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"}
+    for mode in MODES:
+        done = subprocess.run([sys.executable, __file__, "--mode", mode, "--width", str(args.width), "--batch",
+                               str(args.batch), "--device", args.device], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{mode}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+        report.emit(json.loads(done.stdout.strip().splitlines()[-1]))
+    keys = ("run", "held_mib", "forward_s", "backward_s", "loss", "gradsq")
+    report.table(keys, lambda r: [r[k] for k in keys] if "held_mib" in r else None)
+    report.save()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
