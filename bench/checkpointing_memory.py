@@ -4,6 +4,7 @@ training forward leaves held for the backward, without checkpointing, with all o
 
     python bench/checkpointing_memory.py                          # SD-1.5-shaped, batch 1, 64x64 latents
     python bench/checkpointing_memory.py --width 0.5 --batch 2    # a narrower U-Net
+    python bench/checkpointing_memory.py --compiled               # the U-Net under torch.compile, as --compile full
 
 Each mode runs in a fresh process (bf16 autocast, as `ldm train --mixed-precision bf16`): two forward and
 backward steps, the memory held after the second forward against before it. On CUDA that is the allocator's
@@ -34,7 +35,7 @@ def held(device: str) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(mode: str, width: float, batch: int, device: str) -> dict:
+def one(mode: str, width: float, batch: int, device: str, compiled: bool) -> dict:
     import torch
 
     from ldm_cli.train import recompute
@@ -42,6 +43,8 @@ def one(mode: str, width: float, batch: int, device: str) -> dict:
     torch.manual_seed(0)
     unet = sd15_unet(width).to(device).train()
     recompute.enable(unet, mode == "all", mode == "selective")
+    if compiled:
+        unet.compile()  # the first step compiles; the second is measured
     x = torch.randn(batch, 4, 64, 64, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
@@ -56,7 +59,8 @@ def one(mode: str, width: float, batch: int, device: str) -> dict:
         t2 = time.perf_counter()
         del y
     gradsq = sum(float(p.grad.float().square().sum()) for p in unet.parameters() if p.grad is not None)
-    return {"run": f"checkpointing {mode}", "width": width, "batch": batch, "latent": 64, "device": device,
+    return {"run": f"checkpointing {mode}" + (", compiled" if compiled else ""), "width": width, "batch": batch,
+            "latent": 64, "device": device,
             "held_mib": round((after - before) / 2**20), "forward_s": round(t1 - t0, 2),
             "backward_s": round(t2 - t1, 2), "loss": round(float(loss), 6), "gradsq": round(gradsq, 6)}
 
@@ -66,17 +70,19 @@ def main():
     ap.add_argument("--width", type=float, default=1.0, help="share of SD-1.5's channels")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cuda" if "--device" not in sys.argv and _has_cuda() else "cpu")
+    ap.add_argument("--compiled", action="store_true", help="torch.compile the U-Net (ldm's --compile full)")
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in its own process
     add_out_option(ap)
     args = ap.parse_args()
     if args.mode:
-        print(json.dumps(one(args.mode, args.width, args.batch, args.device)))
+        print(json.dumps(one(args.mode, args.width, args.batch, args.device, args.compiled)))
         return
     report = Report(out_folder(args.out), "checkpointing_memory")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"}
     for mode in MODES:
-        done = subprocess.run([sys.executable, __file__, "--mode", mode, "--width", str(args.width), "--batch",
-                               str(args.batch), "--device", args.device], env=env, capture_output=True, text=True)
+        command = [sys.executable, __file__, "--mode", mode, "--width", str(args.width), "--batch", str(args.batch),
+                   "--device", args.device] + ["--compiled"] * args.compiled
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{mode}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
         report.emit(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -10,7 +10,8 @@ and casts between them are recomputed from them. Those bandwidth-bound operation
 U-Net's activations (an SD-1.5-shaped U-Net at half width, bf16 autocast: 1,302 MiB held after the forward
 without checkpointing, 644 MiB selective, 200 MiB with all of it recomputed; bench/train_step.py's memory part
 for SD-1.5 itself), while rerunning them costs a fraction of a forward. Same values as without checkpointing:
-the same operations on the same inputs (tests).
+the same operations on the same inputs (tests). A lever for the eager step: under torch.compile inductor already
+recomputes cheap operations on its own, and selective kept 994 of the compiled U-Net's 1,126 MiB (CPU, same U-Net).
 """
 
 import functools
