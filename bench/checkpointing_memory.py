@@ -4,7 +4,8 @@ training forward leaves held for the backward, without checkpointing, with all o
 
     python bench/checkpointing_memory.py                          # SD-1.5-shaped, batch 1, 64x64 latents
     python bench/checkpointing_memory.py --width 0.5 --batch 2    # a narrower U-Net
-    python bench/checkpointing_memory.py --compiled               # the U-Net under torch.compile, as --compile full
+    python bench/checkpointing_memory.py --compiled               # under torch.compile, as --compile full (selective:
+                                                                  # the compiler's memory budget, train/recompute.py)
 
 Each mode runs in a fresh process (bf16 autocast, as `ldm train --mixed-precision bf16`): two forward and
 backward steps, the memory held after the second forward against before it. On CUDA that is the allocator's
@@ -38,13 +39,15 @@ def held(device: str) -> int:
 def one(mode: str, width: float, batch: int, device: str, compiled: bool) -> dict:
     import torch
 
-    from ldm_cli.train import recompute
+    from ldm_cli.train import fast, recompute
 
     torch.manual_seed(0)
     unet = sd15_unet(width).to(device).train()
-    recompute.enable(unet, mode == "all", mode == "selective")
-    if compiled:
+    recompute.enable(unet, mode == "all", mode == "selective", compiled)
+    if compiled:  # as `ldm train --compile full` does: compiled under compile_limits, with the memory budget
         unet.compile()  # the first step compiles; the second is measured
+        limits = fast.compile_limits(recompute.compiled_budget(mode == "selective"))
+        limits.__enter__()
     x = torch.randn(batch, 4, 64, 64, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)

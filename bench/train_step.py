@@ -28,6 +28,7 @@ with reduce-overhead (CUDA graphs); TFLOP per image counted by torch's FlopCount
 """
 
 import argparse
+import contextlib
 import json
 import random
 import time
@@ -150,7 +151,7 @@ def ldm_setup(batch: int, compile_mode: str, seed: int = 0, lora: int = 0, check
         from ldm_cli.models.lora import add_lora
 
         add_lora(unet, lora)
-    recompute.enable(unet, checkpointing == "all", checkpointing == "selective")
+    recompute.enable(unet, checkpointing == "all", checkpointing == "selective", compile_mode != "none")
     fast.speed_up(unet, compile_mode, acc.device, channels_last)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
@@ -342,14 +343,17 @@ def peak_memory(batch: int, checkpointing: str, lora: int, optimizer: str = "ada
 
     cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, compile_mode, lora=lora, checkpointing=checkpointing,
                                                         optimizer=optimizer)
+    from ldm_cli.train import fast, recompute
+
+    budget = fast.compile_limits(recompute.compiled_budget(checkpointing == "selective"))  # as ldm's loop runs it
     torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, 0)
-    float(loss)
-    t0 = time.perf_counter()
-    for k in range(1, 6):
-        loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, k)
-    float(loss)
+    with budget if compile_mode != "none" else contextlib.nullcontext():
+        loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, 0)
+        float(loss)
+        t0 = time.perf_counter()
+        for k in range(1, 6):
+            loss = train_step(cfg, model, model, c.schedule, (batches, None), opt, sched, acc, k)
+        float(loss)
     dt = (time.perf_counter() - t0) / 5
     row = {"run": "peak memory", "batch": batch, "what": f"LoRA r{lora}" if lora else "full fine-tune",
            "checkpointing": checkpointing, "optimizer": optimizer, "compile": compile_mode,

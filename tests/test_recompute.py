@@ -79,13 +79,39 @@ def test_selective_checkpointing_trains_as_without_and_is_exclusive_with_the_ful
     assert not (tmp_path / "both").exists()
 
 
+def compiled_step(unet, budget: float):
+    """step(unet, "none") compiled under ldm's compile_limits with `budget`: (bytes the forward saved for the
+    backward, loss, gradients). Through AOTAutograd's min-cut partitioner, as inductor partitions, without
+    inductor's code generation (a minute a graph on 2 cores)."""
+    from ldm_cli.train import fast
+
+    torch._dynamo.reset()  # a fresh compile: the budget is read when the graph is partitioned
+    unet.compile(backend="aot_eager_decomp_partition")
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes() if not isinstance(t, torch.nn.Parameter) else 0)
+        return t
+
+    with fast.compile_limits(budget), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss, grads = step(unet, "none")
+    return sum(saved), loss, grads
+
+
 @pytest.mark.slow
-def test_selective_checkpointing_compiles_to_the_eager_gradients(unet):
-    """Under torch.compile (ldm's compiled modes) the policy is traced into the graph: the same loss and
-    gradients as eager, to float32 rounding."""
-    torch.manual_seed(0)
-    _, loss, grads = step(unet, "selective")
-    unet.compile()
-    _, compiled_loss, compiled_grads = step(unet, "selective")
-    assert compiled_loss == pytest.approx(loss, rel=1e-5)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(compiled_grads, grads))
+def test_selective_checkpointing_compiled_is_the_compilers_memory_budget(unet):
+    """Compiled, selective checkpointing is the partitioner's activation memory budget: the compiled forward saves
+    less for the backward than at the default budget, and the loss and gradients are the eager ones to float32
+    rounding."""
+    import copy
+
+    eager = copy.deepcopy(unet)
+    _, loss, grads = step(eager, "none")
+    assert recompute.compiled_budget(False) == 1.0 and recompute.compiled_budget(True) == recompute.MEMORY_BUDGET < 1
+    kept = {}
+    for budget in (1.0, recompute.MEMORY_BUDGET):
+        kept[budget], compiled_loss, compiled_grads = compiled_step(copy.deepcopy(unet), budget)
+        assert compiled_loss == pytest.approx(loss, rel=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(compiled_grads, grads))
+    assert 0 < kept[recompute.MEMORY_BUDGET] < 0.8 * kept[1.0]
+    torch._dynamo.reset()

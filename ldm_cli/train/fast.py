@@ -100,10 +100,13 @@ def step_begins(mode: str) -> None:
 
 
 @contextmanager
-def compile_limits():
+def compile_limits(memory_budget: float = 1.0):
     """Room for one compiled graph per distinct block shape (SD's U-Net has ~20): dynamo's default of 8
-    per code object would drop the rest back to eager."""
+    per code object would drop the rest back to eager. memory_budget: the share of the activations the
+    compiled backward may keep (train/recompute.py; 1.0, the partitioner's default, keeps what it chooses)."""
     import torch._dynamo
+    import torch._functorch.config
 
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
+    with (torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024),
+          torch._functorch.config.patch(activation_memory_budget=memory_budget)):
         yield

@@ -21,7 +21,7 @@ import torch
 from ldm_cli.errors import RUNTIME, LdmError, check
 from ldm_cli.models.defaults import FILE, default_model, train_lr
 from ldm_cli.models.load import load_components
-from ldm_cli.train import cache, checkpoints, data, fast, folders
+from ldm_cli.train import cache, checkpoints, data, fast, folders, recompute
 from ldm_cli.train.batches import Batches, Encoders
 from ldm_cli.train.config import TrainConfig, steps_for, validate_config, validate_for_model
 from ldm_cli.train.log import LossLog
@@ -84,6 +84,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     unet.to(accelerator.device).train()
     compiled = chosen_compile(cfg, accelerator.device, max_steps, world, say if main else lambda _: None,
                               sum(p.numel() for p in unet.parameters()))
+    recompute.enable(unet, cfg.gradient_checkpointing, cfg.selective_checkpointing, compiled != "none")
     fast.speed_up(unet, compiled, accelerator.device)
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
@@ -112,7 +113,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     marks["set-up"] = time.perf_counter()
     try:
         for step in range(start, max_steps):
-            with fast.compile_limits() if compiled != "none" else nullcontext():  # importing dynamo costs ~2 s
+            with (fast.compile_limits(recompute.compiled_budget(cfg.selective_checkpointing)) if compiled != "none"
+                  else nullcontext()):  # importing dynamo costs ~2 s
                 fast.step_begins(compiled)
                 loss = train_step(cfg, model, unet, c.schedule, (batches, classes), optimizer, lr_sched, accelerator,
                                   step)

@@ -7,7 +7,7 @@ import torch
 
 from ldm_cli.errors import LdmError, check
 from ldm_cli.models.components import Components
-from ldm_cli.train import checkpoints, recompute
+from ldm_cli.train import checkpoints
 from ldm_cli.train.config import UNET_PRESETS, TrainConfig, resume_changes
 
 
@@ -50,7 +50,6 @@ def trainable_unet(c: Components, cfg: TrainConfig, seed: int):
         add_lora(unet, cfg.lora_rank, cfg.lora_alpha or None)
     else:
         unet.requires_grad_(True)
-    recompute.enable(unet, cfg.gradient_checkpointing, cfg.selective_checkpointing)
     return unet, {n: p for n, p in unet.named_parameters() if p.requires_grad}
 
 
@@ -65,7 +64,6 @@ def trainable(c: Components, cfg: TrainConfig):
 
     vectors = add_token(c, cfg.textual_inversion, cfg.init_word, cfg.vectors)
     c.unet.requires_grad_(False)
-    recompute.enable(c.unet, cfg.gradient_checkpointing, cfg.selective_checkpointing)
     encoder = c.text_encoder if len(vectors) == 1 else PairEncoder(c.text_encoder, c.text_encoder_2)
     return encoder, c.unet, dict(zip(("vectors", "vectors_2"), vectors))
 
