@@ -16,6 +16,7 @@ selective` gives the step's peak and speed.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -44,23 +45,23 @@ def one(mode: str, width: float, batch: int, device: str, compiled: bool) -> dic
     torch.manual_seed(0)
     unet = sd15_unet(width).to(device).train()
     recompute.enable(unet, mode == "all", mode == "selective", compiled)
-    if compiled:  # as `ldm train --compile full` does: compiled under compile_limits, with the memory budget
-        unet.compile()  # the first step compiles; the second is measured
-        limits = fast.compile_limits(recompute.compiled_budget(mode == "selective"))
-        limits.__enter__()
+    if compiled:  # as `ldm train --compile full` does: the first step compiles, the second is measured
+        unet.compile()
     x = torch.randn(batch, 4, 64, 64, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
-    for _ in range(2):
-        unet.zero_grad(set_to_none=True)
-        before, t0 = held(device), time.perf_counter()
-        with torch.autocast(device, torch.bfloat16):
-            y = unet(x, t, ctx).sample
-        after, t1 = held(device), time.perf_counter()
-        loss = y.float().square().mean()
-        loss.backward()
-        t2 = time.perf_counter()
-        del y
+    # compiled steps run as ldm's loop runs them: under compile_limits, with selective's memory budget
+    with fast.compile_limits(recompute.compiled_budget(mode == "selective")) if compiled else contextlib.nullcontext():
+        for _ in range(2):
+            unet.zero_grad(set_to_none=True)
+            before, t0 = held(device), time.perf_counter()
+            with torch.autocast(device, torch.bfloat16):
+                y = unet(x, t, ctx).sample
+            after, t1 = held(device), time.perf_counter()
+            loss = y.float().square().mean()
+            loss.backward()
+            t2 = time.perf_counter()
+            del y
     gradsq = sum(float(p.grad.float().square().sum()) for p in unet.parameters() if p.grad is not None)
     return {"run": f"checkpointing {mode}" + (", compiled" if compiled else ""), "width": width, "batch": batch,
             "latent": 64, "device": device,

@@ -10,9 +10,9 @@ It is built in a hidden temp folder and renamed into place, so a kill at any mom
 the whole checkpoint or none. A checkpoint whose files do not match its manifest (a disk that lied,
 a copy cut short) is skipped with a warning and the one before it is used.
 Speed (SD-1.5's full fine-tune, ~10 GB, bench/checkpoint_speed.py): the files are digested in 64 MiB pieces,
-all in parallel (hashlib lets go of the GIL), a checkpoint verified once in a process is not read again for it (`--resume
-latest` finds it, then loads it), and state.pt is written without torch's own CRC-32 of each record, which
-the manifest's digest of every byte makes redundant.
+all in parallel (hashlib lets go of the GIL), a checkpoint verified once in a process is not read again
+for it (`--resume latest` finds it, then loads it), and state.pt is written without torch's own CRC-32 of
+each record, which the manifest's digest of every byte makes redundant.
 """
 
 import hashlib
@@ -120,8 +120,7 @@ def _digests(paths: list[Path]) -> list[str]:
     6 s: the machine's cores share every file's pieces."""
     pieces = [(p, start, min(start + PIECE, size)) for p in paths
               for size in [p.stat().st_size] for start in range(0, max(size, 1), PIECE)]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with ThreadPoolExecutor(max(1, min(len(pieces), cores))) as pool:
+    with ThreadPoolExecutor(max(1, min(len(pieces), _cores()))) as pool:
         digests = list(pool.map(lambda piece: _hash_range(*piece), pieces))
     tops = {p: hashlib.blake2b(digest_size=16) for p in paths}
     for (p, _, _), d in zip(pieces, digests):
@@ -131,8 +130,13 @@ def _digests(paths: list[Path]) -> list[str]:
 
 def _whole_digests(paths: list[Path]) -> list[str]:
     """_digest of each file, the files in parallel."""
-    with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max(1, min(len(paths), _cores()))) as pool:
         return list(pool.map(_digest, paths))
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _signature(ckpt: Path, names) -> tuple:
