@@ -339,12 +339,11 @@ def profile(batch: int, compile_mode: str, steps: int = 5) -> dict:
 def peak_memory(batch: int, checkpointing: str, lora: int, optimizer: str = "adamw", compile_mode: str = "none") -> dict:
     """Peak GPU memory of ldm's step (eager unless compile_mode): full fine-tune or LoRA, checkpointing none, all or
     selective, AdamW or 8-bit AdamW."""
+    from ldm_cli.train import fast, recompute
     from ldm_cli.train.loop import train_step
 
     cfg, model, c, batches, opt, sched, acc = ldm_setup(batch, compile_mode, lora=lora, checkpointing=checkpointing,
                                                         optimizer=optimizer)
-    from ldm_cli.train import fast, recompute
-
     budget = fast.compile_limits(recompute.compiled_budget(checkpointing == "selective"))  # as ldm's loop runs it
     torch.cuda.reset_peak_memory_stats()
     with budget if compile_mode != "none" else contextlib.nullcontext():

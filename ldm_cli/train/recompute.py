@@ -7,12 +7,13 @@
 recomputation; torch's selective activation checkpointing): inside each block the outputs of the convolutions,
 matmuls and attention, the operations that hold the FLOPs, are kept, and the GroupNorms, activations, additions
 and casts between them are recomputed from them. Those bandwidth-bound operations' outputs are about half of the
-U-Net's activations (an SD-1.5-shaped U-Net at half width, bf16 autocast: 1,302 MiB held after the forward
-without checkpointing, 644 MiB selective, 200 MiB with all of it recomputed; bench/train_step.py's memory part
-for SD-1.5 itself), while rerunning them costs a fraction of a forward. Same values as without checkpointing:
-the same operations on the same inputs (tests). Under torch.compile the compiler already recomputes cheap
-operations on its own, and that op policy kept 994 of the compiled U-Net's 1,126 MiB (CPU, same U-Net): there
-selective checkpointing is instead the compiler's activation memory budget (MEMORY_BUDGET), which kept 653.
+U-Net's activations or more (bench/checkpointing_memory.py, bf16 autocast, CPU: SD-1.5-shaped at batch 1, 2,501 MiB
+held after the forward without checkpointing, 801 MiB selective, 358 MiB with all of it recomputed; at half
+width and batch 2, 1,303 / 645 / 202), while rerunning them costs a fraction of a forward. Same values as
+without checkpointing: the same operations on the same inputs (tests). Under torch.compile the compiler already
+recomputes cheap operations on its own, and that op policy kept 994 of the compiled U-Net's 1,126 MiB (half
+width): there selective checkpointing is instead the compiler's activation memory budget (MEMORY_BUDGET), which
+kept 649 of 1,136.
 """
 
 import functools
