@@ -6,6 +6,8 @@ training forward leaves held for the backward, without checkpointing, with all o
     python bench/checkpointing_memory.py --width 0.5 --batch 2    # a narrower U-Net
     python bench/checkpointing_memory.py --compiled               # under torch.compile, as --compile full (selective:
                                                                   # the compiler's memory budget, train/recompute.py)
+    python bench/checkpointing_memory.py --host                   # the host's time a step: a tenth of the width,
+                                                                  # 8x8 latents, where the kernels take ~nothing
 
 Each mode runs in a fresh process (bf16 autocast, as `ldm train --mixed-precision bf16`): two forward and
 backward steps, the memory held after the second forward against before it. On CUDA that is the allocator's
@@ -13,6 +15,9 @@ count; on a CPU it is the process's resident memory, with glibc told to map and 
 (else freed tensors stay resident and the count reads 0). The loss and the gradients' sum of squares are
 printed too: they must be the same in all three. On a GPU, `bench/train_step.py --part memory --checkpointing
 selective` gives the step's peak and speed.
+`--host` times what each mode costs the host (Python, torch's dispatch): a U-Net of SD-1.5's layout at a tenth of
+its width over 8x8 latents, one process, the fastest of five steps, and the operations torch dispatched in one
+(eager selective checkpointing runs each of them through a Python dispatch mode, in the forward and the rerun).
 """
 
 import argparse
@@ -69,6 +74,43 @@ def one(mode: str, width: float, batch: int, device: str, compiled: bool) -> dic
             "backward_s": round(t2 - t1, 2), "loss": round(float(loss), 6), "gradsq": round(gradsq, 6)}
 
 
+def host_time(mode: str) -> dict:
+    """One mode's step where the kernels take ~nothing: the host's time a step and the operations dispatched."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ldm_cli.train import recompute
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    unet = sd15_unet(0.1).train()
+    recompute.enable(unet, mode == "all", mode == "selective")
+    x, t = torch.randn(1, 4, 8, 8), torch.randint(0, 1000, (1,))
+    ctx = torch.randn(1, 77, unet.config.cross_attention_dim)
+
+    def step():
+        with torch.autocast("cpu", torch.bfloat16):
+            y = unet(x, t, ctx).sample
+        y.float().square().mean().backward()
+
+    step()
+    with Count():
+        step()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"run": f"host time, checkpointing {mode}", "width": 0.1, "batch": 1, "latent": 8, "device": "cpu",
+            "threads": torch.get_num_threads(), "step_ms": round(1000 * min(times), 1), "ops": Count.ops}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--width", type=float, default=1.0, help="share of SD-1.5's channels")
@@ -76,8 +118,15 @@ def main():
     ap.add_argument("--device", default="cuda" if "--device" not in sys.argv and _has_cuda() else "cpu")
     ap.add_argument("--compiled", action="store_true", help="torch.compile the U-Net (ldm's --compile full)")
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in its own process
+    ap.add_argument("--host", action="store_true", help="the host's time a step in each mode (see above)")
     add_out_option(ap)
     args = ap.parse_args()
+    if args.host:
+        report = Report(out_folder(args.out), "checkpointing_memory")
+        for mode in MODES:
+            report.emit(host_time(mode))
+        report.save()
+        return
     if args.mode:
         print(json.dumps(one(args.mode, args.width, args.batch, args.device, args.compiled)))
         return

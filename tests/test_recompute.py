@@ -115,3 +115,14 @@ def test_selective_checkpointing_compiled_is_the_compilers_memory_budget(unet):
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(compiled_grads, grads))
     assert 0 < kept[recompute.MEMORY_BUDGET] < 0.8 * kept[1.0]
     torch._dynamo.reset()
+
+
+def test_eager_selective_checkpointing_on_cuda_says_what_was_measured_and_what_pays():
+    """Eager on CUDA, the op policy measured no faster than checkpointing all (host-bound): the run says so once,
+    naming both ways out; compiled, on a CPU or without the flag it says nothing."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    note = recompute.eager_note(True, False, cuda)
+    assert note.startswith("note: --selective-checkpointing") and "--gradient-checkpointing" in note
+    assert "--compile full" in note
+    assert [recompute.eager_note(*args) for args in ((True, True, cuda), (True, False, cpu), (False, False, cuda))] \
+        == [None, None, None]

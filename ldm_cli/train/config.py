@@ -94,7 +94,7 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "Less memory, ~30% slower.")
     # keep convolutions', matmuls' and attention's outputs, recompute the rest (train/recompute.py)
     selective_checkpointing: bool = option(False, "About half the activation memory, recomputing only norms and "
-                                           "pointwise ops.")
+                                           "pointwise ops; pays with --compile full.")
     # auto: full on CUDA for runs of >= 2000 steps (train/fast.py gives the measured break-even)
     # graphs: full + CUDA graphs, for small U-Nets whose steps the host cannot keep fed (one GPU, no accumulation)
     compile: str = option("auto", "torch.compile the U-Net: auto, none, regional (its repeated blocks), full, graphs.",

@@ -85,6 +85,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     compiled = chosen_compile(cfg, accelerator.device, max_steps, world, say if main else lambda _: None,
                               sum(p.numel() for p in unet.parameters()))
     recompute.enable(unet, cfg.gradient_checkpointing, cfg.selective_checkpointing, compiled != "none")
+    note = recompute.eager_note(cfg.selective_checkpointing, compiled != "none", accelerator.device)
+    if note and main:
+        say(note)
     fast.speed_up(unet, compiled, accelerator.device)
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)

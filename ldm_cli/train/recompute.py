@@ -14,6 +14,11 @@ without checkpointing: the same operations on the same inputs (tests). Under tor
 recomputes cheap operations on its own, and that op policy kept 994 of the compiled U-Net's 1,126 MiB (half
 width): there selective checkpointing is instead the compiler's activation memory budget (MEMORY_BUDGET), which
 kept 649 of 1,136.
+On a GPU (bench/train_step.py --part memory, SD-1.5 at batch 32, one H100) the eager op policy is host-bound: torch
+runs every operation of a checkpointed block through a Python dispatch mode, forward and rerun, and the step took
+as long as with all of it recomputed (68.7 against 69.5 images/s; none 88.2) while keeping more (32.0 against 19.1
+GiB; none 49.8). Compiled, the budget's step ran 115.5 images/s at 29.0 GiB (none: 132.5 at 36.8). So eager on
+CUDA the run says to prefer --gradient-checkpointing or --compile full (eager_note).
 """
 
 import functools
@@ -57,6 +62,16 @@ def enable(unet, gradient_checkpointing: bool, selective_checkpointing: bool, co
 # would save for the backward, and recomputes the cheapest of the rest (an SD-1.5-shaped U-Net at half width, CPU:
 # 1,126 MiB held after the compiled forward at 1.0, 653 MiB at 0.5, 568 at 0.2; the op policy above kept 994).
 MEMORY_BUDGET = 0.5
+
+
+def eager_note(selective_checkpointing: bool, compiled: bool, device) -> str | None:
+    """One line for a run whose selective checkpointing is the eager op policy on CUDA, where it measured no gain
+    over --gradient-checkpointing (the module's doc); None for every other run (a CPU's speed is unmeasured)."""
+    if not selective_checkpointing or compiled or device.type != "cuda":
+        return None
+    return ("note: --selective-checkpointing without a compiled step measured as slow as --gradient-checkpointing "
+            "on an H100, keeping more (SD-1.5 at batch 32: 68.7 against 69.5 images/s, 32.0 against 19.1 GiB); "
+            "with --compile full it ran 115.5 images/s at 29.0 GiB")
 
 
 def compiled_budget(selective_checkpointing: bool) -> float:
