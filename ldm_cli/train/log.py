@@ -1,7 +1,8 @@
 """The loss log: losses stay on the device between flushes (no host sync every step); each flush
 reads them back at once, appends JSON lines to OUT/log.jsonl and reports them to `on_log`.
 images_per_s is the rate since the previous flush (the first one's window holds the compile and warm-up):
-a running average since the start would hide the steady rate behind minutes of compiling."""
+a running average since the start would hide the steady rate behind minutes of compiling.
+first_step_note: the line that says how long the first step took to come, and where the time went."""
 
 import json
 import time
@@ -60,3 +61,19 @@ class LossLog:
         self.flush()
         if self.file is not None:
             self.file.close()
+
+
+def first_step_note(marks: dict[str, float], compiled: str, device) -> str:
+    """The time to the first step from train()'s start and from the process's (what a user of the command
+    waits: the imports count), and each phase's share: marks are the phases' ends, in order; the step
+    (with its compilation) ends now."""
+    import psutil  # accelerate's dependency
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    ends = [*marks.values(), time.perf_counter()]
+    names = [*list(marks)[1:], "the step"]
+    phases = ", ".join(f"{n} {b - a:.1f} s" for n, a, b in zip(names, ends, ends[1:]))
+    process = time.time() - psutil.Process().create_time()
+    return (f"first step done {ends[-1] - ends[0]:.1f} s after the start, {process:.1f} s after the command "
+            f"(compile: {compiled}; {phases})")

@@ -13,7 +13,7 @@ of batch N x B (to float rounding). One process gives the same numbers as a run 
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ldm_cli.models.load import load_components
 from ldm_cli.train import cache, checkpoints, data, fast, folders, recompute
 from ldm_cli.train.batches import Batches, Encoders
 from ldm_cli.train.config import TrainConfig, steps_for, validate_config, validate_for_model
-from ldm_cli.train.log import LossLog
+from ldm_cli.train.log import LossLog, first_step_note
 from ldm_cli.train.loss import diffusion_loss, ema_decay_at, ema_update
 from ldm_cli.train.optim import build_optimizer, build_schedule, check_resume, restore, trainable
 from ldm_cli.train.outputs import make_out_folder, output_kind, prepare_out_folder, validation_grid, write_models
@@ -78,17 +78,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     readable = {e.path for e in readable}
     examples = [e for e in sets.train if e.path in readable]
     check(examples != [], f"{cfg.data_dir}: no readable images")
-    model, unet, named = trainable(c, cfg)
     if cfg.textual_inversion:
         check_token_used(cfg, examples, say)
-    unet.to(accelerator.device).train()
-    compiled = chosen_compile(cfg, accelerator.device, max_steps, world, say if main else lambda _: None,
-                              sum(p.numel() for p in unet.parameters()))
-    recompute.enable(unet, cfg.gradient_checkpointing, cfg.selective_checkpointing, compiled != "none")
-    note = recompute.eager_note(cfg.selective_checkpointing, compiled != "none", accelerator.device)
-    if note and main:
-        say(note)
-    fast.speed_up(unet, compiled, accelerator.device)
+    model, unet, named, compiled = unet_for_training(c, cfg, accelerator, world, say if main else lambda _: None)
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
     lr_sched = build_schedule(cfg, optimizer, max_steps)
@@ -109,51 +101,96 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
         return out / output_kind(cfg)
 
     batches, classes, validation = feeds(cfg, sets, readable, encoders, cached, world, rank)
-
-    save = saver(accelerator, optimizer, lr_sched, named, ema, cfg, dict(accelerator.unwrap_model(unet).config))
-    losses = LossLog(out / "log.jsonl", main, max_steps, on_log)
-    done = start  # steps finished: what a checkpoint written now holds
+    run = Run(cfg, accelerator, c, model, unet, params, optimizer, lr_sched, ema, (batches, classes), validation,
+              LossLog(out / "log.jsonl", main, max_steps, on_log),
+              saver(accelerator, optimizer, lr_sched, named, ema, cfg, dict(accelerator.unwrap_model(unet).config)),
+              compiled, say)
     marks["set-up"] = time.perf_counter()
-    try:
-        for step in range(start, max_steps):
-            with (fast.compile_limits(recompute.compiled_budget(cfg.selective_checkpointing)) if compiled != "none"
-                  else nullcontext()):  # importing dynamo costs ~2 s
-                fast.step_begins(compiled)
-                loss = train_step(cfg, model, unet, c.schedule, (batches, classes), optimizer, lr_sched, accelerator,
-                                  step)
-            if step == start and main:
-                say(first_step_note(marks, compiled, accelerator.device))
-            if ema is not None:
-                ema_update(ema, params, ema_decay_at(step, cfg.ema_decay))
-            done = step + 1
-            losses.add(done, loss, lr_sched.get_last_lr()[0], cfg.batch_size * world * cfg.gradient_accumulation)
-            if done % cfg.log_every == 0:
-                losses.flush()
-            if cfg.validate_every and done % cfg.validate_every == 0 and (cfg.validation_prompts or validation):
-                losses.flush()
-                validate(accelerator, c, unet, cfg, ema, params, validation, losses, done, say)
-            save.writer.poll()  # a background checkpoint's full disk stops the run now
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < max_steps:
-                losses.flush()
-                accelerator.wait_for_everyone()
-                if main:
-                    save(done, background=True)
-    except checkpoints.WriteFailed:  # the disk that refused the save would refuse a rescue too
-        raise
-    except BaseException as e:  # save what was done first, whatever stopped the loop
-        raise stopped(e, done, rescue(save, losses, main and done > start, done)) from None
+    run_steps(run, start, marks)
     if validation is not None and not (cfg.validate_every and max_steps % cfg.validate_every == 0):
-        validate(accelerator, c, unet, replace(cfg, validation_prompts=()), ema, params, validation, losses,
+        validate(accelerator, c, unet, replace(cfg, validation_prompts=()), ema, params, validation, run.losses,
                  max_steps, say)  # the last step's, always
-    losses.close()
+    run.losses.close()
     accelerator.wait_for_everyone()
     if not main:
         return out
-    save(max_steps)
+    run.save(max_steps)
     if skipped or batches.skipped:
         (out / "skipped.txt").write_text("\n".join(skipped + batches.skipped) + "\n")
     with checkpoints.uninterrupted():
         return write_models(trained_components(accelerator, c, unet, cfg), params, ema, cfg, out)
+
+
+@dataclass
+class Run:
+    """What the loop steps with, as train() set it up."""
+    cfg: TrainConfig
+    accelerator: object
+    c: object  # the model's components; the trained U-Net (or text encoder) in place
+    model: torch.nn.Module  # holds the trained parameters: the U-Net, or the text encoder of a new token
+    unet: torch.nn.Module
+    params: list  # the trained parameters, in the order of ema's copies and the checkpoints
+    optimizer: object
+    lr_sched: object
+    ema: list | None
+    feeds: tuple  # (the Batches of the data, those of DreamBooth's class images or None)
+    validation: ValidationLoss | None
+    losses: LossLog
+    save: object  # saver()'s
+    compiled: str  # the --compile mode this run got
+    say: object
+
+
+def run_steps(run: Run, start: int, marks: dict) -> None:
+    """Steps start+1..max_steps, each followed by the EMA, the loss log, validation and mid-run checkpoints as the
+    config asks. Whatever stops the loop, what was done is saved first (rescue) and the error says where."""
+    cfg, accelerator = run.cfg, run.accelerator
+    main, images = accelerator.is_main_process, cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation
+    budget = recompute.compiled_budget(cfg.selective_checkpointing)
+    done = start  # steps finished: what a checkpoint written now holds
+    try:
+        for step in range(start, cfg.max_steps):
+            with fast.compile_limits(budget) if run.compiled != "none" else nullcontext():  # importing dynamo: ~2 s
+                fast.step_begins(run.compiled)
+                loss = train_step(cfg, run.model, run.unet, run.c.schedule, run.feeds, run.optimizer, run.lr_sched,
+                                  accelerator, step)
+            if step == start and main:
+                run.say(first_step_note(marks, run.compiled, accelerator.device))
+            if run.ema is not None:
+                ema_update(run.ema, run.params, ema_decay_at(step, cfg.ema_decay))
+            done = step + 1
+            run.losses.add(done, loss, run.lr_sched.get_last_lr()[0], images)
+            if done % cfg.log_every == 0:
+                run.losses.flush()
+            if cfg.validate_every and done % cfg.validate_every == 0 and (cfg.validation_prompts or run.validation):
+                run.losses.flush()
+                validate(accelerator, run.c, run.unet, cfg, run.ema, run.params, run.validation, run.losses, done,
+                         run.say)
+            run.save.writer.poll()  # a background checkpoint's full disk stops the run now
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                run.losses.flush()
+                accelerator.wait_for_everyone()
+                if main:
+                    run.save(done, background=True)
+    except checkpoints.WriteFailed:  # the disk that refused the save would refuse a rescue too
+        raise
+    except BaseException as e:  # save what was done first, whatever stopped the loop
+        raise stopped(e, done, rescue(run.save, run.losses, main and done > start, done)) from None
+
+
+def unet_for_training(c, cfg: TrainConfig, accelerator, world: int, say):
+    """(model, unet, named parameters, compile mode): trainable()'s, the U-Net on the device in training mode, with
+    the --compile mode this run gets, its gradient checkpointing and train/fast.py's speed levers."""
+    model, unet, named = trainable(c, cfg)
+    unet.to(accelerator.device).train()
+    compiled = chosen_compile(cfg, accelerator.device, cfg.max_steps, world, say,
+                              sum(p.numel() for p in unet.parameters()))
+    recompute.enable(unet, cfg.gradient_checkpointing, cfg.selective_checkpointing, compiled != "none")
+    note = recompute.eager_note(cfg.selective_checkpointing, compiled != "none", accelerator.device)
+    if note:
+        say(note)
+    fast.speed_up(unet, compiled, accelerator.device)
+    return model, unet, named, compiled
 
 
 def resolved_for(cfg: TrainConfig, c) -> TrainConfig:
@@ -235,22 +272,6 @@ def chosen_compile(cfg: TrainConfig, device, max_steps: int, world: int, say, un
     elif compiled != cfg.compile and cfg.compile == "graphs":
         say("--compile graphs needs one process and one micro-batch a step: compiling full instead")
     return compiled
-
-
-def first_step_note(marks: dict[str, float], compiled: str, device) -> str:
-    """The time to the first step from train()'s start and from the process's (what a user of the command
-    waits: the imports count), and each phase's share: marks are the phases' ends, in order; the step
-    (with its compilation) ends now."""
-    import psutil  # accelerate's dependency
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    ends = [*marks.values(), time.perf_counter()]
-    names = [*list(marks)[1:], "the step"]
-    phases = ", ".join(f"{n} {b - a:.1f} s" for n, a, b in zip(names, ends, ends[1:]))
-    process = time.time() - psutil.Process().create_time()
-    return (f"first step done {ends[-1] - ends[0]:.1f} s after the start, {process:.1f} s after the command "
-            f"(compile: {compiled}; {phases})")
 
 
 def trained_components(accelerator, c, unet, cfg: TrainConfig):
