@@ -10,7 +10,8 @@ training forward leaves held for the backward, without checkpointing, with all o
                                                                   # 8x8 latents, where the kernels take ~nothing
 
 Each mode runs in a fresh process (bf16 autocast, as `ldm train --mixed-precision bf16`): two forward and
-backward steps, the memory held after the second forward against before it. On CUDA that is the allocator's
+backward steps, the memory held after the second forward against before it (`held_mib`), and the most held
+during that step, its backward included (`peak_mib`: the reruns and the new gradients). On CUDA that is the allocator's
 count; on a CPU it is the process's resident memory, with glibc told to map and unmap every block over 16 KiB
 (else freed tensors stay resident and the count reads 0). The loss and the gradients' sum of squares are
 printed too: they must be the same in all three. On a GPU, `bench/train_step.py --part memory --checkpointing
@@ -26,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from common import Report, add_out_option, out_folder, sd15_unet
@@ -40,6 +42,38 @@ def held(device: str) -> int:
         return torch.cuda.memory_allocated()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Peak:
+    """The most memory held while the with-block runs (the backward's reruns and new gradients included): on CUDA
+    the allocator's peak; on a CPU the resident memory sampled every millisecond by a thread."""
+
+    def __init__(self, device: str):
+        self.device, self.most, self.done = device, 0, threading.Event()
+
+    def __enter__(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.done.wait(0.001):
+            self.most = max(self.most, held("cpu"))
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device == "cuda":
+            self.most = torch.cuda.max_memory_allocated()
+        else:
+            self.done.set()
+            self.thread.join()
+            self.most = max(self.most, held("cpu"))
 
 
 def one(mode: str, width: float, batch: int, device: str, compiled: bool) -> dict:
@@ -60,17 +94,19 @@ def one(mode: str, width: float, batch: int, device: str, compiled: bool) -> dic
         for _ in range(2):
             unet.zero_grad(set_to_none=True)
             before, t0 = held(device), time.perf_counter()
-            with torch.autocast(device, torch.bfloat16):
-                y = unet(x, t, ctx).sample
-            after, t1 = held(device), time.perf_counter()
-            loss = y.float().square().mean()
-            loss.backward()
-            t2 = time.perf_counter()
-            del y
+            with Peak(device) as peak:
+                with torch.autocast(device, torch.bfloat16):
+                    y = unet(x, t, ctx).sample
+                after, t1 = held(device), time.perf_counter()
+                loss = y.float().square().mean()
+                loss.backward()
+                t2 = time.perf_counter()
+                del y
     gradsq = sum(float(p.grad.float().square().sum()) for p in unet.parameters() if p.grad is not None)
     return {"run": f"checkpointing {mode}" + (", compiled" if compiled else ""), "width": width, "batch": batch,
             "latent": 64, "device": device,
-            "held_mib": round((after - before) / 2**20), "forward_s": round(t1 - t0, 2),
+            "held_mib": round((after - before) / 2**20), "peak_mib": round((peak.most - before) / 2**20),
+            "forward_s": round(t1 - t0, 2),
             "backward_s": round(t2 - t1, 2), "loss": round(float(loss), 6), "gradsq": round(gradsq, 6)}
 
 
@@ -139,7 +175,7 @@ def main():
         if done.returncode != 0:
             sys.exit(f"{mode}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
         report.emit(json.loads(done.stdout.strip().splitlines()[-1]))
-    keys = ("run", "held_mib", "forward_s", "backward_s", "loss", "gradsq")
+    keys = ("run", "held_mib", "peak_mib", "forward_s", "backward_s", "loss", "gradsq")
     report.table(keys, lambda r: [r[k] for k in keys] if "held_mib" in r else None)
     report.save()
 
