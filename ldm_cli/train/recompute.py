@@ -14,11 +14,12 @@ without checkpointing: the same operations on the same inputs (tests). Under tor
 recomputes cheap operations on its own, and that op policy kept 994 of the compiled U-Net's 1,126 MiB (half
 width): there selective checkpointing is instead the compiler's activation memory budget (MEMORY_BUDGET), which
 kept 649 of 1,136.
-On a GPU (bench/train_step.py --part memory, SD-1.5 at batch 32, one H100) the eager op policy is host-bound: torch
-runs every operation of a checkpointed block through a Python dispatch mode, forward and rerun, and the step took
-as long as with all of it recomputed (68.7 against 69.5 images/s; none 88.2) while keeping more (32.0 against 19.1
-GiB; none 49.8). Compiled, the budget's step ran 115.5 images/s at 29.0 GiB (none: 132.5 at 36.8). So eager on
-CUDA the run says to prefer --gradient-checkpointing or --compile full (eager_note).
+On a GPU (bench/train_step.py --part memory, SD-1.5 at batch 32, one H100) the eager op policy's step took as long
+as with all of it recomputed (68.7 against 69.5 images/s; none 88.2) while keeping more (32.0 against 19.1
+GiB; none 49.8), most likely paced by the host: torch runs every operation of a checkpointed block through a Python
+dispatch mode, forward and rerun (260 against 201 ms a step of host work, bench/checkpointing_memory.py --host;
+the GPU's busy share not measured). Compiled, the budget's step ran 115.5 images/s at 29.0 GiB (none: 132.5 at
+36.8). So eager on CUDA the run says to prefer --gradient-checkpointing or --compile full (eager_note).
 """
 
 import functools
