@@ -8,6 +8,10 @@ traced frames (TORCH_CACHING_PRECOMPILE=1, experimental in torch), so that a war
         of the channels (~5 minutes on 2 cores; bench/results/cpu/compile_start.jsonl)
     python bench/compile_start.py --device cpu --width 0.1 --batch 1 --latent 16 --precompile off --layout cl-gn
         # what `full`'s layout (channels_last, per-channel GroupNorm) adds to tracing; --layout nchw beside it
+    python bench/compile_start.py --device cpu --width 0.1 --batch 1 --latent 16 --precompile off --layout nested
+        # nchw with each ResNet and transformer block a nested compile region (torch.compiler.nested_compile_region:
+        # each distinct block traced and compiled once, then reused), against --layout nchw; add --backend
+        # aot_eager to time dynamo and AOTAutograd without inductor's code generation
 
 The U-Net is SD-1.5's layout (blocks, layers, attention) with --width of its channels: tracing and
 lowering cost follows the number of operations, not their size, so a narrow U-Net shows the start-up's
@@ -50,7 +54,13 @@ def child(args) -> None:
 
             unet.to(memory_format=torch.channels_last)
             use_channel_stats(unet)
-        unet.compile()
+        if args.layout == "nested":  # the repeated blocks as nested regions of the one compiled graph
+            from diffusers.models.attention import BasicTransformerBlock
+            from diffusers.models.resnet import ResnetBlock2D
+
+            for block in (ResnetBlock2D, BasicTransformerBlock):  # SD-1.5 has over 8 distinct ResNet blocks
+                block.forward = torch.compiler.nested_compile_region(block.forward, max_reuse_entries=64)
+        unet.compile(backend=args.backend)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=dev.type == "cuda")
     n, side = args.batch, args.latent
     latents, noise = torch.randn(2, n, 4, side, side, device=dev)
@@ -81,13 +91,14 @@ def child(args) -> None:
 def start(args, cache: Path, precompile: bool) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCH_CACHING_PRECOMPILE": "1" if precompile else "0"}
     cmd = [sys.executable, __file__, "--child", "--device", args.device, "--width", str(args.width),
-           "--batch", str(args.batch), "--latent", str(args.latent), "--layout", args.layout]
+           "--batch", str(args.batch), "--latent", str(args.latent), "--layout", args.layout, "--backend", args.backend]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     if p.returncode != 0 or not lines:
-        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1], "wall_s": round(wall, 1)}
+        errors = [x for x in p.stderr.splitlines() if "Error: " in x] or p.stderr.strip().splitlines() or ["?"]
+        return {"error": errors[-1].strip(), "wall_s": round(wall, 1)}  # the exception's line, not a log hint after it
     row = json.loads(lines[-1])
     row["command_to_first_step_s"] = round(row["model_s"] + row["first_step_s"], 1)
     return row
@@ -100,9 +111,12 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--latent", type=int, default=64, help="latent side (64: 512-px images)")
     ap.add_argument("--precompile", default="off,on", help="dynamo's cache: off, on or both (off,on)")
-    ap.add_argument("--layout", default="shipped", choices=("shipped", "nchw", "cl-gn"),
+    ap.add_argument("--layout", default="shipped", choices=("shipped", "nchw", "cl-gn", "nested"),
                     help="shipped: as `ldm train --compile full` on CUDA (cl-gn), a plain compile (nchw) on the CPU; "
-                    "cl-gn: channels_last with GroupNorms from per-channel statistics, on any device")
+                    "cl-gn: channels_last with GroupNorms from per-channel statistics, on any device; nested: nchw with the "
+                    "ResNet and transformer blocks nested compile regions")
+    ap.add_argument("--backend", default="inductor", help="torch.compile's backend where the layout is not `shipped` "
+                    "(aot_eager: dynamo and AOTAutograd alone)")
     ap.add_argument("--cache", type=Path, help="inductor's cache folder to use (kept; a filled one makes the first "
                     "start warm); default: a new empty one per --precompile setting")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -115,8 +129,8 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             cache = args.cache or Path(d)
             for state in ("cold" if args.cache is None else "first", "warm"):
-                row = {"start": state, "layout": args.layout, "dynamo cache": precompile, "width": args.width,
-                       "batch": args.batch, **start(args, cache, precompile)}
+                row = {"start": state, "layout": args.layout, "backend": args.backend, "dynamo cache": precompile,
+                       "width": args.width, "batch": args.batch, **start(args, cache, precompile)}
                 if state == "warm" or precompile:
                     row.pop("keys", None)  # the timers' names, once
                 report.emit(row)
