@@ -26,6 +26,8 @@ What each run is (RUNS):
 - `gn`, `cl-gn`: `nchw` with the U-Net's GroupNorms computed from per-channel statistics (accel/groupnorm.py), in
   NCHW and in channels_last with the layout's inductor options: whether inductor's NHWC GroupNorm, read a channel
   row at a time, stops costing channels_last the transposes it spares the convolutions;
+- `pad`: `full` with every attention head's q, k and v padded with zeros to a multiple of 64 (40 -> 64: the same
+  output, 1.6x the FLOPs at SD-1.5's 4096-token level): whether cuDNN runs a padded head faster than a head of 40;
 - `plain`, `plain-autotune`: the reference loop of bench/train_step.py (autocast bf16, fused AdamW, no clipping)
   under `torch.compile(unet)` and `torch.compile(unet, mode="max-autotune-no-cudagraphs")`: the peer at its
   default and at its best setting.
@@ -36,7 +38,7 @@ import argparse
 import random
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import train_step as ts
 from common import Report, add_out_option, out_folder
@@ -46,8 +48,8 @@ INDUCTOR = {"autotune": {"max_autotune": True}, "cdt": {"coordinate_descent_tuni
             "cl-cdt": {"coordinate_descent_tuning": True}}
 CHANNELS_LAST = {"cl-cdt", "cl-gn"}
 BY_CHANNEL = {"gn", "cl-gn"}
-SHIPPED = {"full", "graphs"}
-RUNS = ("full", "graphs", "nchw", "autotune", "cdt", "max", "cl-cdt", "gn", "cl-gn", "plain", "plain-autotune")
+SHIPPED = {"full", "graphs", "pad"}
+RUNS = ("full", "graphs", "nchw", "autotune", "cdt", "max", "cl-cdt", "gn", "cl-gn", "pad", "plain", "plain-autotune")
 
 
 @contextmanager
@@ -79,6 +81,37 @@ def tuned(options: dict | None, channels_last: bool = False, by_channel: bool = 
         fast.speed_up = shipped
 
 
+@contextmanager
+def padded_heads(multiple: int = 64):
+    """diffusers' attention with each head's q, k and v padded with zeros to a multiple of `multiple` (40 -> 64,
+    80 -> 128, 160 -> 192) and the output sliced back: the same values (the scale kept 1/sqrt(real head dim)),
+    more FLOPs, for a kernel that may run the padded shape faster (bench/attention_shapes.py)."""
+    import math
+    import types
+
+    import torch.nn.functional as F
+    from diffusers.models import attention_processor
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        dim = q.shape[-1]
+        pad = (0, -dim % multiple)
+        if not pad[1]:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        q, k, v = (F.pad(t, pad) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal,
+                                             scale=scale or 1 / math.sqrt(dim), **kw)
+        return out[..., :dim]
+
+    shim = types.ModuleType("functional_padded_heads")
+    shim.__dict__.update(vars(F))
+    shim.scaled_dot_product_attention = sdpa
+    try:
+        attention_processor.F = shim
+        yield
+    finally:
+        attention_processor.F = F
+
+
 def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False, kernels: bool = False):
     """The run's timing row, then (`kernels`) its step's GPU time by kind of kernel, and (`losses`, ldm's runs but
     `nchw`, whose losses docs/performance.md gives) its first 20 losses against ldm's eager step's, same seed: a
@@ -93,7 +126,8 @@ def run(name: str, batch: int, steps: int, warmup: int, losses: bool = False, ke
             yield {"run": f"kernels {name}", "batch": batch, **kernel_breakdown(step, calls=3)}
         return
     mode = "graphs" if name == "graphs" else "full"
-    with tuned(INDUCTOR.get(name), name in CHANNELS_LAST, name in BY_CHANNEL, as_shipped=name in SHIPPED):
+    with (tuned(INDUCTOR.get(name), name in CHANNELS_LAST, name in BY_CHANNEL, as_shipped=name in SHIPPED),
+          padded_heads() if name == "pad" else nullcontext()):
         step = ts.ldm_step(batch, mode)
         yield ts.timed_run(f"ldm {name}", batch, step, steps, warmup)
         if kernels:

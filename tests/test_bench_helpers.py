@@ -224,3 +224,61 @@ def test_tuning_bench_compiles_ldms_step_with_the_runs_inductor_options_and_puts
         fast.speed_up(nchw, "full", cuda)
     assert nchw.compiled_with == {"options": None} and nchw.weight.is_contiguous()
     assert set(train_tuning.INDUCTOR) < set(train_tuning.RUNS)
+
+
+def test_training_flops_split_by_kernel_kind_and_each_kinds_rate():
+    """SD-1.5's FLOPs by kind as bench/train_flops.py sorts them: the 1x1 convolutions against a count by
+    hand (the transformers' proj_in/proj_out, the ResNet shortcuts), the split's total equal to the MFU
+    convention's 3x forward, and a kind's rate from a profiled row."""
+    train_flops = pytest.importorskip("train_flops")
+    fwd = train_flops.forward_gflop()
+    proj = sum(n * 4 * hw * c * c for n, hw, c in ((5, 4096, 320), (5, 1024, 640), (5, 256, 1280), (1, 64, 1280)))
+    shortcut_inputs = ((1024, 320, 640), (256, 640, 1280), *((64, 2560, 1280),) * 3, (256, 2560, 1280),
+                       (256, 2560, 1280), (256, 1920, 1280), (1024, 1920, 640), (1024, 1280, 640),
+                       (1024, 960, 640), (4096, 960, 320), (4096, 640, 320), (4096, 640, 320))
+    shortcuts = sum(2 * hw * cin * cout for hw, cin, cout in shortcut_inputs)
+    assert fwd["conv1x1"] == pytest.approx((proj + shortcuts) / 1e9, rel=1e-9)
+    assert sum(fwd.values()) == pytest.approx(803.3, abs=0.1)  # the 2.40 TFLOP a training image of the MFU figures
+    # 5 self-attentions over 4096 tokens at 320 wide dominate: QK^T and AV, 2 x 2 x 4096^2 x 320 FLOPs each
+    assert fwd["attention"] > 5 * 4 * 4096**2 * 320 / 1e9
+    for as_mm in (True, False):
+        train = train_flops.training_gflop_by_kind(fwd, as_mm)
+        assert sum(train.values()) == pytest.approx(3 * sum(fwd.values()))
+    as_mm, as_conv = (train_flops.training_gflop_by_kind(fwd, m)["matmul"] for m in (True, False))
+    moved = as_mm - as_conv
+    assert moved == pytest.approx(fwd["conv1x1"])  # the forward's only: the backward stays cuDNN's
+    gflop = {"convolution": 1000.0, "matmul": 500.0, "attention": 250.0}
+    row = {"batch": 32, "wall_ms": 100.0, "convolution_ms": 40.0, "matmul_ms": 20.0, "attention_ms": 20.0}
+    kinds = train_flops.rates(gflop, row, ceiling=800.0)
+    assert [k["tflops"] for k in kinds] == [800, 800, 400]  # 32 TFLOP in 40 ms; 16 in 20; 8 in 20
+    assert kinds[2]["of_ceiling_pct"] == 50.0
+    ifs = train_flops.what_ifs(kinds, row, ceiling=800.0)
+    assert ifs["attention_at_conv_rate_ms"] == 90.0 and ifs["compute_at_ceiling_ms"] == 90.0
+
+
+def test_tuning_bench_pads_attention_heads_without_changing_the_output():
+    """train_tuning.py's `pad` run: diffusers' attention with heads of 40 padded with zeros to 64 gives the same
+    output (the scale kept 1/sqrt(40)), and the library's own functional module is put back after."""
+    import torch
+    from diffusers.models import attention_processor
+    from diffusers.models.attention_processor import Attention
+
+    train_tuning = pytest.importorskip("train_tuning")
+    torch.manual_seed(0)
+    attn = Attention(query_dim=80, heads=2, dim_head=40).eval()
+    x = torch.randn(2, 16, 80)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kw):
+        calls.append(q.shape[-1])
+        return real(q, *args, **kw)
+
+    with torch.no_grad():
+        ref = attn(x)
+        with train_tuning.padded_heads(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+            out = attn(x)
+    assert calls == [64]  # the kernel saw padded heads
+    assert torch.allclose(out, ref, atol=1e-6), (out - ref).abs().max()
+    assert attention_processor.F is torch.nn.functional

@@ -140,7 +140,7 @@ def test_graphed_training_equals_eager_in_each_kind_of_run(case, photos, stars, 
     shape), DreamBooth (two forwards, the data's and the class images', before one backward), textual inversion
     (the frozen U-Net graphed, the gradient flowing out of it into the new token's vectors); and where the graphed
     U-Net is not plain: LoRA's adapters, gradient checkpointing's recomputed blocks (both graphed by `--compile
-    auto` for small U-Nets since these passed on an H100), and selective checkpointing's (not yet run on a GPU).
+    auto` for small U-Nets since these passed on an H100), and selective checkpointing's (passed on an H100 too).
     The losses equal the eager run's up to the compiled kernels' rounding, with graphs recorded and none skipped."""
     from torch._dynamo.utils import counters
 
