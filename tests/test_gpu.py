@@ -215,3 +215,26 @@ def test_compiled_channels_last_training_with_group_norm_by_channel_equals_eager
         runs[mode] = torch.tensor(test_folders.losses(tmp_path / mode))
     assert len(runs["none"]) == len(runs["full"]) == 8
     assert torch.allclose(runs["full"], runs["none"], rtol=1e-2, atol=1e-3), (runs["full"] - runs["none"]).abs().max()
+
+
+def test_compile_auto_compiles_a_short_run_after_a_run_of_the_same_step(shapes, tiny_model, tmp_path, monkeypatch):
+    """`--compile auto` on 200 steps is eager the first time; once a graphed run of the same step has noted its
+    compile in inductor's cache folder, the same 200 steps are graphed, said so, and train as before."""
+    from ldm_cli.train.config import TrainConfig
+    from ldm_cli.train.fast import WARM_COMPILE_MIN_STEPS
+    from ldm_cli.train.loop import train
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    base = dict(data_dir=str(shapes), model=str(tiny_model), batch_size=2, lr=1e-4, seed=2, device="cuda",
+                cache_dir=str(tmp_path / "cache"), max_steps=WARM_COMPILE_MIN_STEPS, log_every=50)
+    said = {}
+    for run, mode in (("cold", "auto"), ("compiled", "graphs"), ("warm", "auto")):
+        notes = []
+        train(TrainConfig(out_dir=str(tmp_path / run), compile=mode, **base), say=notes.append)
+        said[run] = [n for n in notes if n.startswith("--compile auto")]
+    assert said["cold"][0].startswith("--compile auto: none for 200 steps (fewer than 2000")
+    assert said["warm"][0].startswith("--compile auto: graphs for 200 steps (this step was compiled on this machine")
+    assert len(list((tmp_path / "inductor" / "ldm-compiled").iterdir())) == 1
+    cold, warm = (torch.tensor(test_folders.losses(tmp_path / run)) for run in ("cold", "warm"))
+    assert len(cold) == len(warm) == WARM_COMPILE_MIN_STEPS
+    assert torch.allclose(warm[:20], cold[:20], rtol=1e-3, atol=1e-4), (warm - cold)[:20].abs().max()  # as graphs

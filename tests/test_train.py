@@ -480,7 +480,7 @@ def test_pinned_staging_reuses_its_buffers_only_after_the_gpu_read_them():
 
 
 def test_compile_modes_resolve_by_device_length_and_layout():
-    from ldm_cli.train.fast import AUTO_COMPILE_MIN_STEPS, compile_mode
+    from ldm_cli.train.fast import AUTO_COMPILE_MIN_STEPS, WARM_COMPILE_MIN_STEPS, compile_mode
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS) == "full"
@@ -492,6 +492,11 @@ def test_compile_modes_resolve_by_device_length_and_layout():
     # a small U-Net's step, paced by the host's launches, is graphed; still full where graphs cannot own the step
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS, small=True) == "graphs"
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS - 1, small=True) == "none"
+    # the same step compiled on this machine before: inductor's cache makes a compile pay back sooner
+    assert compile_mode("auto", cuda, WARM_COMPILE_MIN_STEPS, warm=True) == "full"
+    assert compile_mode("auto", cuda, WARM_COMPILE_MIN_STEPS, small=True, warm=True) == "graphs"
+    assert compile_mode("auto", cuda, WARM_COMPILE_MIN_STEPS - 1, warm=True) == "none"
+    assert compile_mode("auto", cpu, 10**6, warm=True) == "none"
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS, world=2, small=True) == "full"
     assert compile_mode("auto", cuda, AUTO_COMPILE_MIN_STEPS, accumulation=4, small=True) == "full"
     assert compile_mode("auto", cpu, 10**6, small=True) == "none"
@@ -544,7 +549,7 @@ def test_on_cuda_full_compiles_in_channels_last_with_group_norm_from_channel_sta
 
 
 def test_compile_auto_says_its_choice_on_cuda_only():
-    from ldm_cli.train.loop import chosen_compile
+    from ldm_cli.train.fast import chosen_compile
 
     def said(mode, device, steps, params=860_000_000, **options):
         notes = []
@@ -569,6 +574,48 @@ def test_compile_auto_says_its_choice_on_cuda_only():
     assert said("auto", "cuda", 5000, 12_228_772, gradient_accumulation=2)[0] == "full"  # several micro-batches
     assert said("auto", "cuda", 5000, 100_000_000)[0] == "full"
     assert said("auto", "cuda", 300, 12_228_772)[0] == "none"
+
+
+def test_compile_auto_compiles_a_shorter_run_whose_step_this_machine_compiled_before(tmp_path, monkeypatch):
+    """A run of 500 steps (fewer than a cold compile pays back in) compiles once a run of the same step noted its
+    compile, said so; a step of another batch, data shape, U-Net or mode is not the noted one; the notes live in
+    inductor's cache folder, so clearing that cache clears them."""
+    from dataclasses import replace
+
+    from ldm_cli.train import fast
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    cuda = torch.device("cuda")
+    config = {"block_out_channels": [320, 640], "_name_or_path": "/a/folder", "_use_default_values": ["b", "a"]}
+
+    def key_of(cfg, shapes=frozenset({None}), unet=config):
+        return lambda mode: fast.compile_key(mode, unet, fast.step_settings(cfg, 1, shapes), cuda)
+
+    def chosen(cfg, steps=500, **key):
+        notes = []
+        return fast.chosen_compile(cfg, cuda, steps, 1, notes.append, 860_000_000, key_of(cfg, **key)), notes
+
+    cfg = TrainConfig(data_dir="-", resolution=512, batch_size=32, mixed_precision="bf16")
+    assert chosen(cfg)[0] == "none"  # nothing noted: a cold compile does not pay back in 500 steps
+    fast.remember_compiled(key_of(cfg)("full"))
+    assert (tmp_path / "inductor" / "ldm-compiled").is_dir()
+    assert chosen(cfg) == ("full", ["--compile auto: full for 500 steps (this step was compiled on this machine "
+                                    "before: from inductor's cache it starts in seconds and pays back after ~200 "
+                                    "steps; --compile none to choose otherwise)"])
+    assert chosen(cfg, steps=fast.WARM_COMPILE_MIN_STEPS - 1)[0] == "none"
+    # diffusers' bookkeeping is not the step: another folder, the defaults listed in another order
+    assert chosen(cfg, unet={**config, "_name_or_path": "/b", "_use_default_values": ["a", "b"]})[0] == "full"
+    assert chosen(replace(cfg, batch_size=16))[0] == "none"
+    assert chosen(cfg, shapes={(512, 768), None})[0] == "none"  # aspect-ratio buckets: other shapes
+    assert chosen(cfg, unet={**config, "block_out_channels": [64, 128]})[0] == "none"
+    assert chosen(replace(cfg, lora_rank=8))[0] == "none"
+    assert chosen(replace(cfg, gradient_accumulation=2))[0] == "none"
+    assert chosen(replace(cfg, compile="none"))[0] == "none"  # asked for: as asked
+    fast.remember_compiled(key_of(cfg)("regional"))  # another mode's note makes no other run warm
+    assert chosen(replace(cfg, batch_size=8))[0] == "none"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "another GPU")
+    assert chosen(cfg)[0] == "none"
 
 
 def test_compile_graphs_on_a_cpu_is_the_plain_step(shapes, tiny_model, tmp_path):

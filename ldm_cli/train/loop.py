@@ -80,7 +80,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     check(examples != [], f"{cfg.data_dir}: no readable images")
     if cfg.textual_inversion:
         check_token_used(cfg, examples, say)
-    model, unet, named, compiled = unet_for_training(c, cfg, accelerator, world, say if main else lambda _: None)
+    model, unet, named, compiled, compile_key = unet_for_training(
+        c, cfg, accelerator, world, say if main else lambda _: None,
+        None if resume_from else {e.bucket for e in sets.train + sets.classes})
     params = list(named.values())
     optimizer = build_optimizer(cfg, params)
     lr_sched = build_schedule(cfg, optimizer, max_steps)
@@ -104,7 +106,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_log=None, say=None) ->
     run = Run(cfg, accelerator, c, model, unet, params, optimizer, lr_sched, ema, (batches, classes), validation,
               LossLog(out / "log.jsonl", main, max_steps, on_log),
               saver(accelerator, optimizer, lr_sched, named, ema, cfg, dict(accelerator.unwrap_model(unet).config)),
-              compiled, say)
+              compiled, compile_key, say)
     marks["set-up"] = time.perf_counter()
     run_steps(run, start, marks)
     if validation is not None and not (cfg.validate_every and max_steps % cfg.validate_every == 0):
@@ -138,6 +140,7 @@ class Run:
     losses: LossLog
     save: object  # saver()'s
     compiled: str  # the --compile mode this run got
+    compile_key: str | None  # its name once compiled (fast.remember_compiled), None where nothing compiles
     say: object
 
 
@@ -156,6 +159,8 @@ def run_steps(run: Run, start: int, marks: dict) -> None:
                                   accelerator, step)
             if step == start and main:
                 run.say(first_step_note(marks, run.compiled, accelerator.device))
+                if run.compile_key:  # a later run of this step may compile sooner (fast.chosen_compile)
+                    fast.remember_compiled(run.compile_key)
             if run.ema is not None:
                 ema_update(run.ema, run.params, ema_decay_at(step, cfg.ema_decay))
             done = step + 1
@@ -178,19 +183,25 @@ def run_steps(run: Run, start: int, marks: dict) -> None:
         raise stopped(e, done, rescue(run.save, run.losses, main and done > start, done)) from None
 
 
-def unet_for_training(c, cfg: TrainConfig, accelerator, world: int, say):
-    """(model, unet, named parameters, compile mode): trainable()'s, the U-Net on the device in training mode, with
-    the --compile mode this run gets, its gradient checkpointing and train/fast.py's speed levers."""
+def unet_for_training(c, cfg: TrainConfig, accelerator, world: int, say, shapes: set | None):
+    """(model, unet, named parameters, compile mode, its fast.compile_key or None): trainable()'s, the U-Net on the
+    device in training mode, with the --compile mode this run gets (for the data's image `shapes`; None: a resumed
+    run, which keeps the cold rule, as a layout chosen anew could refuse its 8-bit optimizer state), its gradient
+    checkpointing and train/fast.py's speed levers."""
     model, unet, named = trainable(c, cfg)
-    unet.to(accelerator.device).train()
-    compiled = chosen_compile(cfg, accelerator.device, cfg.max_steps, world, say,
-                              sum(p.numel() for p in unet.parameters()))
+    device = accelerator.device
+    unet.to(device).train()
+    settings = fast.step_settings(cfg, world, shapes or set())
+    named_here = device.type == "cuda" and shapes is not None
+    key_of = (lambda mode: fast.compile_key(mode, dict(unet.config), settings, device)) if named_here else None
+    compiled = fast.chosen_compile(cfg, device, cfg.max_steps, world, say, sum(p.numel() for p in unet.parameters()),
+                                   key_of)
     recompute.enable(unet, cfg.gradient_checkpointing, cfg.selective_checkpointing, compiled != "none")
     note = recompute.eager_note(cfg.selective_checkpointing, compiled != "none", accelerator.device)
     if note:
         say(note)
     fast.speed_up(unet, compiled, accelerator.device)
-    return model, unet, named, compiled
+    return model, unet, named, compiled, key_of(compiled) if key_of and compiled != "none" else None
 
 
 def resolved_for(cfg: TrainConfig, c) -> TrainConfig:
@@ -252,26 +263,6 @@ def zero_terminal_snr(c, say):
         say(f"note: --zero-terminal-snr: the model predicts {c.schedule.prediction_type}; it is fine-tuned to "
             "predict v")
     return replace(c, scheduler_config=config, schedule=schedule_from_config(config))
-
-
-def chosen_compile(cfg: TrainConfig, device, max_steps: int, world: int, say, unet_params: int) -> str:
-    """The --compile mode this run gets (train/fast.py's rule), said in one line where `auto` chose it or where it
-    is not the one asked for."""
-    small = unet_params < fast.GRAPHS_MAX_PARAMS  # LoRA and gradient checkpointing too: both train graphed as eager
-    compiled = fast.compile_mode(cfg.compile, device, max_steps, world, cfg.gradient_accumulation, small)
-    if cfg.compile == "auto" and device.type == "cuda":
-        enough = max_steps >= fast.AUTO_COMPILE_MIN_STEPS
-        why = (f"; graphs: a U-Net of {unet_params / 1e6:.0f}M parameters, whose steps CUDA graphs replay 2-3x "
-               "faster" if compiled == "graphs" else "")
-        say(f"--compile auto: {compiled} for {max_steps} steps ({'at least' if enough else 'fewer than'} "
-            f"{fast.AUTO_COMPILE_MIN_STEPS}, where a first compile, ~2-3.5 min for SD-1.5, pays back{why}; "
-            f"--compile {'full or none' if compiled == 'graphs' else 'none' if enough else 'full'} to choose "
-            "otherwise)")
-    elif compiled == "none" and cfg.compile not in ("auto", "none"):
-        say(f"--compile {cfg.compile} applies on CUDA only: this run on {device.type} is not compiled")
-    elif compiled != cfg.compile and cfg.compile == "graphs":
-        say("--compile graphs needs one process and one micro-batch a step: compiling full instead")
-    return compiled
 
 
 def trained_components(accelerator, c, unet, cfg: TrainConfig):
