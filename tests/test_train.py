@@ -580,6 +580,7 @@ def test_compile_auto_compiles_a_shorter_run_whose_step_this_machine_compiled_be
     """A run of 500 steps (fewer than a cold compile pays back in) compiles once a run of the same step noted its
     compile, said so; a step of another batch, data shape, U-Net or mode is not the noted one; the notes live in
     inductor's cache folder, so clearing that cache clears them."""
+    import sys
     from dataclasses import replace
 
     from ldm_cli.train import fast
@@ -616,6 +617,10 @@ def test_compile_auto_compiles_a_shorter_run_whose_step_this_machine_compiled_be
     assert chosen(replace(cfg, batch_size=8))[0] == "none"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "another GPU")
     assert chosen(cfg)[0] == "none"
+    # were torch's private cache-folder module to move: the folder the CLI sets, the same notes
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    monkeypatch.setitem(sys.modules, "torch._inductor.runtime.cache_dir_utils", None)
+    assert chosen(cfg)[0] == "full"
 
 
 def test_compile_graphs_on_a_cpu_is_the_plain_step(shapes, tiny_model, tmp_path):

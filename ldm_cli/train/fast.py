@@ -34,6 +34,8 @@ On the CPU none applies: the CPU path stays bitwise as before (exact-resume test
 
 import hashlib
 import json
+import os
+import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -135,7 +137,11 @@ def compile_key(mode: str, unet_config: dict, settings: dict, device: torch.devi
 
 def _compiled_mark(key: str) -> Path:
     """Inside inductor's own cache folder: clearing the cache clears what says it is warm."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    try:  # a private module of torch's: where it moves, the folder ldm's CLI sets (runtime.py)
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:
+        def cache_dir():
+            return os.environ.get("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "torchinductor"))
 
     return Path(cache_dir()) / "ldm-compiled" / key
 
